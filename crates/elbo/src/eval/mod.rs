@@ -1,0 +1,4 @@
+//! Likelihood reports (JSON and Markdown) and plots (PNG).
+
+pub mod plot;
+pub mod report;

@@ -1,0 +1,9 @@
+//! The thin training layer candle lacks: AdamW with saveable state, learning-rate schedules,
+//! gradient clipping, EMA weights, atomic checkpoints, and one explicit training loop.
+
+pub mod checkpoint;
+pub mod clip;
+pub mod ema;
+pub mod optim;
+pub mod schedule;
+pub mod trainer;
