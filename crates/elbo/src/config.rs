@@ -1,1 +1,288 @@
-//! (to be written)
+//! Run configuration: serde structs with defaults, read from TOML, overridden by CLI flags, and
+//! saved as `config.json` beside every checkpoint. Unknown keys are rejected, so a typo in a
+//! config file is an error that names the key rather than a silently ignored setting.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::DataConfig;
+use crate::nn::Activation;
+use crate::{Error, Result};
+
+/// Everything a run needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Model family and network size.
+    pub model: ModelConfig,
+    /// Data set.
+    pub data: DataSpec,
+    /// Optimisation and logging.
+    pub train: TrainConfig,
+    /// Defaults for `elbo sample`.
+    pub sample: SampleOptions,
+    /// Defaults for `elbo eval` and periodic held-out evaluation.
+    pub eval: EvalOptions,
+}
+
+/// The model family and its network.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Family name, e.g. "flow" (see `elbo::model::KNOWN_MODELS`).
+    pub name: String,
+    /// Width of each hidden layer.
+    pub hidden: usize,
+    /// Number of hidden layers.
+    pub layers: usize,
+    /// Size of the sinusoidal time embedding.
+    pub time_embed_dim: usize,
+    /// Times are multiplied by this before the embedding (1000 maps t in [0,1] to DDPM's range).
+    pub time_scale: f64,
+    /// Hidden activation.
+    pub activation: Activation,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            name: "flow".into(),
+            hidden: 256,
+            layers: 4,
+            time_embed_dim: 32,
+            time_scale: 1000.0,
+            activation: Activation::Silu,
+        }
+    }
+}
+
+/// Which data set, and its split options.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSpec {
+    /// A data set name ("8gaussians", "digits", ...) or a path to a `.npy` / `.csv` file.
+    pub name: String,
+    /// Held-out set sizes.
+    #[serde(flatten)]
+    pub options: DataConfig,
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        Self {
+            name: "8gaussians".into(),
+            options: DataConfig::default(),
+        }
+    }
+}
+
+/// Optimisation, logging, evaluation and checkpoint cadence.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Total optimisation steps.
+    pub steps: usize,
+    /// Examples per step.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warm-up steps.
+    pub warmup_steps: usize,
+    /// Final learning rate as a fraction of `lr` (cosine decay).
+    pub min_lr_ratio: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub beta1: f64,
+    /// AdamW beta2.
+    pub beta2: f64,
+    /// Clip the global gradient norm to this (0 disables).
+    pub grad_clip: f64,
+    /// EMA decay of the weights (0 disables EMA).
+    pub ema_decay: f64,
+    /// Seed of the run's random generator.
+    pub seed: u64,
+    /// Write a `metrics.jsonl` line every this many steps.
+    pub log_every: usize,
+    /// Evaluate the held-out NLL every this many steps (0: only at the end).
+    pub eval_every: usize,
+    /// Held-out examples used by periodic evaluation (the final `elbo eval` uses all).
+    pub eval_examples: usize,
+    /// Write a checkpoint every this many steps (and always at the end).
+    pub checkpoint_every: usize,
+    /// Stop after this many evaluations without improvement (0: never stop early).
+    pub patience: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 5000,
+            batch_size: 1024,
+            lr: 2e-3,
+            warmup_steps: 200,
+            min_lr_ratio: 0.05,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            grad_clip: 1.0,
+            ema_decay: 0.999,
+            seed: 0,
+            log_every: 25,
+            eval_every: 1000,
+            eval_examples: 1000,
+            checkpoint_every: 1000,
+            patience: 0,
+        }
+    }
+}
+
+/// Options for drawing samples.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SampleOptions {
+    /// ODE solver: "euler", "heun" or "dopri5".
+    pub solver: String,
+    /// Steps for fixed-step solvers.
+    pub steps: usize,
+    /// Relative tolerance for adaptive solvers.
+    pub rtol: f64,
+    /// Absolute tolerance for adaptive solvers.
+    pub atol: f64,
+}
+
+impl Default for SampleOptions {
+    fn default() -> Self {
+        Self {
+            solver: "dopri5".into(),
+            steps: 100,
+            rtol: 1e-5,
+            atol: 1e-5,
+        }
+    }
+}
+
+/// Options for likelihood evaluation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalOptions {
+    /// ODE solver for the probability-flow likelihood.
+    pub solver: String,
+    /// Steps for fixed-step solvers.
+    pub steps: usize,
+    /// Relative tolerance.
+    pub rtol: f64,
+    /// Absolute tolerance.
+    pub atol: f64,
+    /// "auto" (exact up to `exact_max_dim` dimensions, else Hutchinson), "exact" or "hutchinson".
+    pub divergence: String,
+    /// Hutchinson probes per example.
+    pub probes: usize,
+    /// Largest dimension for which "auto" uses the exact divergence.
+    pub exact_max_dim: usize,
+    /// Examples per likelihood batch.
+    pub batch_size: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            solver: "dopri5".into(),
+            steps: 100,
+            rtol: 1e-5,
+            atol: 1e-5,
+            divergence: "auto".into(),
+            probes: 1,
+            exact_max_dim: 16,
+            batch_size: 2500,
+        }
+    }
+}
+
+impl Config {
+    /// Parse a TOML config; errors name the file and the offending key.
+    pub fn from_toml_str(text: &str, source: &str) -> Result<Self> {
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| Error::Config(format!("{source}: {}", e.to_string().trim())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Read a TOML config file.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Read the `config.json` saved in a run directory.
+    pub fn from_run_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let cfg: Config = serde_json::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check ranges that serde cannot.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        let bad = |m: String| Err(Error::Config(m));
+        if t.steps == 0 {
+            return bad("train.steps must be at least 1".into());
+        }
+        if t.batch_size == 0 {
+            return bad("train.batch_size must be at least 1".into());
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return bad(format!("train.lr must be a positive number, got {}", t.lr));
+        }
+        if !(0.0..1.0).contains(&t.ema_decay) {
+            return bad(format!("train.ema_decay must be in [0, 1), got {}", t.ema_decay));
+        }
+        if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
+            return bad("train.beta1 and train.beta2 must be in [0, 1)".into());
+        }
+        if t.grad_clip < 0.0 || !t.grad_clip.is_finite() {
+            return bad("train.grad_clip must be >= 0 (0 disables clipping)".into());
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return bad("train.min_lr_ratio must be in [0, 1]".into());
+        }
+        if self.model.hidden == 0 || self.model.time_embed_dim < 2 {
+            return bad("model.hidden must be >= 1 and model.time_embed_dim >= 2".into());
+        }
+        if self.eval.batch_size == 0 || self.eval.probes == 0 {
+            return bad("eval.batch_size and eval.probes must be at least 1".into());
+        }
+        if t.log_every == 0 || t.checkpoint_every == 0 {
+            return bad("train.log_every and train.checkpoint_every must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml_and_json() {
+        let c = Config::default();
+        let t = toml::to_string(&c).unwrap();
+        assert_eq!(Config::from_toml_str(&t, "x").unwrap(), c);
+        let j = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<Config>(&j).unwrap(), c);
+    }
+
+    #[test]
+    fn typo_and_bad_values_are_named() {
+        let e = Config::from_toml_str("[train]\nstepz = 3\n", "cfg.toml").unwrap_err();
+        assert!(e.to_string().contains("stepz"), "{e}");
+        let e = Config::from_toml_str("[train]\nlr = -1.0\n", "cfg.toml").unwrap_err();
+        assert!(e.to_string().contains("train.lr"), "{e}");
+        let e = Config::from_toml_str("[train\nlr = 1", "cfg.toml").unwrap_err();
+        assert!(e.to_string().contains("cfg.toml"), "{e}");
+    }
+}

@@ -5,5 +5,9 @@ pub mod checkpoint;
 pub mod clip;
 pub mod ema;
 pub mod optim;
+pub mod run;
 pub mod schedule;
 pub mod trainer;
+
+pub use run::{CheckpointChoice, LoadedRun};
+pub use trainer::{TrainOutcome, Trainer};

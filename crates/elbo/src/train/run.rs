@@ -1,0 +1,97 @@
+//! Loading a finished (or running) run directory for sampling and evaluation.
+
+use std::path::Path;
+
+use candle_core::Device;
+
+use super::checkpoint;
+use super::optim::named_vars;
+use super::trainer::INIT_STREAM;
+use crate::config::Config;
+use crate::data::{self, DataSource};
+use crate::model::{self, DataInfo, GenerativeModel};
+use crate::{Error, Result, Rng};
+
+/// Which checkpoint of a run to load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckpointChoice {
+    /// The latest checkpoint (`checkpoint/`).
+    Latest,
+    /// The checkpoint with the best held-out NLL seen during training (`best/`).
+    Best,
+}
+
+impl CheckpointChoice {
+    /// Parse "latest" or "best".
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "latest" => Ok(Self::Latest),
+            "best" => Ok(Self::Best),
+            _ => Err(Error::Config(format!("unknown checkpoint '{s}'; use latest or best"))),
+        }
+    }
+
+    fn dir_name(&self) -> &'static str {
+        match self {
+            Self::Latest => "checkpoint",
+            Self::Best => "best",
+        }
+    }
+}
+
+/// A model restored from a run directory, with its data and configuration.
+pub struct LoadedRun {
+    /// The run's saved configuration.
+    pub config: Config,
+    /// The model, with EMA weights if requested and available.
+    pub model: Box<dyn GenerativeModel>,
+    /// The run's data set (for held-out evaluation and plots).
+    pub data: Box<dyn DataSource>,
+    /// Training step of the loaded checkpoint.
+    pub step: usize,
+    /// A label such as "ema, latest, step 3000".
+    pub label: String,
+}
+
+impl LoadedRun {
+    /// Load `dir`'s chosen checkpoint; `use_ema` picks the EMA weights when the run kept them.
+    pub fn open(dir: &Path, which: CheckpointChoice, use_ema: bool, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Config(format!("run directory {} does not exist", dir.display())));
+        }
+        let config = Config::from_run_dir(dir)?;
+        let data = data::open(&config.data.name, &config.data.options)?;
+        let info = DataInfo {
+            dim: data.dim(),
+            kind: data.kind(),
+        };
+        let mut init = Rng::new(config.train.seed).fork(INIT_STREAM);
+        let model = model::build(&config.model, info, device, &mut init)?;
+        let params = named_vars(model.varmap())?;
+        let ck = dir.join(which.dir_name());
+        let loaded = checkpoint::load(&ck, device)?;
+        let (name, weights) = match (use_ema, loaded.files.get("ema")) {
+            (true, Some(w)) => ("ema", w),
+            _ => (
+                "live",
+                loaded
+                    .files
+                    .get("model")
+                    .ok_or_else(|| Error::checkpoint(&ck, "model.safetensors missing"))?,
+            ),
+        };
+        checkpoint::load_into_vars(weights, &params, name)?;
+        let step = loaded.state["step"]
+            .as_u64()
+            .ok_or_else(|| Error::checkpoint(&ck, "state.json has no integer 'step'"))?
+            as usize;
+        let label = format!("{name} weights, {} checkpoint, step {step}", which.dir_name());
+        Ok(Self {
+            config,
+            model,
+            data,
+            step,
+            label,
+        })
+    }
+}
