@@ -57,7 +57,11 @@ fn sample_2d_target(n: usize, rng: &mut Rng, dev: &Device) -> Result<Tensor> {
 fn summarize(mut ts: Vec<f64>) -> serde_json::Value {
     ts.sort_by(|a, b| a.total_cmp(b));
     let n = ts.len();
-    let median = if n % 2 == 1 { ts[n / 2] } else { 0.5 * (ts[n / 2 - 1] + ts[n / 2]) };
+    let median = if n % 2 == 1 {
+        ts[n / 2]
+    } else {
+        0.5 * (ts[n / 2 - 1] + ts[n / 2])
+    };
     let mean = ts.iter().sum::<f64>() / n as f64;
     json!({"median_ms": 1e3 * median, "mean_ms": 1e3 * mean, "min_ms": 1e3 * ts[0],
            "p90_ms": 1e3 * ts[(n - 1).min((0.9 * n as f64) as usize)], "n": n})
@@ -71,7 +75,13 @@ fn w1(warmup: usize, iters: usize) -> Result<()> {
     let (vm, net) = w1_model(&dev)?;
     let params = named_vars(&vm)?;
     let nparams: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = AdamW::new(AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 });
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    });
     let mut rng = Rng::new(1);
     let b = 4096;
     let mut losses = Vec::new();

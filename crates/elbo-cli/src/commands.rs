@@ -89,9 +89,15 @@ fn finish_train(dir: &Path, out: &elbo::train::TrainOutcome) -> Result<()> {
         "done: step {}, last loss {:.4}, best held-out NLL {} ({:.1} s){}",
         out.steps,
         last,
-        out.best_eval.map(|b| format!("{b:.4} nats")).unwrap_or_else(|| "n/a".into()),
+        out.best_eval
+            .map(|b| format!("{b:.4} nats"))
+            .unwrap_or_else(|| "n/a".into()),
         out.seconds,
-        if out.stopped_early { ", stopped early" } else { "" }
+        if out.stopped_early {
+            ", stopped early"
+        } else {
+            ""
+        }
     );
     plot_losses(dir)?;
     eprintln!(
@@ -104,7 +110,8 @@ fn finish_train(dir: &Path, out: &elbo::train::TrainOutcome) -> Result<()> {
 /// Loss curve PNG from a run's metrics.jsonl.
 pub fn plot_losses(dir: &Path) -> Result<()> {
     let path = dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut train = Vec::new();
     let mut eval = Vec::new();
     for line in text.lines() {
@@ -112,7 +119,9 @@ pub fn plot_losses(dir: &Path) -> Result<()> {
             Ok(v) => v,
             Err(_) => continue,
         };
-        let Some(step) = v["step"].as_f64() else { continue };
+        let Some(step) = v["step"].as_f64() else {
+            continue;
+        };
         if let Some(l) = v["loss"].as_f64() {
             train.push((step, l));
         }
@@ -173,7 +182,11 @@ pub fn write_sample_plot(run: &LoadedRun, samples: &[f32], png: &Path) -> Result
     let d = run.data.dim();
     if d == 2 {
         let data: Vec<f32> = run.data.test_set(&dev)?.flatten_all()?.to_vec1()?;
-        let title = format!("{} on {}: data vs samples", run.config.model.name, run.data.name());
+        let title = format!(
+            "{} on {}: data vs samples",
+            run.config.model.name,
+            run.data.name()
+        );
         plot::scatter_compare(png, &data, samples, &title)?;
     } else if let Some((h, w)) = run.data.image_shape() {
         let n = (samples.len() / (h * w)).min(64);

@@ -48,7 +48,11 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         }
         let dir = a.out.join(data);
         clear_previous(&dir)?;
-        eprintln!("== {data}: training flow matching for {} steps -> {}", cfg.train.steps, dir.display());
+        eprintln!(
+            "== {data}: training flow matching for {} steps -> {}",
+            cfg.train.steps,
+            dir.display()
+        );
         let mut t = Trainer::create(cfg, &dir, &dev)?;
         let out = t.run(!a.quiet)?;
         eprintln!("   {} steps in {:.1} s", out.steps, out.seconds);
@@ -59,9 +63,13 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
             "   held-out NLL {:.4} ± {:.4} nats (true entropy {})",
             row.summary.nats,
             row.summary.stderr_nats,
-            row.entropy.map(|e| format!("{e:.4}")).unwrap_or_else(|| "unknown".into())
+            row.entropy
+                .map(|e| format!("{e:.4}"))
+                .unwrap_or_else(|| "unknown".into())
         );
-        let x = run.model.sample(5000, &run.config.sample, &mut Rng::new(0))?;
+        let x = run
+            .model
+            .sample(5000, &run.config.sample, &mut Rng::new(0))?;
         let flat: Vec<f32> = x.flatten_all()?.to_vec1()?;
         elbo::data::npy::write_npy(&dir.join("samples.npy"), &flat, &[5000, 2])?;
         write_sample_plot(&run, &flat, &dir.join("samples.png"))?;
@@ -81,9 +89,13 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
 /// folder that looks like an elbo run, i.e. holds config.json).
 fn clear_previous(dir: &Path) -> Result<()> {
     if dir.join("config.json").exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("removing old run {}", dir.display()))?;
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("removing old run {}", dir.display()))?;
     } else if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-        anyhow::bail!("{} exists and is not an elbo run; choose another --out", dir.display());
+        anyhow::bail!(
+            "{} exists and is not an elbo run; choose another --out",
+            dir.display()
+        );
     }
     Ok(())
 }

@@ -46,13 +46,26 @@ atol = 1e-4
 fn train_sample_eval_cycle_writes_its_files() {
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("tiny.toml"), TINY).unwrap();
-    let o = elbo(&["train", "--config", "tiny.toml", "--out", "run", "--quiet"], d.path());
+    let o = elbo(
+        &["train", "--config", "tiny.toml", "--out", "run", "--quiet"],
+        d.path(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let run = d.path().join("run");
-    for f in ["config.json", "metrics.jsonl", "checkpoint/model.safetensors", "loss.png"] {
+    for f in [
+        "config.json",
+        "metrics.jsonl",
+        "checkpoint/model.safetensors",
+        "loss.png",
+    ] {
         assert!(run.join(f).exists(), "missing {f}");
     }
-    let o = elbo(&["sample", "--run", "run", "-n", "300", "--solver", "euler", "--steps", "20"], d.path());
+    let o = elbo(
+        &[
+            "sample", "--run", "run", "-n", "300", "--solver", "euler", "--steps", "20",
+        ],
+        d.path(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let npy = std::fs::read(run.join("samples.npy")).unwrap();
     assert_eq!(&npy[..6], b"\x93NUMPY");
@@ -66,7 +79,10 @@ fn train_sample_eval_cycle_writes_its_files() {
     let md = std::fs::read_to_string(run.join("report.md")).unwrap();
     assert!(md.contains('|'), "{md}");
     // resume to a longer total continues from step 30
-    let o = elbo(&["train", "--resume", "run", "--steps", "40", "--quiet"], d.path());
+    let o = elbo(
+        &["train", "--resume", "run", "--steps", "40", "--quiet"],
+        d.path(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("step 30"), "{}", stderr(&o));
 }
@@ -87,15 +103,25 @@ fn malformed_config_is_named() {
 #[test]
 fn unknown_dataset_lists_known_ones() {
     let d = tempfile::tempdir().unwrap();
-    let o = elbo(&["train", "--data", "mnistt", "--steps", "1", "--out", "r"], d.path());
+    let o = elbo(
+        &["train", "--data", "mnistt", "--steps", "1", "--out", "r"],
+        d.path(),
+    );
     assert_clean_failure(&o, &["mnistt", "checkerboard", "digits"]);
 }
 
 #[test]
 fn corrupt_checkpoint_and_missing_run_are_named() {
     let d = tempfile::tempdir().unwrap();
-    std::fs::write(d.path().join("tiny.toml"), TINY.replace("steps = 30", "steps = 3")).unwrap();
-    let o = elbo(&["train", "--config", "tiny.toml", "--out", "run", "--quiet"], d.path());
+    std::fs::write(
+        d.path().join("tiny.toml"),
+        TINY.replace("steps = 30", "steps = 3"),
+    )
+    .unwrap();
+    let o = elbo(
+        &["train", "--config", "tiny.toml", "--out", "run", "--quiet"],
+        d.path(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let f = d.path().join("run/checkpoint/ema.safetensors");
     std::fs::write(&f, b"not a safetensors file").unwrap();

@@ -239,7 +239,10 @@ impl Config {
             return bad(format!("train.lr must be a positive number, got {}", t.lr));
         }
         if !(0.0..1.0).contains(&t.ema_decay) {
-            return bad(format!("train.ema_decay must be in [0, 1), got {}", t.ema_decay));
+            return bad(format!(
+                "train.ema_decay must be in [0, 1), got {}",
+                t.ema_decay
+            ));
         }
         if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
             return bad("train.beta1 and train.beta2 must be in [0, 1)".into());

@@ -26,7 +26,10 @@ pub enum Error {
     UnknownModel { name: String, known: String },
     /// User data that cannot be parsed or has the wrong shape.
     #[error("bad data in {source_name}: {message}")]
-    Data { source_name: String, message: String },
+    Data {
+        source_name: String,
+        message: String,
+    },
     /// A checkpoint that is missing, truncated or inconsistent.
     #[error("checkpoint {path} is unusable: {message}")]
     Checkpoint { path: PathBuf, message: String },

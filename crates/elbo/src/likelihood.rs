@@ -83,7 +83,9 @@ impl Nll {
     pub fn concat(parts: Vec<Nll>) -> crate::Result<Nll> {
         let mut it = parts.into_iter();
         let Some(mut first) = it.next() else {
-            return Err(crate::Error::Config("no likelihood values to combine".into()));
+            return Err(crate::Error::Config(
+                "no likelihood values to combine".into(),
+            ));
         };
         for p in it {
             if p.dims != first.dims || p.kind != first.kind {
@@ -173,10 +175,25 @@ mod tests {
 
     #[test]
     fn concat_checks_kind_and_dims() {
-        let a = Nll { nats: vec![1.0], dims: 2, kind: NllKind::Exact };
-        let b = Nll { nats: vec![2.0], dims: 2, kind: NllKind::Exact };
-        let c = Nll { nats: vec![2.0], dims: 3, kind: NllKind::Exact };
-        assert_eq!(Nll::concat(vec![a.clone(), b]).unwrap().nats, vec![1.0, 2.0]);
+        let a = Nll {
+            nats: vec![1.0],
+            dims: 2,
+            kind: NllKind::Exact,
+        };
+        let b = Nll {
+            nats: vec![2.0],
+            dims: 2,
+            kind: NllKind::Exact,
+        };
+        let c = Nll {
+            nats: vec![2.0],
+            dims: 3,
+            kind: NllKind::Exact,
+        };
+        assert_eq!(
+            Nll::concat(vec![a.clone(), b]).unwrap().nats,
+            vec![1.0, 2.0]
+        );
         assert!(Nll::concat(vec![a, c]).is_err());
     }
 }

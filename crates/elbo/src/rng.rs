@@ -138,7 +138,13 @@ impl Rng {
     pub fn rademacher_tensor(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
         let n = shape.iter().product();
         let v: Vec<f32> = (0..n)
-            .map(|_| if self.inner.random::<bool>() { 1.0 } else { -1.0 })
+            .map(|_| {
+                if self.inner.random::<bool>() {
+                    1.0
+                } else {
+                    -1.0
+                }
+            })
             .collect();
         Ok(Tensor::from_vec(v, shape, device)?)
     }

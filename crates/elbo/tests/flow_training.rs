@@ -32,7 +32,10 @@ fn small_config(data: &str, steps: usize) -> Config {
 fn every_parameter_gets_a_nonzero_gradient() {
     let dev = Device::Cpu;
     let cfg = Config::default();
-    let info = DataInfo { dim: 2, kind: DataKind::Continuous };
+    let info = DataInfo {
+        dim: 2,
+        kind: DataKind::Continuous,
+    };
     let model = build(&cfg.model, info, &dev, &mut Rng::new(0)).unwrap();
     let mut rng = Rng::new(1);
     let batch = rng.normal_tensor(&[64, 2], &dev).unwrap();
@@ -41,7 +44,9 @@ fn every_parameter_gets_a_nonzero_gradient() {
     let params = named_vars(model.varmap()).unwrap();
     assert_eq!(params.len(), 2 * (cfg.model.layers + 1));
     for (name, var) in &params {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
         assert!(norm > 0.0 && norm.is_finite(), "{name}: |grad|^2 = {norm}");
     }
@@ -54,24 +59,42 @@ fn loss_gradient_matches_finite_differences() {
     let mut cfg = Config::default();
     cfg.model.hidden = 16;
     cfg.model.layers = 2;
-    let info = DataInfo { dim: 2, kind: DataKind::Continuous };
+    let info = DataInfo {
+        dim: 2,
+        kind: DataKind::Continuous,
+    };
     let model = build(&cfg.model, info, &dev, &mut Rng::new(3)).unwrap();
     let batch = Rng::new(4).normal_tensor(&[32, 2], &dev).unwrap();
     let params = named_vars(model.varmap()).unwrap();
     let (_, bias) = params.iter().find(|(n, _)| n == "net.out.bias").unwrap();
     let loss = model.loss(&batch, &mut Rng::new(5)).unwrap();
-    let g: Vec<f32> = loss.backward().unwrap().get(bias.as_tensor()).unwrap().to_vec1().unwrap();
+    let g: Vec<f32> = loss
+        .backward()
+        .unwrap()
+        .get(bias.as_tensor())
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let orig: Vec<f32> = bias.as_tensor().to_vec1().unwrap();
     let h = 1e-2f32;
-    let mut at = |delta: f32| {
+    let at = |delta: f32| {
         let mut v = orig.clone();
         v[0] += delta;
-        bias.set(&candle_core::Tensor::new(v, &dev).unwrap()).unwrap();
-        let l: f32 = model.loss(&batch, &mut Rng::new(5)).unwrap().to_scalar().unwrap();
+        bias.set(&candle_core::Tensor::new(v, &dev).unwrap())
+            .unwrap();
+        let l: f32 = model
+            .loss(&batch, &mut Rng::new(5))
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         l
     };
     let fd = (at(h) - at(-h)) / (2.0 * h);
-    assert!((fd - g[0]).abs() < 1e-3 * (1.0 + g[0].abs()), "fd {fd} vs autograd {}", g[0]);
+    assert!(
+        (fd - g[0]).abs() < 1e-3 * (1.0 + g[0].abs()),
+        "fd {fd} vs autograd {}",
+        g[0]
+    );
 }
 
 #[test]
@@ -79,16 +102,25 @@ fn interrupted_and_resumed_run_reproduces_uninterrupted_losses() {
     let dev = Device::Cpu;
     let cfg = small_config("8gaussians", 40);
     let a = tempfile::tempdir().unwrap();
-    let full = Trainer::create(cfg.clone(), a.path(), &dev).unwrap().run(false).unwrap();
+    let full = Trainer::create(cfg.clone(), a.path(), &dev)
+        .unwrap()
+        .run(false)
+        .unwrap();
     let b = tempfile::tempdir().unwrap();
-    let first = Trainer::create(cfg, b.path(), &dev).unwrap().run_until(17, false).unwrap();
+    let first = Trainer::create(cfg, b.path(), &dev)
+        .unwrap()
+        .run_until(17, false)
+        .unwrap();
     assert_eq!(first.steps, 17);
     let mut t = Trainer::resume(b.path(), None, &dev).unwrap();
     assert_eq!(t.step(), 17);
     let second = t.run(false).unwrap();
     let resumed: Vec<(usize, f64)> = first.losses.iter().chain(&second.losses).cloned().collect();
     assert_eq!(full.losses.len(), 40);
-    assert_eq!(resumed, full.losses, "resumed losses differ from the uninterrupted run");
+    assert_eq!(
+        resumed, full.losses,
+        "resumed losses differ from the uninterrupted run"
+    );
     // the saved metrics agree too: one line per step, 40 in all
     let m = std::fs::read_to_string(b.path().join("metrics.jsonl")).unwrap();
     assert_eq!(m.lines().filter(|l| l.contains("\"loss\"")).count(), 40);
@@ -101,18 +133,38 @@ fn short_training_on_8gaussians_reaches_stated_nll() {
     let mut cfg = small_config("8gaussians", 800);
     cfg.model.hidden = 128;
     let dir = tempfile::tempdir().unwrap();
-    let out = Trainer::create(cfg, dir.path(), &dev).unwrap().run(false).unwrap();
+    let out = Trainer::create(cfg, dir.path(), &dev)
+        .unwrap()
+        .run(false)
+        .unwrap();
     assert_eq!(out.steps, 800);
     let run = LoadedRun::open(dir.path(), CheckpointChoice::Latest, true, &dev).unwrap();
     let test = run.data.test_set(&dev).unwrap().narrow(0, 0, 500).unwrap();
-    let nll = elbo::model::dataset_nll(run.model.as_ref(), &test, &run.config.eval, &mut Rng::new(0))
-        .unwrap();
+    let nll = elbo::model::dataset_nll(
+        run.model.as_ref(),
+        &test,
+        &run.config.eval,
+        &mut Rng::new(0),
+    )
+    .unwrap();
     assert_eq!(nll.kind, NllKind::Exact);
     let s = nll.summary();
-    assert!(s.nats > 2.833 - 4.0 * s.stderr_nats, "NLL {} below the entropy", s.nats);
-    assert!(s.nats < 3.35, "NLL {} ± {} after 800 steps", s.nats, s.stderr_nats);
+    assert!(
+        s.nats > 2.833 - 4.0 * s.stderr_nats,
+        "NLL {} below the entropy",
+        s.nats
+    );
+    assert!(
+        s.nats < 3.35,
+        "NLL {} ± {} after 800 steps",
+        s.nats,
+        s.stderr_nats
+    );
     // samples land near the 8 modes (radius 4/1.414 ≈ 2.83)
-    let x = run.model.sample(500, &run.config.sample, &mut Rng::new(1)).unwrap();
+    let x = run
+        .model
+        .sample(500, &run.config.sample, &mut Rng::new(1))
+        .unwrap();
     let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
     let near = v
         .chunks(2)
@@ -125,16 +177,23 @@ fn short_training_on_8gaussians_reaches_stated_nll() {
 fn corrupt_checkpoint_is_a_clear_error() {
     let dev = Device::Cpu;
     let dir = tempfile::tempdir().unwrap();
-    Trainer::create(small_config("moons", 5), dir.path(), &dev).unwrap().run(false).unwrap();
+    Trainer::create(small_config("moons", 5), dir.path(), &dev)
+        .unwrap()
+        .run(false)
+        .unwrap();
     let f = dir.path().join("checkpoint").join("model.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
     let n = bytes.len();
     bytes[n - 3] ^= 0xFF;
     std::fs::write(&f, &bytes).unwrap();
-    let err = Trainer::resume(dir.path(), None, &dev).err().expect("corrupt checkpoint accepted");
+    let err = Trainer::resume(dir.path(), None, &dev)
+        .err()
+        .expect("corrupt checkpoint accepted");
     let msg = err.to_string();
     assert!(msg.contains("model.safetensors"), "{msg}");
-    let err = LoadedRun::open(dir.path(), CheckpointChoice::Latest, true, &dev).err().unwrap();
+    let err = LoadedRun::open(dir.path(), CheckpointChoice::Latest, true, &dev)
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("checkpoint"), "{err}");
 }
 
@@ -142,12 +201,22 @@ fn corrupt_checkpoint_is_a_clear_error() {
 fn existing_run_is_not_overwritten_and_unknown_names_are_errors() {
     let dev = Device::Cpu;
     let dir = tempfile::tempdir().unwrap();
-    Trainer::create(small_config("moons", 2), dir.path(), &dev).unwrap().run(false).unwrap();
-    let e = Trainer::create(small_config("moons", 2), dir.path(), &dev).err().unwrap();
+    Trainer::create(small_config("moons", 2), dir.path(), &dev)
+        .unwrap()
+        .run(false)
+        .unwrap();
+    let e = Trainer::create(small_config("moons", 2), dir.path(), &dev)
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("--resume"), "{e}");
     let d2 = tempfile::tempdir().unwrap();
-    let e = Trainer::create(small_config("9gaussians", 2), d2.path(), &dev).err().unwrap();
-    assert!(e.to_string().contains("9gaussians") && e.to_string().contains("8gaussians"), "{e}");
+    let e = Trainer::create(small_config("9gaussians", 2), d2.path(), &dev)
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("9gaussians") && e.to_string().contains("8gaussians"),
+        "{e}"
+    );
     let mut c = small_config("moons", 2);
     c.model.name = "glowworm".into();
     let e = Trainer::create(c, d2.path(), &dev).err().unwrap();
@@ -161,11 +230,19 @@ fn discrete_digits_are_dequantized_into_a_bound() {
     cfg.eval.divergence = "hutchinson".into();
     cfg.eval.probes = 2;
     let dir = tempfile::tempdir().unwrap();
-    Trainer::create(cfg, dir.path(), &dev).unwrap().run(false).unwrap();
+    Trainer::create(cfg, dir.path(), &dev)
+        .unwrap()
+        .run(false)
+        .unwrap();
     let run = LoadedRun::open(dir.path(), CheckpointChoice::Latest, true, &dev).unwrap();
     let test = run.data.test_set(&dev).unwrap().narrow(0, 0, 20).unwrap();
-    let nll = elbo::model::dataset_nll(run.model.as_ref(), &test, &run.config.eval, &mut Rng::new(0))
-        .unwrap();
+    let nll = elbo::model::dataset_nll(
+        run.model.as_ref(),
+        &test,
+        &run.config.eval,
+        &mut Rng::new(0),
+    )
+    .unwrap();
     assert_eq!(nll.kind, NllKind::Estimate { samples: 2 });
     let bpd = nll.summary().bits_per_dim;
     // a barely trained model: finite, and above the 0 floor of any discrete likelihood
@@ -174,10 +251,21 @@ fn discrete_digits_are_dequantized_into_a_bound() {
     opts.divergence = "exact".into();
     opts.exact_max_dim = 64;
     let one = test.narrow(0, 0, 2).unwrap();
-    let exact = run.model.log_likelihood(&one, &opts, &mut Rng::new(0)).unwrap();
+    let exact = run
+        .model
+        .log_likelihood(&one, &opts, &mut Rng::new(0))
+        .unwrap();
     assert_eq!(exact.kind, NllKind::Bound);
     // samples are levels 0..16
-    let s: Vec<f32> = run.model.sample(4, &run.config.sample, &mut Rng::new(0)).unwrap()
-        .flatten_all().unwrap().to_vec1().unwrap();
-    assert!(s.iter().all(|v| (0.0..=16.0).contains(v) && v.fract() == 0.0));
+    let s: Vec<f32> = run
+        .model
+        .sample(4, &run.config.sample, &mut Rng::new(0))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(s
+        .iter()
+        .all(|v| (0.0..=16.0).contains(v) && v.fract() == 0.0));
 }

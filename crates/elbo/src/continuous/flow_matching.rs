@@ -63,7 +63,9 @@ impl VelocityField for VelocityMlp {
     fn velocity(&self, x: &Tensor, t: f64) -> Result<Tensor> {
         let b = x.dim(0)?;
         let tt = Tensor::full(t as f32, b, x.device())?;
-        self.forward(x, &tt)?.to_dtype(x.dtype()).map_err(Error::from)
+        self.forward(x, &tt)?
+            .to_dtype(x.dtype())
+            .map_err(Error::from)
     }
 }
 
@@ -80,7 +82,9 @@ impl FlowMatching {
     /// A new model for data of the given shape, weights drawn from `rng`.
     pub fn new(cfg: &ModelConfig, data: DataInfo, device: &Device, rng: &mut Rng) -> Result<Self> {
         if data.dim == 0 {
-            return Err(Error::Shape("flow matching needs data with at least 1 dimension".into()));
+            return Err(Error::Shape(
+                "flow matching needs data with at least 1 dimension".into(),
+            ));
         }
         let varmap = VarMap::new();
         let net = {
@@ -219,7 +223,9 @@ impl GenerativeModel for FlowMatching {
     fn likelihood_method(&self, opts: &EvalOptions) -> String {
         let div = match self.cnf_options(opts).map(|c| c.divergence) {
             Ok(Divergence::Exact) => "exact divergence".to_string(),
-            Ok(Divergence::Hutchinson { probes }) => format!("Hutchinson divergence, {probes} probe(s)"),
+            Ok(Divergence::Hutchinson { probes }) => {
+                format!("Hutchinson divergence, {probes} probe(s)")
+            }
             Err(e) => format!("invalid options: {e}"),
         };
         let solver = match opts.solver.as_str() {
@@ -228,7 +234,9 @@ impl GenerativeModel for FlowMatching {
         };
         let deq = match self.levels {
             None => String::new(),
-            Some(l) => format!("; uniform dequantization of {l} levels (bound on the discrete NLL)"),
+            Some(l) => {
+                format!("; uniform dequantization of {l} levels (bound on the discrete NLL)")
+            }
         };
         format!("CNF instantaneous change of variables, {solver}, {div}{deq}")
     }

@@ -27,7 +27,9 @@ impl CheckpointChoice {
         match s {
             "latest" => Ok(Self::Latest),
             "best" => Ok(Self::Best),
-            _ => Err(Error::Config(format!("unknown checkpoint '{s}'; use latest or best"))),
+            _ => Err(Error::Config(format!(
+                "unknown checkpoint '{s}'; use latest or best"
+            ))),
         }
     }
 
@@ -55,9 +57,17 @@ pub struct LoadedRun {
 
 impl LoadedRun {
     /// Load `dir`'s chosen checkpoint; `use_ema` picks the EMA weights when the run kept them.
-    pub fn open(dir: &Path, which: CheckpointChoice, use_ema: bool, device: &Device) -> Result<Self> {
+    pub fn open(
+        dir: &Path,
+        which: CheckpointChoice,
+        use_ema: bool,
+        device: &Device,
+    ) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::Config(format!("run directory {} does not exist", dir.display())));
+            return Err(Error::Config(format!(
+                "run directory {} does not exist",
+                dir.display()
+            )));
         }
         let config = Config::from_run_dir(dir)?;
         let data = data::open(&config.data.name, &config.data.options)?;
@@ -85,7 +95,10 @@ impl LoadedRun {
             .as_u64()
             .ok_or_else(|| Error::checkpoint(&ck, "state.json has no integer 'step'"))?
             as usize;
-        let label = format!("{name} weights, {} checkpoint, step {step}", which.dir_name());
+        let label = format!(
+            "{name} weights, {} checkpoint, step {step}",
+            which.dir_name()
+        );
         Ok(Self {
             config,
             model,

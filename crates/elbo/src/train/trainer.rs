@@ -134,7 +134,11 @@ impl Trainer {
         };
         checkpoint::load_into_vars(file("model")?, &params, "model")?;
         let mut optim = AdamW::new(adamw_config(&cfg));
-        optim.load_state(file("optim")?, get_u64(st, "optim_steps", &ck_dir)?, &params)?;
+        optim.load_state(
+            file("optim")?,
+            get_u64(st, "optim_steps", &ck_dir)?,
+            &params,
+        )?;
         let ema = if cfg.train.ema_decay > 0.0 {
             let mut e = Ema::new(&params, cfg.train.ema_decay)?;
             e.load(file("ema")?, get_u64(st, "ema_updates", &ck_dir)?)?;
@@ -215,7 +219,9 @@ impl Trainer {
         let mut smooth = f64::NAN;
         let device = self.model.device().clone();
         while self.step < stop_at {
-            let batch = self.data.train_batch(tc.batch_size, &mut self.rng, &device)?;
+            let batch = self
+                .data
+                .train_batch(tc.batch_size, &mut self.rng, &device)?;
             let loss = self.model.loss(&batch, &mut self.rng)?;
             let loss_val = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !loss_val.is_finite() {
@@ -238,7 +244,11 @@ impl Trainer {
             }
             self.step += 1;
             out.losses.push((self.step, loss_val));
-            smooth = if smooth.is_nan() { loss_val } else { 0.98 * smooth + 0.02 * loss_val };
+            smooth = if smooth.is_nan() {
+                loss_val
+            } else {
+                0.98 * smooth + 0.02 * loss_val
+            };
             bar.set_position(self.step as u64);
             bar.set_message(format!("loss {smooth:.4}"));
             if self.step % tc.log_every == 0 || self.step == stop_at {
@@ -266,7 +276,10 @@ impl Trainer {
                 }
                 if tc.patience > 0 && self.evals_since_best >= tc.patience {
                     out.stopped_early = true;
-                    bar.println(format!("early stop: {} evaluations without improvement", tc.patience));
+                    bar.println(format!(
+                        "early stop: {} evaluations without improvement",
+                        tc.patience
+                    ));
                     self.save_checkpoint(&self.dir.join("checkpoint"))?;
                     break;
                 }
@@ -293,7 +306,9 @@ impl Trainer {
         let test = self.data.test_set(&device)?;
         let n = test.dim(0)?.min(self.cfg.train.eval_examples.max(1));
         let test = test.narrow(0, 0, n)?;
-        let mut rng = Rng::new(self.cfg.train.seed).fork(EVAL_STREAM).fork(self.step as u64);
+        let mut rng = Rng::new(self.cfg.train.seed)
+            .fork(EVAL_STREAM)
+            .fork(self.step as u64);
         if let Some(ema) = self.ema.as_mut() {
             ema.swap(&self.params)?;
         }
@@ -309,8 +324,10 @@ impl Trainer {
         let model = checkpoint::vars_to_map(&self.params);
         let optim = self.optim.state_tensors();
         let ema = self.ema.as_ref().map(|e| e.tensors());
-        let mut files: Vec<(&str, &std::collections::HashMap<String, candle_core::Tensor>)> =
-            vec![("model", &model), ("optim", &optim)];
+        let mut files: Vec<(
+            &str,
+            &std::collections::HashMap<String, candle_core::Tensor>,
+        )> = vec![("model", &model), ("optim", &optim)];
         if let Some(e) = ema.as_ref() {
             files.push(("ema", e));
         }
