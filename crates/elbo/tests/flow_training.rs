@@ -269,3 +269,49 @@ fn discrete_digits_are_dequantized_into_a_bound() {
         .iter()
         .all(|v| (0.0..=16.0).contains(v) && v.fract() == 0.0));
 }
+
+#[test]
+fn forward_mode_divergence_matches_autograd() {
+    use elbo::continuous::cnf::divergence;
+    use elbo::continuous::flow_matching::VelocityMlp;
+    use elbo::continuous::VelocityField;
+    use elbo::nn::ParamInit;
+    let dev = Device::Cpu;
+    for act in [elbo::nn::Activation::Silu, elbo::nn::Activation::Tanh] {
+        let mut cfg = Config::default().model;
+        cfg.hidden = 32;
+        cfg.layers = 3;
+        cfg.activation = act;
+        let vm = candle_nn::VarMap::new();
+        let mut rng = Rng::new(9);
+        let net = {
+            let mut p = ParamInit::new(&vm, &mut rng, &dev);
+            VelocityMlp::new(&mut p, 3, &cfg).unwrap()
+        };
+        let x = Rng::new(10).normal_tensor(&[16, 3], &dev).unwrap();
+        // a closure has no forward mode, so it takes the reverse-mode autograd path
+        let reverse = |x: &candle_core::Tensor, t: f64| net.velocity(x, t);
+        let probes = Rng::new(11).rademacher_tensor(&[4, 16, 3], &dev).unwrap();
+        for p in [None, Some(&probes)] {
+            let (v1, d1) = divergence(&net, &x, 0.37, p).unwrap();
+            let (v2, d2) = divergence(&reverse, &x, 0.37, p).unwrap();
+            let dv = (v1 - v2)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let dd = (d1 - d2)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(dv < 1e-5 && dd < 1e-4, "{act:?}: |dv| {dv}, |ddiv| {dd}");
+        }
+    }
+}

@@ -120,6 +120,9 @@ pub fn divergence(
             x.dims()
         ))
     })?;
+    if let Some(res) = forward_mode_divergence(field, x, t, probes, b, d)? {
+        return Ok(res);
+    }
     let xv = Var::from_tensor(&x.detach())?; // a fresh leaf, copied from x
     let xt = xv.as_tensor();
     let v = field.velocity(xt, t)?;
@@ -170,6 +173,50 @@ pub fn divergence(
         }
     };
     Ok((v.detach(), div.detach()))
+}
+
+/// The divergence from the field's forward-mode [`VelocityField::jvp`], when it has one:
+/// exact with the D unit tangents (`tr J = sum_i e_i^T J e_i`), or Hutchinson with the probes.
+fn forward_mode_divergence(
+    field: &dyn VelocityField,
+    x: &Tensor,
+    t: f64,
+    probes: Option<&Tensor>,
+    b: usize,
+    d: usize,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let tangents = match probes {
+        None => Tensor::eye(d, x.dtype(), x.device())?
+            .reshape((d, 1, d))?
+            .broadcast_as((d, b, d))?
+            .contiguous()?, // [D, B, D]: tangent i is e_i for every row
+        Some(eps) => {
+            if eps.rank() != 3 || eps.dim(0)? == 0 || eps.dims()[1..] != [b, d] {
+                return Err(Error::Shape(format!(
+                    "Hutchinson probes of shape {:?} do not fit x of shape [{b}, {d}]",
+                    eps.dims()
+                )));
+            }
+            eps.to_dtype(x.dtype())?
+        }
+    };
+    let Some((v, jv)) = field.jvp(&x.detach(), t, &tangents)? else {
+        return Ok(None);
+    };
+    if v.dims() != [b, d] || jv.dims() != tangents.dims() {
+        return Err(Error::Shape(format!(
+            "velocity field jvp returned shapes {:?} and {:?} for x [{b}, {d}] and tangents {:?}",
+            v.dims(),
+            jv.dims(),
+            tangents.dims()
+        )));
+    }
+    let quad = (jv.to_dtype(x.dtype())? * &tangents)?.sum(2)?; // [K, B]: u_k^T J u_k
+    let div = match probes {
+        None => quad.sum_keepdim(0)?.t()?,  // [B, 1]
+        Some(_) => quad.t()?.contiguous()?, // [B, K]
+    };
+    Ok(Some((v.to_dtype(x.dtype())?.detach(), div.detach())))
 }
 
 /// log p_1(x1) under the CNF `dx/dt = v(x, t)` with base N(0, I) at t = 0 (instantaneous change

@@ -13,6 +13,14 @@ pub mod ode;
 pub trait VelocityField {
     /// v(x, t) for a batch `x: [B, D]` at one time `t`; returns `[B, D]`.
     fn velocity(&self, x: &Tensor, t: f64) -> Result<Tensor>;
+
+    /// Forward-mode Jacobian-vector products: `v(x, t)` (`[B, D]`) and `J_v(x, t) u_k` for
+    /// tangents `u: [K, B, D]` (returns `[K, B, D]`), computed without autograd. Fields without
+    /// a forward mode return `None`, and the CNF code falls back to reverse-mode autograd
+    /// (one backward pass per dimension or probe).
+    fn jvp(&self, _x: &Tensor, _t: f64, _tangents: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
 }
 
 impl<F> VelocityField for F

@@ -45,6 +45,31 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The linear part applied to tangents `dx: [K, B, k]` that are non-zero only in the first
+    /// `k <= in` inputs: `dx W[:, :k]^T`, `[K, B, out]` (no bias; no autograd graph).
+    pub fn jvp(&self, dx: &Tensor) -> Result<Tensor> {
+        let (kk, b, k) = dx.dims3()?;
+        let w = self.weight.as_tensor().detach();
+        let w = if k == w.dim(1)? {
+            w
+        } else {
+            w.narrow(1, 0, k)?
+        }; // [out, k]
+        let y = dx.reshape((kk * b, k))?.matmul(&w.t()?)?; // [K*B, out]
+        Ok(y.reshape((kk, b, ()))?)
+    }
+
+    /// The forward pass on detached weights (no autograd graph), `x: [B, in]`.
+    pub fn forward_detached(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.as_tensor().detach().t()?)?; // [B, out]
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.as_tensor().detach())?,
+            None => y,
+        })
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         Linear::forward(self, x).map_err(|e| candle_core::Error::Msg(e.to_string()))

@@ -28,6 +28,24 @@ impl Activation {
             Activation::Relu => x.relu()?,
         })
     }
+
+    /// The activation and its derivative at `z` (no autograd graph).
+    pub fn value_and_derivative(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok(match self {
+            Activation::Silu => {
+                // silu'(z) = s (1 + z (1 - s)), s = sigmoid(z)
+                let s = candle_nn::ops::sigmoid(z)?;
+                let d = (&s * ((z * (1.0 - &s)?)? + 1.0)?)?;
+                ((z * &s)?, d)
+            }
+            Activation::Tanh => {
+                let y = z.tanh()?;
+                let d = (1.0 - y.sqr()?)?;
+                (y, d)
+            }
+            Activation::Relu => (z.relu()?, z.gt(0.0)?.to_dtype(z.dtype())?),
+        })
+    }
 }
 
 /// `d_in -> n_hidden x (Linear(width) + act) -> Linear(d_out)`.
@@ -62,6 +80,22 @@ impl Mlp {
         }
         let out = Linear::new(&mut p.push("out"), d, d_out, true)?;
         Ok(Self { hidden, out, act })
+    }
+
+    /// Forward-mode Jacobian-vector products: returns `(f(x), J_f(x) u_k)` for `x: [B, d_in]`
+    /// and tangents `u: [K, B, k]` that are non-zero only in the first `k <= d_in` inputs
+    /// (e.g. the data coordinates, not the time embedding). Computed on detached weights.
+    pub fn jvp(&self, x: &Tensor, u: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut h = x.detach();
+        let mut dh = u.detach();
+        for l in &self.hidden {
+            let z = l.forward_detached(&h)?; // [B, H]
+            let dz = l.jvp(&dh)?; // [K, B, H]
+            let (a, da) = self.act.value_and_derivative(&z)?;
+            dh = dz.broadcast_mul(&da)?; // [K, B, H]
+            h = a;
+        }
+        Ok((self.out.forward_detached(&h)?, self.out.jvp(&dh)?))
     }
 
     /// `x: [B, d_in]` -> `[B, d_out]`.
