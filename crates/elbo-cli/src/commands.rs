@@ -136,8 +136,8 @@ pub fn plot_losses(dir: &Path) -> Result<()> {
         &dir.join("loss.png"),
         &train,
         &eval,
-        "training loss and held-out NLL",
-        "loss / NLL (nats)",
+        "training loss and held-out NLL (EMA weights)",
+        "train: model loss / held-out: NLL (nats)",
     )?;
     Ok(())
 }

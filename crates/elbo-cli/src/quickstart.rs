@@ -18,16 +18,25 @@ use crate::QuickstartArgs;
 pub fn quickstart_config(data: &str) -> Config {
     let mut cfg = Config::default();
     cfg.data.name = data.to_string();
-    cfg.model.hidden = 256;
-    cfg.model.layers = 4;
-    cfg.train.steps = 4000;
+    cfg.model.hidden = 128;
+    cfg.model.time_scale = 1.0;
     cfg.train.batch_size = 1024;
-    cfg.train.lr = 2e-3;
     cfg.train.warmup_steps = 200;
     cfg.train.ema_decay = 0.999;
     cfg.train.eval_every = 0;
     cfg.train.eval_examples = 1000;
     cfg.train.checkpoint_every = 1000;
+    // Checkerboard's sharp edges need a deeper net and more steps than the smooth mixture
+    // (measured: 128x4 for 8000 steps left a 0.145-nat gap, 128x5 0.127).
+    if data == "checkerboard" {
+        cfg.model.layers = 5;
+        cfg.train.steps = 9000;
+        cfg.train.lr = 3e-3;
+    } else {
+        cfg.model.layers = 3;
+        cfg.train.steps = 5000;
+        cfg.train.lr = 2e-3;
+    }
     cfg
 }
 

@@ -38,7 +38,10 @@ pub struct ModelConfig {
     pub layers: usize,
     /// Size of the sinusoidal time embedding.
     pub time_embed_dim: usize,
-    /// Times are multiplied by this before the embedding (1000 maps t in [0,1] to DDPM's range).
+    /// Times are multiplied by this before the sinusoidal embedding. 1 (the default) gives
+    /// smooth features of t in [0, 1]; 1000 (DDPM's range, used by the W1 benchmark) adds
+    /// sin(1000 t)-like features, which measured worse held-out NLL on checkerboard
+    /// (3.637 vs 3.610 nats at equal steps).
     pub time_scale: f64,
     /// Hidden activation.
     pub activation: Activation,
@@ -51,7 +54,7 @@ impl Default for ModelConfig {
             hidden: 256,
             layers: 4,
             time_embed_dim: 32,
-            time_scale: 1000.0,
+            time_scale: 1.0,
             activation: Activation::Silu,
         }
     }
@@ -63,16 +66,30 @@ impl Default for ModelConfig {
 pub struct DataSpec {
     /// A data set name ("8gaussians", "digits", ...) or a path to a `.npy` / `.csv` file.
     pub name: String,
-    /// Held-out set sizes.
-    #[serde(flatten)]
-    pub options: DataConfig,
+    /// Held-out points of a 2-D toy set.
+    pub test_size: usize,
+    /// Held-out fraction of a user array (.npy / .csv).
+    pub test_fraction: f64,
 }
 
 impl Default for DataSpec {
     fn default() -> Self {
+        let d = DataConfig::default();
         Self {
             name: "8gaussians".into(),
-            options: DataConfig::default(),
+            test_size: d.test_size,
+            test_fraction: d.test_fraction,
+        }
+    }
+}
+
+impl DataSpec {
+    /// The options `data::open` takes. (Explicit fields rather than `#[serde(flatten)]`, which
+    /// would switch off serde's unknown-key check for the whole `[data]` table.)
+    pub fn options(&self) -> DataConfig {
+        DataConfig {
+            test_size: self.test_size,
+            test_fraction: self.test_fraction,
         }
     }
 }
@@ -285,6 +302,8 @@ mod tests {
         assert!(e.to_string().contains("stepz"), "{e}");
         let e = Config::from_toml_str("[train]\nlr = -1.0\n", "cfg.toml").unwrap_err();
         assert!(e.to_string().contains("train.lr"), "{e}");
+        let e = Config::from_toml_str("[data]\ntest_sise = 3\n", "cfg.toml").unwrap_err();
+        assert!(e.to_string().contains("test_sise"), "{e}");
         let e = Config::from_toml_str("[train\nlr = 1", "cfg.toml").unwrap_err();
         assert!(e.to_string().contains("cfg.toml"), "{e}");
     }

@@ -12,7 +12,7 @@ use elbo::{NllKind, Rng};
 fn small_config(data: &str, steps: usize) -> Config {
     let mut c = Config::default();
     c.data.name = data.into();
-    c.data.options.test_size = 1000;
+    c.data.test_size = 1000;
     c.model.hidden = 64;
     c.model.layers = 3;
     c.train.steps = steps;

@@ -202,9 +202,6 @@ impl GenerativeModel for FlowMatching {
         let co = self.cnf_options(opts)?;
         let x = self.to_model_space(batch, rng)?;
         let ll = cnf::log_likelihood(&self.net, &x, &co, rng)?;
-        if std::env::var_os("ELBO_DEBUG_NFE").is_some() {
-            eprintln!("cnf stats {:?}", ll.stats);
-        }
         // Jacobian of x = 2y/L - 1 for dequantized discrete data: log p_y = log p_x + D log(2/L)
         let offset = match self.levels {
             None => 0.0,

@@ -33,6 +33,13 @@ impl CheckpointChoice {
         }
     }
 
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Latest => "latest",
+            Self::Best => "best",
+        }
+    }
+
     fn dir_name(&self) -> &'static str {
         match self {
             Self::Latest => "checkpoint",
@@ -70,7 +77,7 @@ impl LoadedRun {
             )));
         }
         let config = Config::from_run_dir(dir)?;
-        let data = data::open(&config.data.name, &config.data.options)?;
+        let data = data::open(&config.data.name, &config.data.options())?;
         let info = DataInfo {
             dim: data.dim(),
             kind: data.kind(),
@@ -95,10 +102,7 @@ impl LoadedRun {
             .as_u64()
             .ok_or_else(|| Error::checkpoint(&ck, "state.json has no integer 'step'"))?
             as usize;
-        let label = format!(
-            "{name} weights, {} checkpoint, step {step}",
-            which.dir_name()
-        );
+        let label = format!("{name} weights, {} checkpoint, step {step}", which.label());
         Ok(Self {
             config,
             model,

@@ -74,7 +74,7 @@ impl Trainer {
                 dir.display()
             )));
         }
-        let data = data::open(&cfg.data.name, &cfg.data.options)?;
+        let data = data::open(&cfg.data.name, &cfg.data.options())?;
         let info = DataInfo {
             dim: data.dim(),
             kind: data.kind(),
@@ -115,7 +115,7 @@ impl Trainer {
         if let Some(s) = steps {
             cfg.train.steps = s;
         }
-        let data = data::open(&cfg.data.name, &cfg.data.options)?;
+        let data = data::open(&cfg.data.name, &cfg.data.options())?;
         let info = DataInfo {
             dim: data.dim(),
             kind: data.kind(),
