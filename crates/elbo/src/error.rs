@@ -37,8 +37,13 @@ pub enum Error {
     #[error("shape mismatch: {0}")]
     Shape(String),
     /// The training loss became NaN or infinite.
-    #[error("non-finite loss {loss} at step {step}; last good checkpoint is kept")]
-    NonFiniteLoss { step: usize, loss: f64 },
+    #[error("non-finite loss {loss} at step {step}; {kept} (try a lower train.lr, train.grad_clip > 0, or a warm-up)")]
+    NonFiniteLoss {
+        step: usize,
+        loss: f64,
+        /// What is on disk, e.g. "the checkpoint of step 1000 is kept".
+        kept: String,
+    },
     /// A numerical routine failed (e.g. an ODE solver could not meet its tolerance).
     #[error("numerical failure: {0}")]
     Numerical(String),

@@ -315,3 +315,39 @@ fn forward_mode_divergence_matches_autograd() {
         }
     }
 }
+
+#[test]
+fn diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() {
+    let dev = Device::Cpu;
+    let mut cfg = small_config("moons", 200);
+    cfg.train.lr = 1e6;
+    cfg.train.grad_clip = 0.0;
+    cfg.train.warmup_steps = 0;
+    cfg.train.ema_decay = 0.0;
+    cfg.train.checkpoint_every = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let err = Trainer::create(cfg, dir.path(), &dev)
+        .unwrap()
+        .run(false)
+        .err()
+        .unwrap();
+    let msg = err.to_string();
+    assert!(matches!(err, elbo::Error::NonFiniteLoss { .. }), "{msg}");
+    assert!(
+        msg.contains("non-finite loss") && msg.contains("is kept"),
+        "{msg}"
+    );
+    // the last checkpoint on disk is a good one: it loads and has finite weights
+    let run = LoadedRun::open(dir.path(), CheckpointChoice::Latest, false, &dev).unwrap();
+    for (name, v) in named_vars(run.model.varmap()).unwrap() {
+        let s: f32 = v
+            .as_tensor()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(s.is_finite(), "{name} is not finite in the kept checkpoint");
+    }
+}

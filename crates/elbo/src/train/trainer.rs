@@ -226,9 +226,19 @@ impl Trainer {
             let loss_val = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !loss_val.is_finite() {
                 bar.abandon();
+                let ck = self.dir.join("checkpoint");
+                let kept = match checkpoint::load(&ck, &device) {
+                    Ok(l) => format!(
+                        "the checkpoint of step {} in {} is kept",
+                        l.state["step"],
+                        ck.display()
+                    ),
+                    Err(_) => "no checkpoint had been written yet".to_string(),
+                };
                 return Err(Error::NonFiniteLoss {
                     step: self.step + 1,
                     loss: loss_val,
+                    kept,
                 });
             }
             let mut grads = loss.backward()?;
