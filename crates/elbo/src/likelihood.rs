@@ -4,6 +4,16 @@
 //! is exact, an upper bound on the NLL (ELBO / VLB), a Monte-Carlo estimate (carrying its standard
 //! error and sample count), or absent (GANs have no likelihood). One place converts nats to
 //! bits/dim, bits/char and perplexity.
+//!
+//! ```
+//! use elbo::{Nll, NllKind};
+//! // two 64-pixel images scored exactly, in nats per image
+//! let nll = Nll { nats: vec![120.0, 130.0], dims: 64, kind: NllKind::Exact };
+//! let s = nll.summary();
+//! assert_eq!(s.nats, 125.0);
+//! assert!((s.bits_per_dim - 125.0 / (64.0 * std::f64::consts::LN_2)).abs() < 1e-12);
+//! assert_eq!(s.kind.label(), "exact");
+//! ```
 
 use serde::{Deserialize, Serialize};
 
