@@ -72,6 +72,7 @@ pub fn kind_description(kind: &NllKind) -> String {
     match kind {
         NllKind::Exact => "exact".to_string(),
         NllKind::Bound => "bound (upper bound on NLL)".to_string(),
+        NllKind::Estimate { samples: 1 } => "estimate (1 sample)".to_string(),
         NllKind::Estimate { samples } => format!("estimate ({samples} samples)"),
         NllKind::None => "none".to_string(),
     }

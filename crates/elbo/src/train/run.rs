@@ -5,12 +5,11 @@ use std::path::Path;
 use candle_core::Device;
 
 use super::checkpoint;
-use super::optim::named_vars;
-use super::trainer::INIT_STREAM;
+use super::trainer::open_parts;
 use crate::config::Config;
-use crate::data::{self, DataSource};
-use crate::model::{self, DataInfo, GenerativeModel};
-use crate::{Error, Result, Rng};
+use crate::data::DataSource;
+use crate::model::GenerativeModel;
+use crate::{Error, Result};
 
 /// Which checkpoint of a run to load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,14 +76,7 @@ impl LoadedRun {
             )));
         }
         let config = Config::from_run_dir(dir)?;
-        let data = data::open(&config.data.name, &config.data.options())?;
-        let info = DataInfo {
-            dim: data.dim(),
-            kind: data.kind(),
-        };
-        let mut init = Rng::new(config.train.seed).fork(INIT_STREAM);
-        let model = model::build(&config.model, info, device, &mut init)?;
-        let params = named_vars(model.varmap())?;
+        let (data, model, params) = open_parts(&config, device)?;
         let ck = dir.join(which.dir_name());
         let loaded = checkpoint::load(&ck, device)?;
         let (name, weights) = match (use_ema, loaded.files.get("ema")) {

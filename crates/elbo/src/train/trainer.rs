@@ -74,14 +74,8 @@ impl Trainer {
                 dir.display()
             )));
         }
-        let data = data::open(&cfg.data.name, &cfg.data.options())?;
-        let info = DataInfo {
-            dim: data.dim(),
-            kind: data.kind(),
-        };
+        let (data, model, params) = open_parts(&cfg, device)?;
         let seed = Rng::new(cfg.train.seed);
-        let model = model::build(&cfg.model, info, device, &mut seed.fork(INIT_STREAM))?;
-        let params = named_vars(model.varmap())?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let cfg_json = serde_json::to_string_pretty(&cfg)
             .map_err(|e| Error::Config(format!("cannot serialise config: {e}")))?;
@@ -115,14 +109,7 @@ impl Trainer {
         if let Some(s) = steps {
             cfg.train.steps = s;
         }
-        let data = data::open(&cfg.data.name, &cfg.data.options())?;
-        let info = DataInfo {
-            dim: data.dim(),
-            kind: data.kind(),
-        };
-        let seed = Rng::new(cfg.train.seed);
-        let model = model::build(&cfg.model, info, device, &mut seed.fork(INIT_STREAM))?;
-        let params = named_vars(model.varmap())?;
+        let (data, model, params) = open_parts(&cfg, device)?;
         let ck_dir = dir.join("checkpoint");
         let loaded = checkpoint::load(&ck_dir, device)?;
         let st = &loaded.state;
@@ -352,6 +339,27 @@ impl Trainer {
         });
         checkpoint::save(dir, &files, &state)
     }
+}
+
+/// The data set, the model with its seeded initial weights, and its parameters sorted by name,
+/// as a run's configuration describes them.
+pub(crate) type Parts = (
+    Box<dyn DataSource>,
+    Box<dyn GenerativeModel>,
+    Vec<(String, Var)>,
+);
+
+/// Open the configured data set and build the configured model for it.
+pub(crate) fn open_parts(cfg: &Config, device: &Device) -> Result<Parts> {
+    let data = data::open(&cfg.data.name, &cfg.data.options())?;
+    let info = DataInfo {
+        dim: data.dim(),
+        kind: data.kind(),
+    };
+    let mut init = Rng::new(cfg.train.seed).fork(INIT_STREAM);
+    let model = model::build(&cfg.model, info, device, &mut init)?;
+    let params = named_vars(model.varmap())?;
+    Ok((data, model, params))
 }
 
 fn adamw_config(cfg: &Config) -> AdamWConfig {
