@@ -152,3 +152,17 @@ pub fn run(causal: bool, steps: (usize, usize), corpus: Option<&Path>) -> Result
     emit(s);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_matches_torch_bench() {
+        // '\n' -> 0, ' ' -> 1, '~' -> 95; tabs and non-ASCII are dropped
+        assert_eq!(encode(b"\n ~\tA\xc3"), vec![0, 1, 95, 34]);
+        let (ids, name) = load_corpus(None).unwrap();
+        assert_eq!((ids.len(), name.as_str()), (2_000_000, "synthetic-uniform"));
+        assert!(ids.iter().all(|&i| (i as usize) < V));
+    }
+}

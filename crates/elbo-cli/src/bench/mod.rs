@@ -167,3 +167,29 @@ fn gemm() -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_follows_torch_bench() {
+        // statistics.median of an even sample is the mean of the middle two;
+        // p90 = times[min(n - 1, int(0.9 n))]
+        let s = summarize(vec![0.004, 0.001, 0.003, 0.002]).unwrap();
+        assert!((median_ms(&s) - 2.5).abs() < 1e-9);
+        assert!((s["p90_ms"].as_f64().unwrap() - 4.0).abs() < 1e-9);
+        assert!((s["min_ms"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+        assert_eq!(s["n"], json!(4));
+        let s = summarize((1..=10).map(|i| i as f64 / 1e3).collect()).unwrap();
+        assert!((s["p90_ms"].as_f64().unwrap() - 10.0).abs() < 1e-9);
+        assert!(summarize(vec![]).is_err());
+    }
+
+    #[test]
+    fn peak_rss_is_read_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_mb().is_some_and(|mb| mb > 0.0));
+        }
+    }
+}
