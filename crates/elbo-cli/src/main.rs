@@ -157,14 +157,19 @@ pub struct QuickstartArgs {
 /// `elbo bench`
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Workload: w1 (flow-matching MLP train step, batch 4096) or s2 (100-step Euler sampling).
+    /// Workload: gemm, w1, w2, w3, w4, s1 or s2 (see bench-ref/README.md).
     pub workload: String,
-    /// Untimed warm-up steps (default: the reference's).
+    /// Untimed warm-up steps (default: the reference's; 0 means the default for w1-w4, as in
+    /// torch_bench.py).
     #[arg(long)]
     pub warmup: Option<usize>,
     /// Timed steps (default: the reference's).
     #[arg(long)]
     pub iters: Option<usize>,
+    /// w3/w4: text corpus (e.g. corpus.txt from `torch_bench.py prep --out DIR`); default a
+    /// synthetic corpus of 2,000,000 random symbols.
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {

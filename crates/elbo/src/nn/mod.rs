@@ -5,6 +5,7 @@ pub mod embedding;
 pub mod init;
 pub mod linear;
 pub mod mlp;
+pub mod transformer;
 
 pub use embedding::sinusoidal_embedding;
 pub use init::ParamInit;
