@@ -1,7 +1,11 @@
 //! A fully connected layer y = x W^T + b with PyTorch's default initialisation.
+//!
+//! On the CPU with `f32` tensors the affine map (and an optional SiLU) runs as one fused custom
+//! op ([`super::fused::linear_act`]); elsewhere it is composed from candle ops.
 
 use candle_core::{Module, Tensor, Var};
 
+use super::fused::{self, FusedAct};
 use super::ParamInit;
 use crate::Result;
 
@@ -31,16 +35,71 @@ impl Linear {
         self.weight.as_tensor()
     }
 
+    /// The bias, [out], if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref().map(|b| b.as_tensor())
+    }
+
     /// Apply to `x: [..., in]`, giving `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, FusedAct::Identity, true)
+    }
+
+    /// `silu(x W^T + b)` for `x: [..., in]`, fused into one op (with its backward pass) on CPU
+    /// `f32`.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, FusedAct::Silu, true)
+    }
+
+    /// `act(x W^T + b)` for `x: [..., in]` without an autograd graph (for sampling and
+    /// evaluation; the weights are treated as constants).
+    pub fn forward_inference(&self, x: &Tensor, act: FusedAct) -> Result<Tensor> {
+        self.forward_act(x, act, false)
+    }
+
+    /// `act(x W^T + b)`; `graph` says whether to record gradients. Inputs of rank > 2 are
+    /// flattened to `[N, in]` when contiguous (free) so they take the fused path too.
+    fn forward_act(&self, x: &Tensor, act: FusedAct, graph: bool) -> Result<Tensor> {
         let w = self.weight.as_tensor();
+        let flat = match (&self.bias, x.rank()) {
+            (Some(_), 2) => Some(x.clone()),
+            (Some(_), r) if r > 2 && x.is_contiguous() => Some(x.flatten_to(r - 2)?),
+            _ => None,
+        };
+        if let (Some(b), Some(x2)) = (&self.bias, flat) {
+            let y = if graph {
+                fused::linear_act(&x2, w, b.as_tensor(), act)?
+            } else {
+                fused::linear_act_inference(&x2, w, b.as_tensor(), act)?
+            };
+            return Ok(if x.rank() == 2 {
+                y
+            } else {
+                let mut dims = x.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = w.dim(0)?;
+                }
+                y.reshape(dims)?
+            });
+        }
+        // No bias, or a non-contiguous input of rank > 2: compose candle ops.
+        let (x, w) = if graph {
+            (x.clone(), w.clone())
+        } else {
+            (x.detach(), w.detach())
+        };
         let y = match x.dims() {
-            [b, d] => x.reshape((*b, *d))?.matmul(&w.t()?)?, // [B, out]
+            [_, _] => x.matmul(&w.t()?)?, // [B, out]
             _ => x.broadcast_matmul(&w.t()?)?,
         };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b.as_tensor())?,
+        let y = match &self.bias {
+            Some(b) if graph => y.broadcast_add(b.as_tensor())?,
+            Some(b) => y.broadcast_add(&b.as_tensor().detach())?,
             None => y,
+        };
+        Ok(match act {
+            FusedAct::Identity => y,
+            FusedAct::Silu => y.silu()?,
         })
     }
 }
@@ -62,11 +121,7 @@ impl Linear {
 
     /// The forward pass on detached weights (no autograd graph), `x: [B, in]`.
     pub fn forward_detached(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.as_tensor().detach().t()?)?; // [B, out]
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.as_tensor().detach())?,
-            None => y,
-        })
+        self.forward_inference(x, FusedAct::Identity)
     }
 }
 

@@ -1,8 +1,12 @@
 //! Multi-layer perceptron: `n_hidden` x (Linear + activation), then a linear read-out.
+//!
+//! With SiLU on CPU `f32`, each hidden layer is one fused op (GEMM, bias, SiLU and their
+//! backward pass; see [`super::fused`]).
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use super::fused::FusedAct;
 use super::{Linear, ParamInit};
 use crate::Result;
 
@@ -98,12 +102,29 @@ impl Mlp {
         Ok((self.out.forward_detached(&h)?, self.out.jvp(&dh)?))
     }
 
-    /// `x: [B, d_in]` -> `[B, d_out]`.
+    /// `x: [B, d_in]` -> `[B, d_out]`, recording gradients.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for l in &self.hidden {
-            h = self.act.apply(&l.forward(&h)?)?;
+            h = match self.act {
+                Activation::Silu => l.forward_silu(&h)?,
+                act => act.apply(&l.forward(&h)?)?,
+            };
         }
         self.out.forward(&h)
+    }
+
+    /// `x: [B, d_in]` -> `[B, d_out]` with no autograd graph (weights treated as constants,
+    /// nothing saved for a backward pass): the path for sampling and evaluation. Same values as
+    /// [`Mlp::forward`].
+    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.detach();
+        for l in &self.hidden {
+            h = match self.act {
+                Activation::Silu => l.forward_inference(&h, FusedAct::Silu)?,
+                act => act.apply(&l.forward_inference(&h, FusedAct::Identity)?)?,
+            };
+        }
+        self.out.forward_inference(&h, FusedAct::Identity)
     }
 }

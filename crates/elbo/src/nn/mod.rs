@@ -2,6 +2,7 @@
 //! layers, MLPs and time embeddings. Every op here records gradients (no fused no-grad kernels).
 
 pub mod embedding;
+pub mod fused;
 pub mod init;
 pub mod linear;
 pub mod mlp;

@@ -14,26 +14,46 @@
 //! training: the first update uses `d = 0.1`, and `decay` takes over once `n > (10 decay - 1) /
 //! (1 - decay)` (about 9 000 updates for `decay = 0.9999`).
 //!
+//! On the CPU (`f32` or `f64`) the update runs in place, one pass over each parameter
+//! ([`crate::nn::fused`]); elsewhere it is composed from tensor ops with the same arithmetic.
+//!
 //! Sampling and evaluation use the averaged weights through [`Ema::swap`], which exchanges them
 //! with the live weights in place; a second swap restores the live weights bit for bit.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::nn::fused;
 
 /// The exponential moving average of a set of named parameters (see the module documentation).
 #[derive(Debug)]
 pub struct Ema {
     decay: f64,
     updates: u64,
+    /// The averages; each owns its storage (updated in place on the CPU).
     shadow: HashMap<String, Tensor>,
+    /// Set by [`Ema::tensors`], whose tensors share storage with `shadow`: the next update
+    /// copies the averages before changing them in place, so exported tensors never change.
+    exported: AtomicBool,
 }
 
 /// A detached copy of a variable's current value, with storage of its own.
 fn snapshot(var: &Var) -> Result<Tensor> {
     Ok(var.as_detached_tensor().copy()?)
+}
+
+/// True when the in-place kernel can average `p` into `e`: both on the CPU, contiguous, and
+/// both `f32` or both `f64`.
+fn fusable(e: &Tensor, p: &Tensor) -> bool {
+    e.device().is_cpu()
+        && p.device().is_cpu()
+        && e.dtype() == p.dtype()
+        && matches!(e.dtype(), DType::F32 | DType::F64)
+        && e.is_contiguous()
+        && p.is_contiguous()
 }
 
 fn err(message: String) -> Error {
@@ -56,6 +76,7 @@ impl Ema {
             decay,
             updates: 0,
             shadow,
+            exported: AtomicBool::new(false),
         })
     }
 
@@ -94,22 +115,32 @@ impl Ema {
         Ok(e)
     }
 
-    /// Move the average towards the current values of `params` (every one must be tracked).
+    /// Move the average towards the current values of `params` (every one must be tracked;
+    /// all are checked before anything changes).
     pub fn update(&mut self, params: &[(String, Var)]) -> Result<()> {
         let d = self.effective_decay();
-        let mut next = Vec::with_capacity(params.len());
+        for (name, var) in params {
+            self.tracked(name, var)?;
+        }
+        if self.exported.swap(false, Ordering::Relaxed) {
+            for e in self.shadow.values_mut() {
+                *e = e.copy()?;
+            }
+        }
         for (name, var) in params {
             let e = self.tracked(name, var)?;
             let p = var.as_detached_tensor();
-            let new = if var.dtype().is_float() {
-                (e.affine(d, 0.0)? + p.affine(1.0 - d, 0.0)?)?
-            } else {
+            let new = if !var.dtype().is_float() {
                 // Integer buffers cannot be averaged; track their current value.
                 p.copy()?
+            } else if fusable(e, &p) {
+                fused::ema_inplace(e, &p, d)?;
+                continue;
+            } else {
+                (e.affine(d, 0.0)? + p.affine(1.0 - d, 0.0)?)?
             };
-            next.push((name.clone(), new));
+            self.shadow.insert(name.clone(), new);
         }
-        self.shadow.extend(next);
         self.updates += 1;
         Ok(())
     }
@@ -130,8 +161,10 @@ impl Ema {
         Ok(())
     }
 
-    /// The averaged values keyed by parameter name, for checkpoints.
+    /// The averaged values keyed by parameter name, for checkpoints. The tensors are a
+    /// snapshot: later updates do not change them.
     pub fn tensors(&self) -> HashMap<String, Tensor> {
+        self.exported.store(true, Ordering::Relaxed);
         self.shadow.clone()
     }
 
@@ -156,7 +189,10 @@ impl Ema {
                     cur.dtype()
                 )));
             }
-            next.insert(name.clone(), t.to_device(cur.device())?.detach().copy()?);
+            next.insert(
+                name.clone(),
+                t.to_device(cur.device())?.detach().contiguous()?.copy()?,
+            );
         }
         if let Some(extra) = tensors
             .keys()
@@ -168,6 +204,7 @@ impl Ema {
             )));
         }
         self.shadow = next;
+        self.exported.store(false, Ordering::Relaxed);
         self.updates = updates;
         Ok(())
     }

@@ -14,18 +14,25 @@
 //! would restart the moment estimates. Here the moments are plain tensors keyed by parameter name
 //! ([`AdamW::state_tensors`] / [`AdamW::load_state`]) and go into checkpoints.
 //!
+//! On the CPU with `f32` parameters the update runs in place, in one pass over each
+//! parameter's slice that reads the gradient and rewrites `p`, `m` and `v` together
+//! ([`crate::nn::fused`]); the arithmetic is the same, operation for operation, as the tensor-op
+//! path used for other devices and dtypes, so both give the same results.
+//!
 //! One difference from PyTorch: the step count `t` used for bias correction is global (one per
 //! optimiser), while PyTorch keeps one per parameter. They differ only for a parameter that had
 //! no gradient on some steps.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::nn::fused::{self, AdamWScalars};
 
 /// Hyper-parameters of [`AdamW`]; the defaults are PyTorch's `torch.optim.AdamW` defaults.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -100,8 +107,25 @@ pub struct AdamW {
     cfg: AdamWConfig,
     steps: u64,
     /// Per parameter name: (first moment m, second moment v), created lazily at the first
-    /// gradient.
+    /// gradient. Each owns its storage (the in-place update relies on it).
     moments: HashMap<String, (Tensor, Tensor)>,
+    /// Set by [`AdamW::state_tensors`], whose tensors share storage with `moments`: the next
+    /// step copies the moments before updating them in place, so exported state never changes.
+    exported: AtomicBool,
+}
+
+/// A copy of `t` with storage of its own, contiguous.
+fn owned(t: &Tensor) -> Result<Tensor> {
+    Ok(t.contiguous()?.copy()?)
+}
+
+/// True when the in-place kernel can update this parameter: CPU, `f32`, contiguous parameter,
+/// gradient and moments.
+fn fusable(var: &Var, g: &Tensor, moments: Option<&(Tensor, Tensor)>) -> bool {
+    let contiguous = |t: &Tensor| fused::cpu_f32(&[t]) && t.is_contiguous();
+    contiguous(var.as_tensor())
+        && contiguous(g)
+        && moments.is_none_or(|(m, v)| contiguous(m) && contiguous(v))
 }
 
 impl AdamW {
@@ -111,6 +135,7 @@ impl AdamW {
             cfg,
             steps: 0,
             moments: HashMap::new(),
+            exported: AtomicBool::new(false),
         }
     }
 
@@ -140,6 +165,23 @@ impl AdamW {
         let bc1 = 1.0 - b1.powf(t);
         let bc2_sqrt = (1.0 - b2.powf(t)).sqrt();
         let step_size = lr / bc1;
+        // The constants exactly as the tensor path rounds them (candle's `affine` casts its
+        // f64 factors to the tensor dtype).
+        let scalars = AdamWScalars {
+            b1: b1 as f32,
+            one_minus_b1: (1.0 - b1) as f32,
+            b2: b2 as f32,
+            one_minus_b2: (1.0 - b2) as f32,
+            inv_bc2_sqrt: (1.0 / bc2_sqrt) as f32,
+            eps: eps as f32,
+            step_size: step_size as f32,
+            decay: (1.0 - lr * wd) as f32,
+        };
+        if self.exported.swap(false, Ordering::Relaxed) {
+            for (m, v) in self.moments.values_mut() {
+                (*m, *v) = (owned(m)?, owned(v)?);
+            }
+        }
         for (name, var) in params {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
@@ -151,6 +193,22 @@ impl AdamW {
                     g.dims(),
                     var.dims()
                 )));
+            }
+            let g = if g.is_contiguous() {
+                g
+            } else {
+                g.contiguous()?
+            };
+            if fusable(var, &g, self.moments.get(name)) {
+                if !self.moments.contains_key(name) {
+                    // Two separate allocations: the kernel locks each storage in turn.
+                    let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
+                    self.moments.insert(name.clone(), (zeros()?, zeros()?));
+                }
+                if let Some((m, v)) = self.moments.get(name) {
+                    fused::adamw_inplace(var.as_tensor(), m, v, &g, scalars)?;
+                }
+                continue;
             }
             let g2 = g.sqr()?;
             let (m, v) = match self.moments.get(name) {
@@ -172,8 +230,10 @@ impl AdamW {
     }
 
     /// The moments as tensors keyed `"m.NAME"` and `"v.NAME"`, for checkpoints. Parameters that
-    /// never had a gradient have no entry.
+    /// never had a gradient have no entry. The tensors are a snapshot: later steps do not change
+    /// them.
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+        self.exported.store(true, Ordering::Relaxed);
         let mut out = HashMap::with_capacity(2 * self.moments.len());
         for (name, (m, v)) in &self.moments {
             out.insert(format!("m.{name}"), m.clone());
@@ -222,7 +282,10 @@ impl AdamW {
                     var.dtype()
                 )));
             }
-            map.insert(name.to_string(), t.to_device(var.device())?.detach());
+            map.insert(
+                name.to_string(),
+                owned(&t.to_device(var.device())?.detach())?,
+            );
         }
         let mut state = HashMap::with_capacity(ms.len());
         for (name, m) in ms {
@@ -235,6 +298,7 @@ impl AdamW {
             return Err(err(format!("entry 'v.{name}' has no matching 'm.{name}'")));
         }
         self.moments = state;
+        self.exported.store(false, Ordering::Relaxed);
         self.steps = steps_taken;
         Ok(())
     }

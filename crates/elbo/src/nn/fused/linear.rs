@@ -1,0 +1,211 @@
+//! The fused `act(x W^T + b)` custom op (CPU, f32) and its backward pass.
+//!
+//! Forward: one GEMM through candle's own CPU matmul (the `gemm` crate), then a single pass
+//! that adds the bias and applies the activation in place, saving `silu'(z)` for the backward
+//! pass when a graph is recorded. Backward: one pass computes `dz = dy * silu'(z)` and the bias
+//! gradient (the column sums of `dz`) together, then two GEMMs give `dx = dz W` and
+//! `dW = dz^T x`; a gradient is computed only for the inputs that track one.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+
+use super::kernels;
+use super::FusedAct;
+
+/// A contiguous `f32` view of `s` under layout `l`.
+pub(crate) fn f32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{what}: expected f32, got {:?}", s.dtype())
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{what}: the tensor is not contiguous"),
+    }
+}
+
+/// A mutable contiguous `f32` view of `s` under layout `l`.
+pub(crate) fn f32_slice_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    let dtype = s.dtype();
+    let CpuStorage::F32(v) = s else {
+        bail!("{what}: expected f32, got {dtype:?}")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut v[a..b]),
+        None => bail!("{what}: the tensor is not contiguous"),
+    }
+}
+
+/// `act(x W^T + b)` for `x: [B, in]`, `W: [out, in]`, `b: [out]`.
+pub(crate) struct LinearAct {
+    act: FusedAct,
+    /// `silu'(z)` from the forward pass, `[B, out]` row-major; `None` inside when not recorded
+    /// (identity activation, or no input tracks a gradient).
+    deriv: Mutex<Option<Vec<f32>>>,
+    /// Whether the forward pass should save `silu'(z)`.
+    save: bool,
+}
+
+impl LinearAct {
+    /// The op; `save` asks the forward pass to keep what the backward pass needs.
+    pub(crate) fn new(act: FusedAct, save: bool) -> Self {
+        Self {
+            act,
+            deriv: Mutex::new(None),
+            save,
+        }
+    }
+}
+
+impl CustomOp3 for LinearAct {
+    fn name(&self) -> &'static str {
+        match self.act {
+            FusedAct::Identity => "elbo-linear",
+            FusedAct::Silu => "elbo-linear-silu",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, d_in) = xl.shape().dims2()?;
+        let (d_out, w_in) = wl.shape().dims2()?;
+        let b_out = bl.shape().dims1()?;
+        if w_in != d_in || b_out != d_out {
+            bail!(
+                "{}: x {:?}, W {:?} and b {:?} do not fit together",
+                self.name(),
+                xl.dims(),
+                wl.dims(),
+                bl.dims()
+            )
+        }
+        let b = f32_slice(bs, bl, "fused linear bias")?;
+        let z = xs.matmul(ws, (1, rows, d_out, d_in), xl, &wl.transpose(0, 1)?)?;
+        let CpuStorage::F32(mut y) = z else {
+            bail!("{}: expected f32 inputs, got {:?}", self.name(), xs.dtype())
+        };
+        let silu = self.act == FusedAct::Silu;
+        if silu && self.save {
+            let mut d = vec![0f32; y.len()];
+            kernels::bias_act_rows(&mut y, Some(&mut d), b, true);
+            match self.deriv.lock() {
+                Ok(mut g) => *g = Some(d),
+                Err(_) => bail!("{}: saved-derivative lock poisoned", self.name()),
+            }
+        } else {
+            kernels::bias_act_rows(&mut y, None, b, silu);
+        }
+        Ok((CpuStorage::F32(y), Shape::from((rows, d_out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (gz, bias_grad) = match self.act {
+            FusedAct::Identity => (grad.clone(), grad.apply_op1_no_bwd(&ColumnSums)?),
+            FusedAct::Silu => {
+                let guard = match self.deriv.lock() {
+                    Ok(g) => g,
+                    Err(_) => bail!("{}: saved-derivative lock poisoned", self.name()),
+                };
+                let Some(deriv) = guard.as_deref() else {
+                    bail!("{}: backward without a saved forward pass", self.name())
+                };
+                let op = SiluBackward {
+                    deriv,
+                    col_sums: Mutex::new(Vec::new()),
+                };
+                let gz = grad.apply_op1_no_bwd(&op)?;
+                let sums = match op.col_sums.into_inner() {
+                    Ok(s) => s,
+                    Err(_) => bail!("{}: bias-gradient lock poisoned", self.name()),
+                };
+                let n = sums.len();
+                (gz, Tensor::from_vec(sums, n, grad.device())?)
+            }
+        };
+        let gx = if x.track_op() {
+            Some(gz.matmul(w)?) // [B, out] x [out, in]
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(gz.t()?.matmul(x)?) // [out, B] x [B, in]
+        } else {
+            None
+        };
+        let gb = b.track_op().then_some(bias_grad);
+        Ok((gx, gw, gb))
+    }
+}
+
+/// `dz = dy * silu'(z)` for `dy: [B, out]`, also leaving the column sums of `dz` (the bias
+/// gradient) in `col_sums`.
+struct SiluBackward<'a> {
+    deriv: &'a [f32],
+    col_sums: Mutex<Vec<f32>>,
+}
+
+impl CustomOp1 for SiluBackward<'_> {
+    fn name(&self) -> &'static str {
+        "elbo-silu-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, cols) = l.shape().dims2()?;
+        let g = f32_slice(s, l, self.name())?;
+        if g.len() != self.deriv.len() {
+            bail!(
+                "{}: gradient has {} elements but the forward pass saved {}",
+                self.name(),
+                g.len(),
+                self.deriv.len()
+            )
+        }
+        let mut out = vec![0f32; g.len()];
+        let sums = kernels::mul_colsum(g, Some((self.deriv, &mut out)), cols);
+        match self.col_sums.lock() {
+            Ok(mut c) => *c = sums,
+            Err(_) => bail!("{}: lock poisoned", self.name()),
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// The column sums of a `[B, out]` matrix, `[out]`.
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "elbo-column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, cols) = l.shape().dims2()?;
+        let g = f32_slice(s, l, self.name())?;
+        let sums = kernels::mul_colsum(g, None, cols);
+        Ok((CpuStorage::F32(sums), Shape::from(cols)))
+    }
+}
