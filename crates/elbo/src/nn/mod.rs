@@ -1,5 +1,7 @@
 //! Backbones that know nothing about generative modelling: seeded parameter creation, linear
-//! layers, MLPs and time embeddings. Every op here records gradients (no fused no-grad kernels).
+//! layers, MLPs, time embeddings and a transformer. Every training path records gradients: the
+//! fused CPU kernels in [`fused`] carry their own backward, and the layer norm / softmax of the
+//! transformer are differentiable compositions (candle's fused versions record none).
 
 pub mod embedding;
 pub mod fused;
