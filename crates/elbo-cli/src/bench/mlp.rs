@@ -68,22 +68,7 @@ pub fn w1(steps: (usize, usize)) -> Result<()> {
         losses.push(loss.to_scalar::<f32>()? as f64);
         Ok(())
     })?;
-    let mut s = summarize(ts)?;
-    let med = median_ms(&s);
-    extend(
-        &mut s,
-        vec![
-            ("bench", json!("w1_flow_mlp_train")),
-            ("params", json!(nparams(&vm)?)),
-            ("batch", json!(b)),
-            ("samples_per_s", json!(b as f64 / (med / 1e3))),
-            ("loss_first", json!(losses.first())),
-            ("loss_last", json!(losses.last())),
-            ("fused_adamw", json!(false)),
-        ],
-    );
-    emit(s);
-    Ok(())
+    emit_train_step(ts, "w1_flow_mlp_train", nparams(&vm)?, b, &losses, vec![])
 }
 
 pub fn s2(steps: (usize, usize)) -> Result<()> {
@@ -198,21 +183,38 @@ pub fn w2(steps: (usize, usize)) -> Result<()> {
         losses.push(loss.to_scalar::<f32>()? as f64);
         Ok(())
     })?;
+    emit_train_step(
+        ts,
+        "w2_ddpm_mlp_train",
+        nparams(&vm)?,
+        b,
+        &losses,
+        vec![("data", json!("embedded-digits"))],
+    )
+}
+
+/// Print one MLP training benchmark line with torch_bench.py's keys.
+fn emit_train_step(
+    ts: Vec<f64>,
+    bench: &str,
+    params: usize,
+    batch: usize,
+    losses: &[f64],
+    extra: Vec<(&str, serde_json::Value)>,
+) -> Result<()> {
     let mut s = summarize(ts)?;
     let med = median_ms(&s);
-    extend(
-        &mut s,
-        vec![
-            ("bench", json!("w2_ddpm_mlp_train")),
-            ("data", json!("embedded-digits")),
-            ("params", json!(nparams(&vm)?)),
-            ("batch", json!(b)),
-            ("samples_per_s", json!(b as f64 / (med / 1e3))),
-            ("loss_first", json!(losses.first())),
-            ("loss_last", json!(losses.last())),
-            ("fused_adamw", json!(false)),
-        ],
-    );
+    let mut keys = vec![
+        ("bench", json!(bench)),
+        ("params", json!(params)),
+        ("batch", json!(batch)),
+        ("samples_per_s", json!(batch as f64 / (med / 1e3))),
+        ("loss_first", json!(losses.first())),
+        ("loss_last", json!(losses.last())),
+        ("fused_adamw", json!(false)),
+    ];
+    keys.extend(extra);
+    extend(&mut s, keys);
     emit(s);
     Ok(())
 }
