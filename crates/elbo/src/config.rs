@@ -45,6 +45,11 @@ pub struct ModelConfig {
     pub time_scale: f64,
     /// Hidden activation.
     pub activation: Activation,
+    /// Network family for diffusion models: "auto" (U-Net for image data when available,
+    /// else MLP), "mlp" or "unet".
+    pub backbone: String,
+    /// Gaussian-diffusion settings (families ddpm / ddim / sde / edm).
+    pub diffusion: DiffusionConfig,
 }
 
 impl Default for ModelConfig {
@@ -56,6 +61,83 @@ impl Default for ModelConfig {
             time_embed_dim: 32,
             time_scale: 1.0,
             activation: Activation::Silu,
+            backbone: "auto".into(),
+            diffusion: DiffusionConfig::default(),
+        }
+    }
+}
+
+/// Settings of the Gaussian-diffusion families (`[model.diffusion]`): the discrete DDPM chain,
+/// the score-SDE kind and EDM's noise distribution.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiffusionConfig {
+    /// DDPM: number of steps T.
+    pub timesteps: usize,
+    /// DDPM: beta schedule ("linear", "scaled_linear", "cosine").
+    pub beta_schedule: String,
+    /// DDPM: what the network predicts: "eps", "x0", "v", "levels" (softmax over the levels
+    /// of discrete data, with the exact likelihood of x_t as a skip term) or "auto" (levels on
+    /// discrete data when D·L <= 65536, else eps).
+    pub parameterization: String,
+    /// DDPM: "simple" (L_simple: MSE of the prediction, or the levels' cross-entropy), "vlb"
+    /// (the bound's own weights) or "hybrid" (simple + 0.001 vlb, Nichol & Dhariwal 2021).
+    pub objective: String,
+    /// DDPM: reverse variances "fixed_small" (β̃) or "fixed_large" (β).
+    pub variance: String,
+    /// DDPM: clip x̂_0 to [-1, 1] on discrete data.
+    pub clip_x0: bool,
+    /// Score SDE kind: "vp", "subvp" or "ve" (Song et al. 2021).
+    pub sde: String,
+    /// VP / sub-VP: β(t) = beta_min + t (beta_max - beta_min).
+    pub beta_min: f64,
+    /// VP / sub-VP: see `beta_min`.
+    pub beta_max: f64,
+    /// VE: σ(t) = sigma_min (sigma_max / sigma_min)^t.
+    pub ve_sigma_min: f64,
+    /// VE: see `ve_sigma_min`.
+    pub ve_sigma_max: f64,
+    /// Score SDE: smallest training / likelihood time.
+    pub t_eps: f64,
+    /// DDPM probability-flow likelihood: data end of the path in t = i/T (0: automatic, the
+    /// time where σ/α equals the dequantization noise's std on discrete data, else 1/T).
+    pub ode_t_min: f64,
+    /// EDM: log σ ~ N(p_mean, p_std²) in training (Karras et al. 2022, Table 1).
+    pub p_mean: f64,
+    /// EDM: see `p_mean`.
+    pub p_std: f64,
+    /// EDM: σ_data of the preconditioning.
+    pub sigma_data: f64,
+    /// EDM: smallest σ of sampling and the likelihood.
+    pub sigma_min: f64,
+    /// EDM: largest σ.
+    pub sigma_max: f64,
+    /// EDM: ρ of the Karras σ grid.
+    pub rho: f64,
+}
+
+impl Default for DiffusionConfig {
+    fn default() -> Self {
+        Self {
+            timesteps: 1000,
+            beta_schedule: "linear".into(),
+            parameterization: "auto".into(),
+            objective: "simple".into(),
+            variance: "fixed_small".into(),
+            clip_x0: true,
+            sde: "vp".into(),
+            beta_min: 0.1,
+            beta_max: 20.0,
+            ve_sigma_min: 0.01,
+            ve_sigma_max: 50.0,
+            t_eps: 1e-5,
+            ode_t_min: 0.0,
+            p_mean: -1.2,
+            p_std: 1.2,
+            sigma_data: 0.5,
+            sigma_min: 0.002,
+            sigma_max: 80.0,
+            rho: 7.0,
         }
     }
 }
@@ -167,6 +249,17 @@ pub struct SampleOptions {
     pub rtol: f64,
     /// Absolute tolerance for adaptive solvers.
     pub atol: f64,
+    /// Diffusion sampler: "auto" (the family's own), "ddpm", "ddim", "euler", "heun", "edm",
+    /// "dpm++2m", "euler-maruyama", "pc" or "ode" (the probability-flow ODE with `solver`).
+    pub sampler: String,
+    /// DDIM: η in [0, 1] (0 deterministic, 1 ancestral-like).
+    pub eta: f64,
+    /// EDM Heun: S_churn (0: deterministic).
+    pub churn: f64,
+    /// EDM Heun: S_noise.
+    pub s_noise: f64,
+    /// Predictor-corrector: signal-to-noise ratio of the Langevin corrector.
+    pub snr: f64,
 }
 
 impl Default for SampleOptions {
@@ -176,6 +269,11 @@ impl Default for SampleOptions {
             steps: 100,
             rtol: 1e-5,
             atol: 1e-5,
+            sampler: "auto".into(),
+            eta: 0.0,
+            churn: 0.0,
+            s_noise: 1.0,
+            snr: 0.16,
         }
     }
 }
@@ -200,6 +298,9 @@ pub struct EvalOptions {
     pub exact_max_dim: usize,
     /// Examples per likelihood batch.
     pub batch_size: usize,
+    /// Which likelihood a diffusion model reports: "auto" (the family's default), "vlb" (DDPM's
+    /// bound) or "pf-ode" (probability-flow ODE, dequantized on discrete data).
+    pub likelihood: String,
 }
 
 impl Default for EvalOptions {
@@ -213,6 +314,7 @@ impl Default for EvalOptions {
             probes: 1,
             exact_max_dim: 16,
             batch_size: 2500,
+            likelihood: "auto".into(),
         }
     }
 }
@@ -278,6 +380,46 @@ impl Config {
         }
         if t.log_every == 0 || t.checkpoint_every == 0 {
             return bad("train.log_every and train.checkpoint_every must be at least 1".into());
+        }
+        self.validate_diffusion()?;
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Ranges of the diffusion and sampler settings.
+    fn validate_diffusion(&self) -> Result<()> {
+        let d = &self.model.diffusion;
+        let s = &self.sample;
+        let bad = |m: String| Err(Error::Config(m));
+        if d.timesteps == 0 {
+            return bad("model.diffusion.timesteps must be at least 1".into());
+        }
+        if !(d.beta_min > 0.0 && d.beta_max > d.beta_min) {
+            return bad("model.diffusion needs 0 < beta_min < beta_max".into());
+        }
+        if !(d.ve_sigma_min > 0.0 && d.ve_sigma_max > d.ve_sigma_min) {
+            return bad("model.diffusion needs 0 < ve_sigma_min < ve_sigma_max".into());
+        }
+        if !(d.sigma_min > 0.0 && d.sigma_max > d.sigma_min && d.sigma_data > 0.0) {
+            return bad(
+                "model.diffusion needs 0 < sigma_min < sigma_max and sigma_data > 0".into(),
+            );
+        }
+        if !(d.p_std > 0.0 && d.rho > 0.0) {
+            return bad("model.diffusion.p_std and rho must be positive".into());
+        }
+        if !(d.t_eps > 0.0 && d.t_eps < 1.0) || !(0.0..1.0).contains(&d.ode_t_min) {
+            return bad("model.diffusion.t_eps must be in (0, 1) and ode_t_min in [0, 1)".into());
+        }
+        if !(0.0..=1.0).contains(&s.eta) {
+            return bad(format!("sample.eta must be in [0, 1], got {}", s.eta));
+        }
+        if !(s.churn >= 0.0 && s.s_noise >= 0.0 && s.snr > 0.0) {
+            return bad("sample.churn and sample.s_noise must be >= 0 and sample.snr > 0".into());
+        }
+        if s.steps == 0 {
+            return bad("sample.steps must be at least 1".into());
         }
         Ok(())
     }

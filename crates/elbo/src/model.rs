@@ -13,7 +13,11 @@ use crate::data::DataKind;
 use crate::{Error, Nll, Result, Rng};
 
 /// Family names [`build`] accepts (first of each group is canonical).
-pub const KNOWN_MODELS: &[&str] = &["flow (aliases: flow-matching, rectified-flow, fm)"];
+pub const KNOWN_MODELS: &[&str] = &[
+    "flow (aliases: flow-matching, rectified-flow, fm)",
+    "ddpm",
+    "ddim (ddpm sampled with DDIM)",
+];
 
 /// What a family needs to know about the data to build itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +61,12 @@ pub fn build(
         "flow" | "flow-matching" | "flow_matching" | "rectified-flow" | "fm" => Ok(Box::new(
             crate::continuous::flow_matching::FlowMatching::new(cfg, data, device, rng)?,
         )),
+        "ddpm" => Ok(Box::new(crate::continuous::ddpm::Ddpm::new(
+            cfg, data, device, rng, false,
+        )?)),
+        "ddim" => Ok(Box::new(crate::continuous::ddpm::Ddpm::new(
+            cfg, data, device, rng, true,
+        )?)),
         _ => Err(Error::UnknownModel {
             name: cfg.name.clone(),
             known: KNOWN_MODELS.join(", "),

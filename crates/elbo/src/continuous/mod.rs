@@ -5,6 +5,8 @@ use candle_core::Tensor;
 use crate::Result;
 
 pub mod cnf;
+pub mod ddpm;
+pub mod diffusion;
 pub mod flow_matching;
 pub mod ode;
 

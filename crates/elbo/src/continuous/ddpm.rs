@@ -1,0 +1,442 @@
+//! DDPM (Ho et al. 2020) and DDIM (Song et al. 2021a) as a [`GenerativeModel`]: a discrete
+//! chain of T steps, a network predicting eps, x0, v or (on discrete data) the levels, trained
+//! on L_simple, the VLB-weighted loss or their hybrid, sampled ancestrally (Algorithm 2) or by
+//! any sampler, and scored by the full VLB in nats (a bound on the discrete NLL through the
+//! discretized decoder) or by the probability-flow ODE (an estimate through dequantization).
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+
+use super::cnf::{CnfOptions, Divergence};
+use super::diffusion::chain::{Chain, VarianceKind};
+use super::diffusion::net::{check_batch, DataScale, DenoiserNet};
+use super::diffusion::param::{
+    level_cross_entropy, simple_target, x0_from_output, Parameterization,
+};
+use super::diffusion::pf_ode::{self, PathPoint, PfOde};
+use super::diffusion::vlb::{vlb, Decoder};
+use super::ode::Solver;
+use crate::config::{EvalOptions, ModelConfig, SampleOptions};
+use crate::model::{DataInfo, GenerativeModel};
+use crate::nn::ParamInit;
+use crate::{Error, Nll, NllKind, Result, Rng};
+
+/// Training objective of DDPM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Objective {
+    /// L_simple (Ho et al. 2020, eq. 14): unweighted MSE of the prediction over uniform t
+    /// (for levels: the cross-entropy of the true level).
+    Simple,
+    /// The bound's own weights: T · w_i ||x_0 - x̂_0||² with i uniform (an unbiased estimate of
+    /// Σ_i L_{i-1} up to constants), per dimension.
+    Vlb,
+    /// Simple + 0.001 · Vlb (Nichol & Dhariwal 2021, sec. 3.1).
+    Hybrid,
+}
+
+impl Objective {
+    /// From "simple", "vlb" or "hybrid".
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "simple" => Ok(Self::Simple),
+            "vlb" => Ok(Self::Vlb),
+            "hybrid" => Ok(Self::Hybrid),
+            o => Err(Error::Config(format!(
+                "unknown objective '{o}'; use simple, vlb or hybrid"
+            ))),
+        }
+    }
+}
+
+/// Parse the eval options' likelihood choice for a family whose default is `default`.
+pub fn likelihood_choice(opts: &EvalOptions, default: &'static str) -> Result<&'static str> {
+    match opts.likelihood.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(default),
+        "vlb" | "bound" => Ok("vlb"),
+        "pf-ode" | "pf_ode" | "ode" => Ok("pf-ode"),
+        o => Err(Error::Config(format!(
+            "unknown likelihood '{o}'; use auto, vlb or pf-ode"
+        ))),
+    }
+}
+
+/// The CNF options (solver and divergence) of an eval config.
+pub fn cnf_options(opts: &EvalOptions, dim: usize) -> Result<CnfOptions> {
+    let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
+    let divergence = match opts.divergence.as_str() {
+        "auto" if dim <= opts.exact_max_dim => Divergence::Exact,
+        "auto" => Divergence::Hutchinson {
+            probes: opts.probes,
+        },
+        other => Divergence::parse(other, opts.probes)?,
+    };
+    Ok(CnfOptions { solver, divergence })
+}
+
+/// The NLL kind of a probability-flow likelihood.
+pub fn pf_ode_kind(div: &Divergence, discrete: bool) -> NllKind {
+    match (div, discrete) {
+        (Divergence::Hutchinson { probes }, _) => NllKind::Estimate { samples: *probes },
+        (Divergence::Exact, false) => NllKind::Exact,
+        (Divergence::Exact, true) => NllKind::Bound,
+    }
+}
+
+/// DDPM / DDIM.
+pub struct Ddpm {
+    varmap: VarMap,
+    net: DenoiserNet,
+    chain: Chain,
+    param: Parameterization,
+    objective: Objective,
+    variance: VarianceKind,
+    scale: DataScale,
+    clip: bool,
+    ode_t_min: f64,
+    default_sampler: &'static str,
+    dim: usize,
+    device: Device,
+}
+
+impl Ddpm {
+    /// A new model; `ddim` makes DDIM the default sampler.
+    pub fn new(
+        cfg: &ModelConfig,
+        data: DataInfo,
+        device: &Device,
+        rng: &mut Rng,
+        ddim: bool,
+    ) -> Result<Self> {
+        if data.dim == 0 {
+            return Err(Error::Shape(
+                "ddpm needs data with at least 1 dimension".into(),
+            ));
+        }
+        let dc = &cfg.diffusion;
+        let scale = DataScale::new(data.kind)?;
+        let param = Parameterization::parse(&dc.parameterization, data.dim, scale.levels)?;
+        let chain = Chain::from_schedule(&dc.beta_schedule, dc.timesteps)?;
+        let varmap = VarMap::new();
+        let net = {
+            let mut p = ParamInit::new(&varmap, rng, device);
+            DenoiserNet::new(&mut p, &data, param.outputs_per_dim(), cfg)?
+        };
+        let t = chain.steps() as f64;
+        let ode_t_min = if dc.ode_t_min > 0.0 {
+            dc.ode_t_min.max(1.0 / t)
+        } else {
+            auto_ode_t_min(&chain, scale.levels)
+        };
+        Ok(Self {
+            varmap,
+            net,
+            param,
+            objective: Objective::parse(&dc.objective)?,
+            variance: VarianceKind::parse(&dc.variance)?,
+            clip: dc.clip_x0 && scale.levels.is_some(),
+            chain,
+            scale,
+            ode_t_min,
+            default_sampler: if ddim { "ddim" } else { "ddpm" },
+            dim: data.dim,
+            device: device.clone(),
+        })
+    }
+
+    /// The forward chain.
+    pub fn chain(&self) -> &Chain {
+        &self.chain
+    }
+
+    /// The parameterization in use.
+    pub fn parameterization(&self) -> Parameterization {
+        self.param
+    }
+
+    /// The data <-> model-space map.
+    pub fn data_scale(&self) -> DataScale {
+        self.scale
+    }
+
+    /// α, σ and derivatives in u = t / T (log ᾱ linear between grid points).
+    pub fn path_point(&self, u: f64) -> PathPoint {
+        let (la, dla) = self.chain.log_alpha_bar_at(u);
+        let ab = la.exp();
+        let alpha = ab.sqrt();
+        let sigma = (1.0 - ab).max(0.0).sqrt();
+        let d_ab = ab * dla;
+        PathPoint {
+            alpha,
+            sigma,
+            d_alpha: 0.5 * alpha * dla,
+            d_sigma: if sigma > 0.0 {
+                -0.5 * d_ab / sigma
+            } else {
+                0.0
+            },
+        }
+    }
+
+    /// x̂_0(x, u) at continuous u = t/T in (0, 1] for the whole batch `x: [B, D]` (clipped to
+    /// [-1, 1] on discrete data when configured).
+    pub fn predict_x0(&self, x: &Tensor, u: f64, grad: bool) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let p = self.path_point(u);
+        let tau = Tensor::full((u * self.chain.steps() as f64) as f32, b, x.device())?;
+        let alpha = Tensor::full(p.alpha as f32, (b, 1), x.device())?;
+        let sigma = Tensor::full(p.sigma as f32, (b, 1), x.device())?;
+        let out = self.net.forward(x, &tau, grad)?;
+        let x0 = x0_from_output(self.param, &out, x, &alpha, &sigma)?.x0;
+        if self.clip && !matches!(self.param, Parameterization::Levels { .. }) {
+            return Ok(x0.clamp(-1f32, 1f32)?);
+        }
+        Ok(x0)
+    }
+
+    /// The probability-flow likelihood's data end u_min.
+    pub fn ode_t_min(&self) -> f64 {
+        self.ode_t_min
+    }
+
+    /// Ancestral sampling (Ho et al. 2020, Algorithm 2) on `steps` evenly spaced steps of the
+    /// chain (all T when `steps >= T`), the respaced chain having β'_k = 1 - ᾱ_{τ_k}/ᾱ_{τ_{k-1}}
+    /// (Nichol & Dhariwal 2021, sec. 4). Returns model-space x̂_0 of the last step.
+    pub fn sample_ancestral(&self, n: usize, steps: usize, rng: &mut Rng) -> Result<Tensor> {
+        let t = self.chain.steps();
+        let s = steps.clamp(1, t);
+        let taus: Vec<usize> = (0..=s).map(|k| (k * t + s / 2) / s).collect(); // τ_0 = 0 .. τ_s = T
+        let betas: Vec<f64> = (1..=s)
+            .map(|k| 1.0 - self.chain.alpha_bar(taus[k]) / self.chain.alpha_bar(taus[k - 1]))
+            .collect();
+        let sub = Chain::new(betas)?;
+        let mut x = rng.normal_tensor(&[n, self.dim], &self.device)?; // [n, D]
+        for k in (1..=s).rev() {
+            let x0 = self.predict_x0(&x, taus[k] as f64 / t as f64, false)?;
+            if k == 1 {
+                return Ok(x0);
+            }
+            let post = sub.posterior(k);
+            let mean = ((x0 * post.coef_x0)? + (&x * post.coef_xt)?)?;
+            let var = sub.model_variance(k, self.variance);
+            let z = rng.normal_tensor(&[n, self.dim], &self.device)?;
+            x = (mean + (z * var.sqrt())?)?;
+        }
+        Ok(x)
+    }
+
+    fn pf_field<'a>(
+        &'a self,
+        path: &'a dyn Fn(f64) -> PathPoint,
+        pred: &'a dyn Fn(&Tensor, f64) -> Result<Tensor>,
+    ) -> PfOde<'a> {
+        PfOde {
+            path,
+            predict_x0: pred,
+            u_min: self.ode_t_min,
+            u_max: 1.0,
+        }
+    }
+
+    /// Model-space samples from the named sampler.
+    pub fn sample_model_space(
+        &self,
+        n: usize,
+        opts: &SampleOptions,
+        rng: &mut Rng,
+    ) -> Result<Tensor> {
+        let name = match opts.sampler.trim().to_ascii_lowercase().as_str() {
+            "auto" => self.default_sampler.to_string(),
+            s => s.to_string(),
+        };
+        match name.as_str() {
+            "ddpm" | "ancestral" => self.sample_ancestral(n, opts.steps, rng),
+            "ode" | "pf-ode" => {
+                let path = |u: f64| self.path_point(u);
+                let pred = |x: &Tensor, u: f64| self.predict_x0(x, u, false);
+                let field = self.pf_field(&path, &pred);
+                let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
+                pf_ode::sample(&field, n, self.dim, &solver, rng, &self.device)
+            }
+            other => Err(Error::Config(format!(
+                "unknown sampler '{other}' for ddpm; use ddpm or ode"
+            ))),
+        }
+    }
+}
+
+/// Data end of the DDPM probability-flow likelihood: on discrete data the first grid time at
+/// which σ/α reaches the std of the dequantization noise, (2/(L-1))/√12, so the model's density
+/// is smooth on the scale of a bin rather than a spike at its centre; else 1/T.
+fn auto_ode_t_min(chain: &Chain, levels: Option<usize>) -> f64 {
+    let t = chain.steps();
+    let Some(l) = levels else {
+        return 1.0 / t as f64;
+    };
+    let target = 2.0 / (l - 1) as f64 / 12f64.sqrt();
+    let i = (1..=t)
+        .find(|&i| {
+            let (a, s) = chain.scales(i);
+            s / a >= target
+        })
+        .unwrap_or(1);
+    i as f64 / t as f64
+}
+
+impl GenerativeModel for Ddpm {
+    fn family(&self) -> &'static str {
+        "ddpm"
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn loss(&self, batch: &Tensor, rng: &mut Rng) -> Result<Tensor> {
+        check_batch(batch, self.dim, "ddpm")?;
+        let x0 = self.scale.to_grid(batch)?; // [B, D]
+        let (b, d) = x0.dims2()?;
+        let t = self.chain.steps();
+        let steps: Vec<usize> = (0..b).map(|_| 1 + rng.below(t)).collect();
+        let (mut av, mut sv, mut wv) = (Vec::new(), Vec::new(), Vec::new());
+        for &i in &steps {
+            let (a, s) = self.chain.scales(i);
+            av.push(a as f32);
+            sv.push(s as f32);
+            wv.push((t as f64 * self.chain.vlb_weight(i, self.variance)) as f32);
+        }
+        let alpha = Tensor::from_vec(av, (b, 1), &self.device)?;
+        let sigma = Tensor::from_vec(sv, (b, 1), &self.device)?;
+        let tau = Tensor::from_vec(
+            steps.iter().map(|&i| i as f32).collect::<Vec<_>>(),
+            b,
+            &self.device,
+        )?;
+        let eps = rng.normal_tensor(&[b, d], &self.device)?;
+        let xt = (x0.broadcast_mul(&alpha)? + eps.broadcast_mul(&sigma)?)?; // [B, D]
+        let out = self.net.forward(&xt, &tau, true)?;
+        let pred = x0_from_output(self.param, &out, &xt, &alpha, &sigma)?;
+        let simple = match (&pred.log_probs, self.scale.levels) {
+            (Some(lp), Some(l)) => {
+                let k = ((&x0 + 1.0)? * ((l - 1) as f64 / 2.0))?.round()?;
+                level_cross_entropy(lp, &k)?
+            }
+            _ => {
+                let target = simple_target(self.param, &x0, &eps, &alpha, &sigma)?
+                    .ok_or_else(|| Error::Config("no regression target".into()))?;
+                (out - target)?.sqr()?.mean_all()?
+            }
+        };
+        let vlb_term = || -> Result<Tensor> {
+            let w = Tensor::from_vec(wv.clone(), (b, 1), &self.device)?;
+            let sq = (&x0 - &pred.x0)?.sqr()?; // [B, D]
+            Ok((sq.broadcast_mul(&w)?.sum_all()? / (b * d) as f64)?)
+        };
+        match self.objective {
+            Objective::Simple => Ok(simple),
+            Objective::Vlb => vlb_term(),
+            Objective::Hybrid => Ok((simple + (vlb_term()? * 1e-3)?)?),
+        }
+    }
+
+    fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
+        let x = self.sample_model_space(n, opts, rng)?;
+        self.scale.to_data(&x)
+    }
+
+    fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
+        check_batch(batch, self.dim, "ddpm")?;
+        match likelihood_choice(opts, "vlb")? {
+            "vlb" => {
+                let x0 = self.scale.to_grid(batch)?;
+                let decoder = match self.scale.levels {
+                    Some(levels) => Decoder::Discretized { levels },
+                    None => Decoder::Gaussian,
+                };
+                let t = self.chain.steps() as f64;
+                let terms = vlb(
+                    &self.chain,
+                    self.variance,
+                    decoder,
+                    &x0,
+                    |x, i| self.predict_x0(x, i as f64 / t, false),
+                    rng,
+                )?;
+                Ok(Nll {
+                    nats: terms.total(),
+                    dims: self.dim,
+                    kind: NllKind::Bound,
+                })
+            }
+            _ => {
+                let co = cnf_options(opts, self.dim)?;
+                let x = self.scale.dequantize(batch, rng)?;
+                let path = |u: f64| self.path_point(u);
+                let pred = |x: &Tensor, u: f64| self.predict_x0(x, u, true);
+                let field = self.pf_field(&path, &pred);
+                let (logp, _) = pf_ode::log_likelihood(&field, &x, &co, rng)?;
+                let off = self.scale.log_jacobian(self.dim);
+                Ok(Nll {
+                    nats: logp.iter().map(|l| -(l + off)).collect(),
+                    dims: self.dim,
+                    kind: pf_ode_kind(&co.divergence, self.scale.levels.is_some()),
+                })
+            }
+        }
+    }
+
+    fn likelihood_method(&self, opts: &EvalOptions) -> String {
+        let head = format!(
+            "{} prediction, {} steps, {:?} variances",
+            self.param.name(),
+            self.chain.steps(),
+            self.variance
+        );
+        match likelihood_choice(opts, "vlb") {
+            Ok("vlb") => format!(
+                "DDPM VLB L_T + sum L_(t-1) + L_0 over all {} steps ({head}; {} decoder)",
+                self.chain.steps(),
+                match self.scale.levels {
+                    Some(l) => format!("discretized Gaussian, {l} levels"),
+                    None => "Gaussian".into(),
+                }
+            ),
+            Ok(_) => {
+                pf_ode_method(
+                    opts,
+                    self.dim,
+                    &format!("t in [{:.4}, 1], {head}", self.ode_t_min),
+                ) + &self.scale.dequantization_note()
+            }
+            Err(e) => format!("invalid options: {e}"),
+        }
+    }
+}
+
+/// Method line of a probability-flow likelihood.
+pub fn pf_ode_method(opts: &EvalOptions, dim: usize, what: &str) -> String {
+    let div = match cnf_options(opts, dim).map(|c| c.divergence) {
+        Ok(Divergence::Exact) => "exact divergence".to_string(),
+        Ok(Divergence::Hutchinson { probes }) => {
+            format!("Hutchinson divergence, {probes} probe(s)")
+        }
+        Err(e) => format!("invalid options: {e}"),
+    };
+    let solver = match opts.solver.as_str() {
+        "dopri5" => format!("dopri5 rtol {:e} atol {:e}", opts.rtol, opts.atol),
+        s => format!("{s} {} steps", opts.steps),
+    };
+    format!("probability-flow ODE ({what}), {solver}, {div}")
+}
+
+/// Convenience for tests: the f64 value of a scalar tensor.
+pub fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}

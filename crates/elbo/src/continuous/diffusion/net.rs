@@ -1,0 +1,189 @@
+//! The network behind every Gaussian-diffusion family, and the data <-> model-space maps.
+//!
+//! The backbone is an MLP on `concat(x, sinusoidal(time_scale · τ))` for flat / 2-D data (the
+//! family chooses the time feature τ: DDPM's step index, a score SDE's 1000 t, EDM's
+//! 250 ln σ). It returns `out_per_dim` numbers per data dimension: 1 for an eps / x0 / v
+//! prediction, L for the discrete-aware level logits of DDPM.
+//!
+//! Discrete data (levels 0..L-1) lives at the grid values c_k = -1 + 2k/(L-1) (Ho et al. 2020,
+//! sec. 3.3 for L = 256); uniform dequantization spreads level k over its bin c_k ± 1/(L-1), so
+//! a density on x gives one on level units with log p_levels = log p_x + D log(2/(L-1)).
+
+use candle_core::{DType, Tensor};
+
+use crate::config::ModelConfig;
+use crate::data::DataKind;
+use crate::model::DataInfo;
+use crate::nn::{sinusoidal_embedding, Mlp, ParamInit};
+use crate::{Error, Result, Rng};
+
+/// Which backbone a config asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackboneKind {
+    /// Multi-layer perceptron on flat vectors.
+    Mlp,
+}
+
+impl BackboneKind {
+    /// Resolve `model.backbone` ("auto", "mlp", "unet") for the data.
+    pub fn resolve(name: &str, _data: &DataInfo) -> Result<Self> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "auto" | "mlp" => Ok(Self::Mlp),
+            other => Err(Error::Config(format!(
+                "unknown or unavailable backbone '{other}'; use auto or mlp"
+            ))),
+        }
+    }
+}
+
+/// A time-conditioned network `([B, D], [B]) -> [B, D · out_per_dim]`.
+#[derive(Clone, Debug)]
+pub struct DenoiserNet {
+    mlp: Mlp,
+    time_embed_dim: usize,
+    time_scale: f64,
+    dim: usize,
+    out_per_dim: usize,
+}
+
+impl DenoiserNet {
+    /// Parameters under `p` (prefix `net`).
+    pub fn new(
+        p: &mut ParamInit,
+        data: &DataInfo,
+        out_per_dim: usize,
+        cfg: &ModelConfig,
+    ) -> Result<Self> {
+        let _kind = BackboneKind::resolve(&cfg.backbone, data)?;
+        if out_per_dim == 0 {
+            return Err(Error::Config(
+                "a network needs at least one output per dimension".into(),
+            ));
+        }
+        let mlp = Mlp::new(
+            &mut p.push("net"),
+            data.dim + cfg.time_embed_dim,
+            cfg.hidden,
+            cfg.layers,
+            data.dim * out_per_dim,
+            cfg.activation,
+        )?;
+        Ok(Self {
+            mlp,
+            time_embed_dim: cfg.time_embed_dim,
+            time_scale: cfg.time_scale,
+            dim: data.dim,
+            out_per_dim,
+        })
+    }
+
+    /// Outputs per data dimension.
+    pub fn out_per_dim(&self) -> usize {
+        self.out_per_dim
+    }
+
+    /// `x: [B, D]`, time features `tau: [B]` -> `[B, D · out_per_dim]`. With `grad` false no
+    /// autograd graph is built (sampling, the VLB); with `grad` true gradients reach the
+    /// weights and x (training, reverse-mode divergences).
+    pub fn forward(&self, x: &Tensor, tau: &Tensor, grad: bool) -> Result<Tensor> {
+        if x.dim(1)? != self.dim {
+            return Err(Error::Shape(format!(
+                "network expects [B, {}], got {:?}",
+                self.dim,
+                x.dims()
+            )));
+        }
+        let tau = (tau.to_dtype(DType::F32)? * self.time_scale)?;
+        let temb = sinusoidal_embedding(&tau, self.time_embed_dim, 10000.0)?; // [B, E]
+        let h = Tensor::cat(&[&x.to_dtype(DType::F32)?, &temb], 1)?; // [B, D + E]
+        if grad {
+            self.mlp.forward(&h)
+        } else {
+            self.mlp.forward_inference(&h)
+        }
+    }
+}
+
+/// Maps between the data's units and model space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataScale {
+    /// Number of levels of discrete data, `None` for continuous data.
+    pub levels: Option<usize>,
+}
+
+impl DataScale {
+    /// From the data's kind; discrete data needs at least 2 levels.
+    pub fn new(kind: DataKind) -> Result<Self> {
+        match kind {
+            DataKind::Continuous => Ok(Self { levels: None }),
+            DataKind::Discrete { levels } if levels >= 2 => Ok(Self {
+                levels: Some(levels),
+            }),
+            DataKind::Discrete { levels } => Err(Error::Config(format!(
+                "diffusion on discrete data needs at least 2 levels, got {levels}"
+            ))),
+        }
+    }
+
+    /// Levels k -> grid values c_k (continuous data unchanged).
+    pub fn to_grid(&self, batch: &Tensor) -> Result<Tensor> {
+        let batch = batch.to_dtype(DType::F32)?;
+        Ok(match self.levels {
+            None => batch,
+            Some(l) => ((batch * (2.0 / (l - 1) as f64))? - 1.0)?,
+        })
+    }
+
+    /// Levels k -> c_k + (u - 1/2) · 2/(L-1) with u ~ U[0, 1) (continuous data unchanged).
+    pub fn dequantize(&self, batch: &Tensor, rng: &mut Rng) -> Result<Tensor> {
+        let batch = batch.to_dtype(DType::F32)?;
+        match self.levels {
+            None => Ok(batch),
+            Some(l) => {
+                let u = rng.uniform_tensor(batch.dims(), batch.device())?; // [B, D]
+                Ok(((((batch + u)? - 0.5)? * (2.0 / (l - 1) as f64))? - 1.0)?)
+            }
+        }
+    }
+
+    /// Model space -> the nearest level (continuous data unchanged).
+    pub fn to_data(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.levels {
+            None => x.clone(),
+            Some(l) => {
+                let k = ((x.to_dtype(DType::F32)? + 1.0)? * ((l - 1) as f64 / 2.0))?;
+                k.round()?.clamp(0f32, (l - 1) as f32)?
+            }
+        })
+    }
+
+    /// log |dx/dy| per example for dequantized data y in level units: D log(2/(L-1)).
+    pub fn log_jacobian(&self, dim: usize) -> f64 {
+        match self.levels {
+            None => 0.0,
+            Some(l) => dim as f64 * (2.0 / (l - 1) as f64).ln(),
+        }
+    }
+
+    /// The label of a dequantized likelihood's method, or "" for continuous data.
+    pub fn dequantization_note(&self) -> String {
+        match self.levels {
+            None => String::new(),
+            Some(l) => format!(
+                "; uniform dequantization of {l} levels, bin width 2/{} on [-1, 1] with its \
+                 Jacobian (a bound on the discrete NLL)",
+                l - 1
+            ),
+        }
+    }
+}
+
+/// Check `batch` is `[B, dim]`.
+pub fn check_batch(batch: &Tensor, dim: usize, family: &str) -> Result<()> {
+    match batch.dims() {
+        [_, d] if *d == dim => Ok(()),
+        dims => Err(Error::Shape(format!(
+            "{family} expects batches of shape [B, {dim}], got {dims:?}"
+        ))),
+    }
+}
