@@ -7,6 +7,9 @@ use crate::Result;
 pub mod cnf;
 pub mod flow_matching;
 pub mod ode;
+pub mod parameterization;
+pub mod sampler;
+pub mod schedule;
 
 /// A time-dependent vector field v(x, t) on R^D: the whole contract between a network and the
 /// ODE samplers / likelihood code. Samplers never know which network they drive.
