@@ -9,6 +9,9 @@ pub mod ddpm;
 pub mod diffusion;
 pub mod flow_matching;
 pub mod ode;
+pub mod parameterization;
+pub mod sampler;
+pub mod schedule;
 
 /// A time-dependent vector field v(x, t) on R^D: the whole contract between a network and the
 /// ODE samplers / likelihood code. Samplers never know which network they drive.
