@@ -12,7 +12,23 @@ use elbo::model::dataset_nll;
 use elbo::train::{CheckpointChoice, LoadedRun, Trainer};
 use elbo::Rng;
 
-use crate::{EvalArgs, SampleArgs, TrainArgs};
+use crate::{DiffusionSampleArgs, EvalArgs, SampleArgs, TrainArgs};
+
+/// Apply the diffusion sampler flags to sampling options.
+fn apply_sampler_flags(opts: &mut elbo::config::SampleOptions, a: &DiffusionSampleArgs) {
+    if let Some(s) = &a.sampler {
+        opts.sampler = s.clone();
+    }
+    if let Some(s) = a.sample_steps {
+        opts.steps = s;
+    }
+    if let Some(e) = a.eta {
+        opts.eta = e;
+    }
+    if let Some(c) = a.churn {
+        opts.churn = c;
+    }
+}
 
 /// The compute device: CPU, or the first CUDA GPU when built with `--features cuda`.
 pub fn device() -> Result<Device> {
@@ -62,6 +78,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     if let Some(s) = a.seed {
         cfg.train.seed = s;
     }
+    apply_sampler_flags(&mut cfg.sample, &a.diffusion);
     cfg.validate()?;
     let dir = a.out.unwrap_or_else(|| {
         let data = Path::new(&cfg.data.name)
@@ -156,6 +173,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     if let Some(s) = a.steps {
         opts.steps = s;
     }
+    apply_sampler_flags(&mut opts, &a.diffusion);
     let mut rng = Rng::new(a.seed);
     let t0 = std::time::Instant::now();
     let x = run.model.sample(a.n, &opts, &mut rng)?;
@@ -169,7 +187,11 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     eprintln!(
         "{n} samples ({}; {}) in {secs:.2} s -> {} and {}",
         run.label,
-        opts.solver,
+        if opts.sampler == "auto" {
+            opts.solver.clone()
+        } else {
+            format!("sampler {}, {} steps", opts.sampler, opts.steps)
+        },
         out.display(),
         png.display()
     );
@@ -219,10 +241,21 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if let Some(v) = a.atol {
         opts.atol = v;
     }
-    let row = evaluate(&run, &opts, a.examples, a.seed)?;
+    if let Some(v) = a.ode_steps {
+        opts.steps = v;
+    }
+    let choices: Vec<String> = match &a.likelihood {
+        Some(l) => l.split(',').map(|s| s.trim().to_string()).collect(),
+        None => vec![opts.likelihood.clone()],
+    };
+    let mut rows = Vec::new();
+    for c in choices {
+        opts.likelihood = c;
+        rows.push(evaluate(&run, &opts, a.examples, a.seed)?);
+    }
     let report = LikelihoodReport {
         title: format!("Held-out likelihood of {}", a.run.display()),
-        rows: vec![row],
+        rows,
     };
     report.write(&a.run, "report")?;
     println!("{}", report.to_terminal());

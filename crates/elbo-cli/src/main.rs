@@ -46,7 +46,8 @@ pub struct TrainArgs {
     /// TOML config file; flags below override its values.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Model family: flow (flow matching / rectified flow).
+    /// Model family: flow (flow matching / rectified flow), ddpm, ddim (DDPM sampled with
+    /// DDIM), sde (score SDE) or edm.
     #[arg(long)]
     pub model: Option<String>,
     /// Data set: swissroll, circles, rings, moons, 8gaussians, pinwheel, 2spirals,
@@ -74,6 +75,26 @@ pub struct TrainArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub diffusion: DiffusionSampleArgs,
+}
+
+/// Sampler flags of the diffusion families (saved as the run's sampling defaults by `train`).
+#[derive(Args, Debug, Default)]
+pub struct DiffusionSampleArgs {
+    /// Diffusion sampler: ddpm, ddim, euler, heun (edm), dpm++2m, euler-maruyama (em), pc or
+    /// ode (default: the family's own).
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// Steps of the diffusion sampler (and of fixed-step ODE solvers).
+    #[arg(long)]
+    pub sample_steps: Option<usize>,
+    /// DDIM eta in [0, 1].
+    #[arg(long)]
+    pub eta: Option<f64>,
+    /// EDM Heun / Euler S_churn.
+    #[arg(long)]
+    pub churn: Option<f64>,
 }
 
 /// `elbo sample`
@@ -103,6 +124,8 @@ pub struct SampleArgs {
     /// Output .npy path (default RUN/samples.npy); a PNG is written beside it.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub diffusion: DiffusionSampleArgs,
 }
 
 /// `elbo eval`
@@ -138,6 +161,13 @@ pub struct EvalArgs {
     /// Seed for Monte-Carlo parts (probes, dequantization noise).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Diffusion likelihoods to report, comma-separated, one row each: auto, vlb (DDPM's
+    /// bound), pf-ode (probability-flow ODE).
+    #[arg(long)]
+    pub likelihood: Option<String>,
+    /// Steps of fixed-step ODE solvers.
+    #[arg(long)]
+    pub ode_steps: Option<usize>,
 }
 
 /// `elbo quickstart`

@@ -17,6 +17,8 @@ pub const KNOWN_MODELS: &[&str] = &[
     "flow (aliases: flow-matching, rectified-flow, fm)",
     "ddpm",
     "ddim (ddpm sampled with DDIM)",
+    "sde (aliases: score-sde)",
+    "edm",
 ];
 
 /// What a family needs to know about the data to build itself.
@@ -66,6 +68,12 @@ pub fn build(
         )?)),
         "ddim" => Ok(Box::new(crate::continuous::ddpm::Ddpm::new(
             cfg, data, device, rng, true,
+        )?)),
+        "sde" | "score-sde" | "score_sde" => Ok(Box::new(crate::continuous::sde::ScoreSde::new(
+            cfg, data, device, rng,
+        )?)),
+        "edm" => Ok(Box::new(crate::continuous::edm::Edm::new(
+            cfg, data, device, rng,
         )?)),
         _ => Err(Error::UnknownModel {
             name: cfg.name.clone(),

@@ -7,15 +7,16 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
-use super::cnf::{CnfOptions, Divergence};
 use super::diffusion::chain::{Chain, VarianceKind};
 use super::diffusion::net::{check_batch, DataScale, DenoiserNet};
 use super::diffusion::param::{
     level_cross_entropy, simple_target, x0_from_output, Parameterization,
 };
 use super::diffusion::pf_ode::{self, PathPoint, PfOde};
+use super::diffusion::sampling::{self, GaussianDiffusion};
 use super::diffusion::vlb::{vlb, Decoder};
-use super::ode::Solver;
+use super::sampler::DdpmVariance;
+use super::schedule::NoiseSchedule;
 use crate::config::{EvalOptions, ModelConfig, SampleOptions};
 use crate::model::{DataInfo, GenerativeModel};
 use crate::nn::ParamInit;
@@ -57,28 +58,6 @@ pub fn likelihood_choice(opts: &EvalOptions, default: &'static str) -> Result<&'
         o => Err(Error::Config(format!(
             "unknown likelihood '{o}'; use auto, vlb or pf-ode"
         ))),
-    }
-}
-
-/// The CNF options (solver and divergence) of an eval config.
-pub fn cnf_options(opts: &EvalOptions, dim: usize) -> Result<CnfOptions> {
-    let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
-    let divergence = match opts.divergence.as_str() {
-        "auto" if dim <= opts.exact_max_dim => Divergence::Exact,
-        "auto" => Divergence::Hutchinson {
-            probes: opts.probes,
-        },
-        other => Divergence::parse(other, opts.probes)?,
-    };
-    Ok(CnfOptions { solver, divergence })
-}
-
-/// The NLL kind of a probability-flow likelihood.
-pub fn pf_ode_kind(div: &Divergence, discrete: bool) -> NllKind {
-    match (div, discrete) {
-        (Divergence::Hutchinson { probes }, _) => NllKind::Estimate { samples: *probes },
-        (Divergence::Exact, false) => NllKind::Exact,
-        (Divergence::Exact, true) => NllKind::Bound,
     }
 }
 
@@ -158,23 +137,9 @@ impl Ddpm {
         self.scale
     }
 
-    /// α, σ and derivatives in u = t / T (log ᾱ linear between grid points).
+    /// α, σ and derivatives in u = t / T.
     pub fn path_point(&self, u: f64) -> PathPoint {
-        let (la, dla) = self.chain.log_alpha_bar_at(u);
-        let ab = la.exp();
-        let alpha = ab.sqrt();
-        let sigma = (1.0 - ab).max(0.0).sqrt();
-        let d_ab = ab * dla;
-        PathPoint {
-            alpha,
-            sigma,
-            d_alpha: 0.5 * alpha * dla,
-            d_sigma: if sigma > 0.0 {
-                -0.5 * d_ab / sigma
-            } else {
-                0.0
-            },
-        }
+        self.chain.path_point(u)
     }
 
     /// x̂_0(x, u) at continuous u = t/T in (0, 1] for the whole batch `x: [B, D]` (clipped to
@@ -198,32 +163,6 @@ impl Ddpm {
         self.ode_t_min
     }
 
-    /// Ancestral sampling (Ho et al. 2020, Algorithm 2) on `steps` evenly spaced steps of the
-    /// chain (all T when `steps >= T`), the respaced chain having β'_k = 1 - ᾱ_{τ_k}/ᾱ_{τ_{k-1}}
-    /// (Nichol & Dhariwal 2021, sec. 4). Returns model-space x̂_0 of the last step.
-    pub fn sample_ancestral(&self, n: usize, steps: usize, rng: &mut Rng) -> Result<Tensor> {
-        let t = self.chain.steps();
-        let s = steps.clamp(1, t);
-        let taus: Vec<usize> = (0..=s).map(|k| (k * t + s / 2) / s).collect(); // τ_0 = 0 .. τ_s = T
-        let betas: Vec<f64> = (1..=s)
-            .map(|k| 1.0 - self.chain.alpha_bar(taus[k]) / self.chain.alpha_bar(taus[k - 1]))
-            .collect();
-        let sub = Chain::new(betas)?;
-        let mut x = rng.normal_tensor(&[n, self.dim], &self.device)?; // [n, D]
-        for k in (1..=s).rev() {
-            let x0 = self.predict_x0(&x, taus[k] as f64 / t as f64, false)?;
-            if k == 1 {
-                return Ok(x0);
-            }
-            let post = sub.posterior(k);
-            let mean = ((x0 * post.coef_x0)? + (&x * post.coef_xt)?)?;
-            let var = sub.model_variance(k, self.variance);
-            let z = rng.normal_tensor(&[n, self.dim], &self.device)?;
-            x = (mean + (z * var.sqrt())?)?;
-        }
-        Ok(x)
-    }
-
     fn pf_field<'a>(
         &'a self,
         path: &'a dyn Fn(f64) -> PathPoint,
@@ -234,32 +173,6 @@ impl Ddpm {
             predict_x0: pred,
             u_min: self.ode_t_min,
             u_max: 1.0,
-        }
-    }
-
-    /// Model-space samples from the named sampler.
-    pub fn sample_model_space(
-        &self,
-        n: usize,
-        opts: &SampleOptions,
-        rng: &mut Rng,
-    ) -> Result<Tensor> {
-        let name = match opts.sampler.trim().to_ascii_lowercase().as_str() {
-            "auto" => self.default_sampler.to_string(),
-            s => s.to_string(),
-        };
-        match name.as_str() {
-            "ddpm" | "ancestral" => self.sample_ancestral(n, opts.steps, rng),
-            "ode" | "pf-ode" => {
-                let path = |u: f64| self.path_point(u);
-                let pred = |x: &Tensor, u: f64| self.predict_x0(x, u, false);
-                let field = self.pf_field(&path, &pred);
-                let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
-                pf_ode::sample(&field, n, self.dim, &solver, rng, &self.device)
-            }
-            other => Err(Error::Config(format!(
-                "unknown sampler '{other}' for ddpm; use ddpm or ode"
-            ))),
         }
     }
 }
@@ -280,6 +193,24 @@ fn auto_ode_t_min(chain: &Chain, levels: Option<usize>) -> f64 {
         })
         .unwrap_or(1);
     i as f64 / t as f64
+}
+
+impl GaussianDiffusion for Ddpm {
+    fn schedule(&self) -> &dyn NoiseSchedule {
+        &self.chain
+    }
+    fn predict_x0(&self, x_t: &Tensor, t: f64, grad: bool) -> Result<Tensor> {
+        Ddpm::predict_x0(self, x_t, t, grad)
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn ddpm_variance(&self) -> DdpmVariance {
+        match self.variance {
+            VarianceKind::FixedSmall => DdpmVariance::FixedSmall,
+            VarianceKind::FixedLarge => DdpmVariance::FixedLarge,
+        }
+    }
 }
 
 impl GenerativeModel for Ddpm {
@@ -347,7 +278,7 @@ impl GenerativeModel for Ddpm {
     }
 
     fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
-        let x = self.sample_model_space(n, opts, rng)?;
+        let x = sampling::sample(self, self.default_sampler, n, opts, rng, &self.device)?;
         self.scale.to_data(&x)
     }
 
@@ -376,18 +307,10 @@ impl GenerativeModel for Ddpm {
                 })
             }
             _ => {
-                let co = cnf_options(opts, self.dim)?;
-                let x = self.scale.dequantize(batch, rng)?;
                 let path = |u: f64| self.path_point(u);
                 let pred = |x: &Tensor, u: f64| self.predict_x0(x, u, true);
                 let field = self.pf_field(&path, &pred);
-                let (logp, _) = pf_ode::log_likelihood(&field, &x, &co, rng)?;
-                let off = self.scale.log_jacobian(self.dim);
-                Ok(Nll {
-                    nats: logp.iter().map(|l| -(l + off)).collect(),
-                    dims: self.dim,
-                    kind: pf_ode_kind(&co.divergence, self.scale.levels.is_some()),
-                })
+                pf_ode::dequantized_nll(&field, self.scale, batch, opts, rng)
             }
         }
     }
@@ -409,7 +332,7 @@ impl GenerativeModel for Ddpm {
                 }
             ),
             Ok(_) => {
-                pf_ode_method(
+                pf_ode::method(
                     opts,
                     self.dim,
                     &format!("t in [{:.4}, 1], {head}", self.ode_t_min),
@@ -418,22 +341,6 @@ impl GenerativeModel for Ddpm {
             Err(e) => format!("invalid options: {e}"),
         }
     }
-}
-
-/// Method line of a probability-flow likelihood.
-pub fn pf_ode_method(opts: &EvalOptions, dim: usize, what: &str) -> String {
-    let div = match cnf_options(opts, dim).map(|c| c.divergence) {
-        Ok(Divergence::Exact) => "exact divergence".to_string(),
-        Ok(Divergence::Hutchinson { probes }) => {
-            format!("Hutchinson divergence, {probes} probe(s)")
-        }
-        Err(e) => format!("invalid options: {e}"),
-    };
-    let solver = match opts.solver.as_str() {
-        "dopri5" => format!("dopri5 rtol {:e} atol {:e}", opts.rtol, opts.atol),
-        s => format!("{s} {} steps", opts.steps),
-    };
-    format!("probability-flow ODE ({what}), {solver}, {div}")
 }
 
 /// Convenience for tests: the f64 value of a scalar tensor.

@@ -7,11 +7,13 @@ use crate::Result;
 pub mod cnf;
 pub mod ddpm;
 pub mod diffusion;
+pub mod edm;
 pub mod flow_matching;
 pub mod ode;
 pub mod parameterization;
 pub mod sampler;
 pub mod schedule;
+pub mod sde;
 
 /// A time-dependent vector field v(x, t) on R^D: the whole contract between a network and the
 /// ODE samplers / likelihood code. Samplers never know which network they drive.

@@ -16,6 +16,8 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use crate::continuous::diffusion::pf_ode::PathPoint;
+use crate::continuous::schedule::{BetaSchedule, DiscreteSchedule, NoiseSchedule, Precision};
 use crate::{Error, Result};
 
 /// Variance of the reverse step p_θ(x_{i-1} | x_i) (Ho et al. 2020, sec. 3.2).
@@ -89,7 +91,16 @@ impl Chain {
     /// 0.02 at T = 1000, both scaled by 1000/T as in Nichol & Dhariwal 2021), `scaled_linear`
     /// or `cosine` / `squaredcos_cap_v2` (Nichol & Dhariwal 2021, eq. 17, β capped at 0.999).
     pub fn from_schedule(name: &str, steps: usize) -> Result<Self> {
-        Self::new(beta_schedule(name, steps)?)
+        if steps < 2 {
+            return Err(Error::Config(format!(
+                "a diffusion chain needs at least 2 timesteps, got {steps}"
+            )));
+        }
+        let scale = 1000.0 / steps as f64;
+        let kind = BetaSchedule::parse(name.trim())?;
+        let (b0, b1) = ((1e-4 * scale).min(0.5), (0.02 * scale).min(0.999));
+        let sched = DiscreteSchedule::new(kind, steps, b0, b1, Precision::F64)?;
+        Self::new(sched.betas().to_vec())
     }
 
     /// Number of steps T.
@@ -171,44 +182,45 @@ impl Chain {
     }
 }
 
-/// Betas of a named schedule (private helper until the shared `continuous::schedule` lands).
-fn beta_schedule(name: &str, steps: usize) -> Result<Vec<f64>> {
-    if steps == 0 {
-        return Err(Error::Config(
-            "diffusion needs at least one timestep".into(),
-        ));
+impl Chain {
+    /// α, σ and their derivatives at u = t/T (log ᾱ linear between grid points).
+    pub fn path_point(&self, u: f64) -> PathPoint {
+        let (la, dla) = self.log_alpha_bar_at(u);
+        let ab = la.exp();
+        let alpha = ab.sqrt();
+        let sigma = (1.0 - ab).max(0.0).sqrt();
+        PathPoint {
+            alpha,
+            sigma,
+            d_alpha: 0.5 * alpha * dla,
+            d_sigma: if sigma > 0.0 {
+                -0.5 * ab * dla / sigma
+            } else {
+                0.0
+            },
+        }
     }
-    let scale = 1000.0 / steps as f64;
-    let (b0, b1) = ((1e-4 * scale).min(0.999), (0.02 * scale).min(0.999));
-    let lin = |a: f64, b: f64, i: usize| {
-        if steps == 1 {
-            a
-        } else {
-            a + (b - a) * i as f64 / (steps - 1) as f64
-        }
-    };
-    match name.trim().to_ascii_lowercase().as_str() {
-        "linear" => Ok((0..steps).map(|i| lin(b0, b1, i)).collect()),
-        "scaled_linear" => Ok((0..steps)
-            .map(|i| lin(b0.sqrt(), b1.sqrt(), i).powi(2))
-            .collect()),
-        "cosine" | "squaredcos_cap_v2" => {
-            let f = |t: f64| {
-                ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
-                    .cos()
-                    .powi(2)
-            };
-            Ok((0..steps)
-                .map(|i| {
-                    let t0 = i as f64 / steps as f64;
-                    let t1 = (i + 1) as f64 / steps as f64;
-                    (1.0 - f(t1) / f(t0)).min(0.999)
-                })
-                .collect())
-        }
-        other => Err(Error::Config(format!(
-            "unknown beta schedule '{other}'; use linear, scaled_linear or cosine"
-        ))),
+}
+
+/// The chain as a continuous schedule on u = t/T in [1/T, 1] (for the samplers).
+impl NoiseSchedule for Chain {
+    fn alpha(&self, t: f64) -> f64 {
+        self.path_point(t).alpha
+    }
+    fn sigma(&self, t: f64) -> f64 {
+        self.path_point(t).sigma
+    }
+    fn d_alpha(&self, t: f64) -> f64 {
+        self.path_point(t).d_alpha
+    }
+    fn d_sigma(&self, t: f64) -> f64 {
+        self.path_point(t).d_sigma
+    }
+    fn t_min(&self) -> f64 {
+        1.0 / self.steps() as f64
+    }
+    fn t_max(&self) -> f64 {
+        1.0
     }
 }
 

@@ -7,6 +7,7 @@ pub mod gaussian;
 pub mod net;
 pub mod param;
 pub mod pf_ode;
+pub mod sampling;
 pub mod vlb;
 
 pub use chain::{Chain, Posterior, VarianceKind};

@@ -1,0 +1,141 @@
+//! Every sampler on every Gaussian-diffusion family: a family exposes its noise schedule and an
+//! x̂_0 prediction in its native variable ([`GaussianDiffusion`]); [`AsDenoiser`] turns that into
+//! the samplers' EDM-form [`Denoiser`] (x = x_t / α at σ = σ(t)/α(t); Karras et al. 2022,
+//! eq. 4), and [`sample`] runs the sampler named in the options:
+//!
+//! | name | sampler |
+//! |---|---|
+//! | `ddpm` | ancestral (Ho et al. 2020, Alg. 2) on `steps` transitions of the schedule |
+//! | `ddim` | DDIM with `eta` (Song et al. 2021a, eq. 12) on the same transitions |
+//! | `euler`, `heun` / `edm` | Euler / Heun on the PF-ODE in σ over Karras' grid with `churn`, `s_noise` (Karras et al. 2022, Alg. 2) |
+//! | `dpm++2m` | DPM-Solver++(2M) over Karras' grid (Lu et al. 2022) |
+//! | `euler-maruyama` / `em`, `pc` | reverse SDE, and with a Langevin corrector at `snr` (Song et al. 2021b, Alg. 1) |
+//! | `ode` / `pf-ode` | the probability-flow ODE with `solver` (eq. 13) |
+
+use candle_core::{Device, Tensor};
+
+use crate::config::SampleOptions;
+use crate::continuous::ode::Solver;
+use crate::continuous::sampler::{self, Churn, DdpmVariance, Denoiser};
+use crate::continuous::schedule::{
+    karras_sigmas, uniform_times, with_final_zero, NoiseSchedule, Transition,
+};
+use crate::{Error, Result, Rng};
+
+/// The sampler names [`sample`] accepts.
+pub const SAMPLER_NAMES: &str =
+    "ddpm, ddim, euler, heun (edm), dpm++2m, euler-maruyama (em), pc, ode";
+
+/// A Gaussian diffusion x_t = α(t) x_0 + σ(t) ε with an x̂_0 prediction.
+pub trait GaussianDiffusion {
+    /// The path.
+    fn schedule(&self) -> &dyn NoiseSchedule;
+    /// x̂_0(x_t, t) for `x_t: [B, D]` in the native variable (no autograd graph when `grad` is
+    /// false).
+    fn predict_x0(&self, x_t: &Tensor, t: f64, grad: bool) -> Result<Tensor>;
+    /// Dimensions of one example.
+    fn dim(&self) -> usize;
+    /// The ancestral sampler's variance.
+    fn ddpm_variance(&self) -> DdpmVariance {
+        DdpmVariance::FixedSmall
+    }
+}
+
+/// A [`GaussianDiffusion`] as an EDM [`Denoiser`]: noise levels outside the schedule's range are
+/// clamped to it.
+pub struct AsDenoiser<'a>(pub &'a dyn GaussianDiffusion);
+
+impl Denoiser for AsDenoiser<'_> {
+    fn denoise(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
+        let sch = self.0.schedule();
+        let (lo, hi) = (sch.edm_sigma(sch.t_min()), sch.edm_sigma(sch.t_max()));
+        let t = sch.t_of_edm_sigma(sigma.clamp(lo, hi))?;
+        let x_t = (x * sch.alpha(t))?;
+        let x0 = self.0.predict_x0(&x_t, t, false)?;
+        Ok(x0.to_dtype(x.dtype())?)
+    }
+}
+
+/// `n` model-space samples from the sampler named in `opts.sampler` (`default` for "auto").
+pub fn sample(
+    model: &dyn GaussianDiffusion,
+    default: &str,
+    n: usize,
+    opts: &SampleOptions,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<Tensor> {
+    let name = opts.sampler.trim().to_ascii_lowercase();
+    let name = if name == "auto" {
+        default.to_string()
+    } else {
+        name
+    };
+    let sch = model.schedule();
+    let den = AsDenoiser(model);
+    let d = model.dim();
+    let steps = opts.steps.max(1);
+    let (t_lo, t_hi) = (sch.t_min(), sch.t_max());
+    let (s_lo, s_hi) = (sch.edm_sigma(t_lo), sch.edm_sigma(t_hi));
+    let churn = Churn {
+        s_churn: opts.churn,
+        s_noise: opts.s_noise,
+        ..Churn::default()
+    };
+    let karras = || -> Result<Vec<f64>> {
+        Ok(with_final_zero(karras_sigmas(
+            s_lo,
+            s_hi,
+            steps.max(2),
+            7.0,
+        )?))
+    };
+    match name.as_str() {
+        "ddpm" | "ancestral" | "ddim" => {
+            // transitions at `steps` times uniform in t, the last to clean data
+            let times: Vec<f64> = (0..steps)
+                .map(|k| t_hi - (t_hi - t_lo) * k as f64 / steps as f64)
+                .collect();
+            let ab = |t: f64| 1.0 / (1.0 + sch.edm_sigma(t).powi(2));
+            let tr: Vec<Transition> = times
+                .iter()
+                .enumerate()
+                .map(|(k, &t)| Transition {
+                    alpha_bar: ab(t),
+                    alpha_bar_prev: times.get(k + 1).map(|&p| ab(p)).unwrap_or(1.0),
+                })
+                .collect();
+            let x = rng.normal_tensor(&[n, d], device)?; // x_T ~ N(0, I), VP-scaled
+            if name == "ddim" {
+                sampler::ddim(&den, &tr, opts.eta, &x, rng)
+            } else {
+                sampler::ddpm(&den, &tr, model.ddpm_variance(), &x, rng)
+            }
+        }
+        "euler" | "heun" | "edm" | "dpm++2m" | "dpmpp_2m" | "dpm-solver++" => {
+            let sigmas = karras()?;
+            let x = (rng.normal_tensor(&[n, d], device)? * s_hi)?; // x = σ_max n
+            match name.as_str() {
+                "euler" => sampler::euler(&den, &sigmas, &churn, &x, rng),
+                "heun" | "edm" => sampler::heun(&den, &sigmas, &churn, &x, rng),
+                _ => sampler::dpmpp_2m(&den, &sigmas, true, &x),
+            }
+        }
+        "euler-maruyama" | "em" | "pc" | "ode" | "pf-ode" => {
+            let (a, s) = (sch.alpha(t_hi), sch.sigma(t_hi));
+            let x = (rng.normal_tensor(&[n, d], device)? * (a * a + s * s).sqrt())?;
+            let times = uniform_times(sch, steps.max(1) + 1);
+            match name.as_str() {
+                "pc" => sampler::predictor_corrector(&den, sch, &times, 1, opts.snr, true, &x, rng),
+                "ode" | "pf-ode" => {
+                    let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
+                    Ok(sampler::pf_ode(&den, sch, &solver, true, &x)?.0)
+                }
+                _ => sampler::euler_maruyama(&den, sch, &times, true, &x, rng),
+            }
+        }
+        other => Err(Error::Config(format!(
+            "unknown sampler '{other}'; known samplers: {SAMPLER_NAMES}"
+        ))),
+    }
+}

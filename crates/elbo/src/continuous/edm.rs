@@ -1,0 +1,175 @@
+//! EDM (Karras et al. 2022) as a [`GenerativeModel`]: x = x_0 + σ n, the preconditioned
+//! denoiser D(x; σ) = c_skip x + c_out F(c_in x; c_noise) (eq. 7, Table 1), training with
+//! ln σ ~ N(P_mean, P_std²) and weight λ(σ) = 1/c_out² (eq. 8; equivalently an unweighted MSE on
+//! F's effective target (x_0 - c_skip x)/c_out), the Heun sampler with S_churn / S_noise
+//! (Alg. 2) by default, and the probability-flow ODE likelihood (dx/dσ = (x - D)/σ) integrated
+//! in u = ln σ, dequantized on discrete data.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+
+use super::diffusion::net::{check_batch, DataScale, DenoiserNet};
+use super::diffusion::pf_ode::{self, PathPoint, PfOde};
+use super::diffusion::sampling::{self, GaussianDiffusion};
+use super::parameterization::EdmPrecond;
+use super::schedule::{Edm as EdmSchedule, NoiseSchedule};
+use crate::config::{EvalOptions, ModelConfig, SampleOptions};
+use crate::model::{DataInfo, GenerativeModel};
+use crate::nn::ParamInit;
+use crate::{Error, Nll, Result, Rng};
+
+/// EDM with an MLP / U-Net F.
+pub struct Edm {
+    varmap: VarMap,
+    net: DenoiserNet,
+    precond: EdmPrecond,
+    schedule: EdmSchedule,
+    p_mean: f64,
+    p_std: f64,
+    scale: DataScale,
+    dim: usize,
+    device: Device,
+}
+
+impl Edm {
+    /// A new model for the data.
+    pub fn new(cfg: &ModelConfig, data: DataInfo, device: &Device, rng: &mut Rng) -> Result<Self> {
+        if data.dim == 0 {
+            return Err(Error::Shape(
+                "edm needs data with at least 1 dimension".into(),
+            ));
+        }
+        let dc = &cfg.diffusion;
+        let varmap = VarMap::new();
+        let net = {
+            let mut p = ParamInit::new(&varmap, rng, device);
+            DenoiserNet::new(&mut p, &data, 1, cfg)?
+        };
+        Ok(Self {
+            varmap,
+            net,
+            precond: EdmPrecond {
+                sigma_data: dc.sigma_data,
+            },
+            schedule: EdmSchedule {
+                sigma_min: dc.sigma_min,
+                sigma_max: dc.sigma_max,
+            },
+            p_mean: dc.p_mean,
+            p_std: dc.p_std,
+            scale: DataScale::new(data.kind)?,
+            dim: data.dim,
+            device: device.clone(),
+        })
+    }
+
+    /// F's raw output for per-example σ `[B, 1]` (c_in applied, time 1000 c_noise).
+    fn f(&self, x: &Tensor, sigma: &[f64], grad: bool) -> Result<Tensor> {
+        let b = sigma.len();
+        let p = &self.precond;
+        let cin: Vec<f32> = sigma.iter().map(|&s| p.c_in(s) as f32).collect();
+        let tau: Vec<f32> = sigma
+            .iter()
+            .map(|&s| (1000.0 * p.c_noise(s)) as f32)
+            .collect();
+        let cin = Tensor::from_vec(cin, (b, 1), x.device())?;
+        let tau = Tensor::from_vec(tau, b, x.device())?;
+        self.net.forward(&x.broadcast_mul(&cin)?, &tau, grad)
+    }
+
+    /// D(x; σ) for one σ.
+    pub fn denoise(&self, x: &Tensor, sigma: f64, grad: bool) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let x = x.to_dtype(DType::F32)?;
+        let f = self.f(&x, &vec![sigma; b], grad)?;
+        let p = &self.precond;
+        Ok(((&x * p.c_skip(sigma))? + (f * p.c_out(sigma))?)?)
+    }
+}
+
+impl GaussianDiffusion for Edm {
+    fn schedule(&self) -> &dyn NoiseSchedule {
+        &self.schedule
+    }
+    fn predict_x0(&self, x_t: &Tensor, t: f64, grad: bool) -> Result<Tensor> {
+        self.denoise(x_t, t, grad)
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+}
+
+impl GenerativeModel for Edm {
+    fn family(&self) -> &'static str {
+        "edm"
+    }
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn loss(&self, batch: &Tensor, rng: &mut Rng) -> Result<Tensor> {
+        check_batch(batch, self.dim, "edm")?;
+        let x0 = self.scale.dequantize(batch, rng)?; // [B, D]
+        let (b, d) = x0.dims2()?;
+        let sigmas: Vec<f64> = (0..b)
+            .map(|_| (self.p_mean + self.p_std * rng.normal()).exp())
+            .collect();
+        let p = &self.precond;
+        let col = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
+            let v: Vec<f32> = sigmas.iter().map(|&s| f(s) as f32).collect();
+            Ok(Tensor::from_vec(v, (b, 1), &self.device)?)
+        };
+        let n = rng.normal_tensor(&[b, d], &self.device)?;
+        let x = (&x0 + n.broadcast_mul(&col(&|s| s)?)?)?; // [B, D]
+        let target = (x0 - x.broadcast_mul(&col(&|s| p.c_skip(s))?)?)?
+            .broadcast_div(&col(&|s| p.c_out(s))?)?; // effective target of F
+        let f = self.f(&x, &sigmas, true)?;
+        Ok((f - target)?.sqr()?.mean_all()?)
+    }
+
+    fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
+        let x = sampling::sample(self, "edm", n, opts, rng, &self.device)?;
+        self.scale.to_data(&x)
+    }
+
+    fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
+        check_batch(batch, self.dim, "edm")?;
+        if super::ddpm::likelihood_choice(opts, "pf-ode")? != "pf-ode" {
+            return Err(Error::Config(
+                "the edm family has no VLB; use the pf-ode likelihood".into(),
+            ));
+        }
+        // path in u = ln σ: α = 1, σ = e^u
+        let path = |u: f64| PathPoint {
+            alpha: 1.0,
+            sigma: u.exp(),
+            d_alpha: 0.0,
+            d_sigma: u.exp(),
+        };
+        let pred = |x: &Tensor, u: f64| self.denoise(x, u.exp(), true);
+        let field = PfOde {
+            path: &path,
+            predict_x0: &pred,
+            u_min: self.schedule.sigma_min.ln(),
+            u_max: self.schedule.sigma_max.ln(),
+        };
+        pf_ode::dequantized_nll(&field, self.scale, batch, opts, rng)
+    }
+
+    fn likelihood_method(&self, opts: &EvalOptions) -> String {
+        pf_ode::method(
+            opts,
+            self.dim,
+            &format!(
+                "EDM, sigma in [{}, {}], integrated in ln sigma",
+                self.schedule.sigma_min, self.schedule.sigma_max
+            ),
+        ) + &self.scale.dequantization_note()
+    }
+}
