@@ -184,9 +184,15 @@ impl GenerativeModel for FlowMatching {
     }
 
     fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
-        let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
-        let z0 = rng.normal_tensor(&[n, self.dim], &self.device)?;
-        let (x, _stats) = cnf::sample(&self.net, &z0, &solver)?;
+        let x = if opts.sampler == "auto" {
+            let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
+            let z0 = rng.normal_tensor(&[n, self.dim], &self.device)?;
+            cnf::sample(&self.net, &z0, &solver)?.0
+        } else {
+            // any diffusion sampler (DDIM, Heun, Euler-Maruyama, PC, ...) on the CondOT path
+            let fd = super::diffusion::sampling::FlowAsDiffusion::new(&self.net, self.dim);
+            super::diffusion::sampling::sample(&fd, "ode", n, opts, rng, &self.device)?
+        };
         match self.levels {
             None => Ok(x),
             Some(l) => {

@@ -11,4 +11,4 @@ pub mod sampling;
 pub mod vlb;
 
 pub use chain::{Chain, Posterior, VarianceKind};
-pub use vlb::{vlb, Decoder, VlbTerms};
+pub use vlb::{vlb, vlb_with_variances, Decoder, VlbTerms};

@@ -139,3 +139,38 @@ pub fn sample(
         ))),
     }
 }
+
+/// A flow-matching velocity field in this crate's convention (x_t = (1 - t) ε + t x_1, data at
+/// t = 1) seen as a Gaussian diffusion on the CondOT path in noise time s = 1 - t: α = 1 - s,
+/// σ = s, and x̂_0 = x + s v(x, 1 - s) (the velocity is E[x_1 - ε | x]). With it every sampler
+/// above, the SDE ones included, runs a flow-matching network (the diffusion / flow-matching
+/// equivalence of seed 002).
+pub struct FlowAsDiffusion<'a> {
+    field: &'a dyn crate::continuous::VelocityField,
+    schedule: crate::continuous::schedule::CondOt,
+    dim: usize,
+}
+
+impl<'a> FlowAsDiffusion<'a> {
+    /// Wraps `field` for data of `dim` dimensions (s in [1e-3, 1 - 1e-3]).
+    pub fn new(field: &'a dyn crate::continuous::VelocityField, dim: usize) -> Self {
+        Self {
+            field,
+            schedule: crate::continuous::schedule::CondOt::default(),
+            dim,
+        }
+    }
+}
+
+impl GaussianDiffusion for FlowAsDiffusion<'_> {
+    fn schedule(&self) -> &dyn NoiseSchedule {
+        &self.schedule
+    }
+    fn predict_x0(&self, x_t: &Tensor, s: f64, _grad: bool) -> Result<Tensor> {
+        let v = self.field.velocity(x_t, 1.0 - s)?;
+        Ok((x_t + (v * s)?)?)
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+}

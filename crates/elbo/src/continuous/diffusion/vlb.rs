@@ -63,6 +63,29 @@ pub fn vlb<F>(
     variance: VarianceKind,
     decoder: Decoder,
     x0: &Tensor,
+    predict_x0: F,
+    rng: &mut Rng,
+) -> Result<VlbTerms>
+where
+    F: FnMut(&Tensor, usize) -> Result<Tensor>,
+{
+    vlb_with_variances(
+        chain,
+        &|i| chain.model_variance(i, variance),
+        decoder,
+        x0,
+        predict_x0,
+        rng,
+    )
+}
+
+/// [`vlb`] with the reverse variances σ_i² given by `model_variance(i)` (i = 1 is the
+/// decoder's), e.g. learned or, for Gaussian data, the exact reverse-conditional variances.
+pub fn vlb_with_variances<F>(
+    chain: &Chain,
+    model_variance: &dyn Fn(usize) -> f64,
+    decoder: Decoder,
+    x0: &Tensor,
     mut predict_x0: F,
     rng: &mut Rng,
 ) -> Result<VlbTerms>
@@ -114,7 +137,12 @@ where
             )));
         }
         let pred: Vec<f32> = pred.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let var = chain.model_variance(i, variance);
+        let var = model_variance(i);
+        if !(var > 0.0 && var.is_finite()) {
+            return Err(Error::Numerical(format!(
+                "reverse variance {var} at step {i}"
+            )));
+        }
         let mut step_sum = 0.0;
         if i == 1 {
             // μ̃_1 = x̂_0 exactly (ᾱ_0 = 1), so the decoder is centred on the prediction.
