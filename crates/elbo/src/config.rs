@@ -409,7 +409,7 @@ impl Config {
         if !(d.p_std > 0.0 && d.rho > 0.0) {
             return bad("model.diffusion.p_std and rho must be positive".into());
         }
-        if !(d.t_eps > 0.0 && d.t_eps < 1.0) || !(0.0..1.0).contains(&d.ode_t_min) {
+        if !(d.t_eps > 0.0 && d.t_eps < 1.0 && (0.0..1.0).contains(&d.ode_t_min)) {
             return bad("model.diffusion.t_eps must be in (0, 1) and ode_t_min in [0, 1)".into());
         }
         if !(0.0..=1.0).contains(&s.eta) {

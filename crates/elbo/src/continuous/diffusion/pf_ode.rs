@@ -89,7 +89,7 @@ pub fn log_likelihood(
     opts: &CnfOptions,
     rng: &mut Rng,
 ) -> Result<(Vec<f64>, Option<Vec<f64>>)> {
-    if !(field.u_min < field.u_max) {
+    if field.u_min.is_nan() || field.u_max.is_nan() || field.u_min >= field.u_max {
         return Err(Error::Config(format!(
             "the probability-flow ODE needs u_min < u_max, got {} and {}",
             field.u_min, field.u_max
