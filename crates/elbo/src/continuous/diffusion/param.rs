@@ -13,6 +13,14 @@
 //! rest of the image). At small t the first term dominates and x̂_0 snaps to the right level,
 //! so the small-t KL terms of the bound, which dominate the textbook eps-prediction bound on
 //! 17-level digits (DESIGN.md), vanish; training uses the cross-entropy of the true level.
+//!
+//! Measured on digits (MLP 512 x 3, T = 1000 linear, fixed_small, batch 128, lr 1e-3, 600
+//! steps, EMA 0.995, full VLB on the 297 test images): eps prediction 211.8 nats = 4.77
+//! bits/dim (worse than uniform, 4.09), levels prediction 99.9 nats = 2.25 bits/dim. Why eps
+//! fails: at small t, L_{t-1} weighs ||x_0 - x̂_0||² by ~1/(2 σ_t²) with σ_1 = 0.01, while an
+//! eps network's x̂_0 = (x_t - σ ε̂)/α carries an error of order σ |ε - ε̂|, which is not small
+//! next to σ_t unless ε̂ is nearly exact; the true posterior is a point mass on one level (bins
+//! are ±0.0625 wide), which the levels prediction represents exactly.
 
 use candle_core::{DType, Tensor};
 
