@@ -64,6 +64,27 @@ pub fn np_linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
     }
 }
 
+/// `torch.linspace(start, end, n, dtype=torch.float32)` on CPU, bit for bit: float32 end points,
+/// step = f32(end - start) / (n - 1) in float32, the first half start + i step and the second
+/// half end - (n - 1 - i) step, each with one (fused) rounding.
+pub fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
+    let (s, e) = (start as f32, end as f32);
+    if n < 2 {
+        return (0..n).map(|_| s).collect();
+    }
+    let step = (e - s) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n)
+        .map(|i| {
+            if i < half {
+                step.mul_add(i as f32, s)
+            } else {
+                (-step).mul_add((n - 1 - i) as f32, e)
+            }
+        })
+        .collect()
+}
+
 /// The `alpha_bar` of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), t in [0, 1].
 fn cosine_alpha_bar(t: f64) -> f64 {
     ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2)
@@ -97,15 +118,24 @@ impl DiscreteSchedule {
             )));
         }
         let betas = match kind {
-            BetaSchedule::Linear => np_linspace(beta_start, beta_end, n),
-            BetaSchedule::ScaledLinear => np_linspace(beta_start.sqrt(), beta_end.sqrt(), n)
-                .into_iter()
-                .map(|b| match precision {
-                    // torch squares the float32 linspace in float32
-                    Precision::F32 => ((b as f32) * (b as f32)) as f64,
-                    Precision::F64 => b * b,
-                })
-                .collect(),
+            BetaSchedule::Linear => match precision {
+                Precision::F64 => np_linspace(beta_start, beta_end, n),
+                Precision::F32 => torch_linspace_f32(beta_start, beta_end, n)
+                    .into_iter()
+                    .map(f64::from)
+                    .collect(),
+            },
+            BetaSchedule::ScaledLinear => match precision {
+                Precision::F64 => np_linspace(beta_start.sqrt(), beta_end.sqrt(), n)
+                    .into_iter()
+                    .map(|b| b * b)
+                    .collect(),
+                // torch squares the float32 linspace in float32
+                Precision::F32 => torch_linspace_f32(beta_start.sqrt(), beta_end.sqrt(), n)
+                    .into_iter()
+                    .map(|b| f64::from(b * b))
+                    .collect(),
+            },
             BetaSchedule::SquaredcosCapV2 => (0..n)
                 .map(|i| {
                     let t1 = i as f64 / n as f64;
@@ -203,17 +233,12 @@ impl DiscreteSchedule {
         })
     }
 
-    /// EDM noise levels sigma_t = sqrt((1 - abar_t) / abar_t), increasing in t.
+    /// EDM noise levels sigma_t = sqrt((1 - abar_t) / abar_t), increasing in t (in f64 from the
+    /// stored abar in either precision, so that VP samplers and denoiser adapters agree exactly).
     pub fn sigmas(&self) -> Vec<f64> {
         self.alphas_cumprod
             .iter()
-            .map(|&a| match self.precision {
-                Precision::F64 => ((1.0 - a) / a).sqrt(),
-                Precision::F32 => {
-                    let a = a as f32;
-                    ((1.0 - a) / a).sqrt() as f64
-                }
-            })
+            .map(|&a| ((1.0 - a) / a).sqrt())
             .collect()
     }
 
