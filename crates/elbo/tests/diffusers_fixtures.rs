@@ -112,11 +112,17 @@ fn check_supported(cfg: &Value) -> R<()> {
     let map = cfg.as_object().ok_or("scheduler_config is not an object")?;
     for (k, val) in map {
         let ok = match k.as_str() {
-            "thresholding" | "clip_sample" | "rescale_betas_zero_snr" | "use_exponential_sigmas"
-            | "use_beta_sigmas" | "use_lu_lambdas" | "use_flow_sigmas" | "use_dynamic_shifting"
-            | "invert_sigmas" | "stochastic_sampling" | "euler_at_final" => {
-                val.as_bool() == Some(false)
-            }
+            "thresholding"
+            | "clip_sample"
+            | "rescale_betas_zero_snr"
+            | "use_exponential_sigmas"
+            | "use_beta_sigmas"
+            | "use_lu_lambdas"
+            | "use_flow_sigmas"
+            | "use_dynamic_shifting"
+            | "invert_sigmas"
+            | "stochastic_sampling"
+            | "euler_at_final" => val.as_bool() == Some(false),
             "trained_betas" | "sigma_min" | "sigma_max" | "shift_terminal" | "variance_type" => {
                 val.is_null()
             }
@@ -155,7 +161,9 @@ fn model(x: &Tensor, t: f64) -> elbo::Result<Tensor> {
 
 fn replay_loop(v: &Value) -> R<()> {
     let kind = string(v, "kind")?;
-    let cfg = v.get("scheduler_config").ok_or("missing scheduler_config")?;
+    let cfg = v
+        .get("scheduler_config")
+        .ok_or("missing scheduler_config")?;
     check_supported(cfg)?;
     let shape: Vec<usize> = f64s(v, "shape")?.iter().map(|&d| d as usize).collect();
     let x_init = Tensor::from_vec(f64s(v, "x_init")?, shape.as_slice(), &Device::Cpu).map_err(e)?;
@@ -164,8 +172,8 @@ fn replay_loop(v: &Value) -> R<()> {
     let n = num(v, "num_inference_steps")? as usize;
     let n_train = num(cfg, "num_train_timesteps")? as usize;
     let offset = cfg.get("steps_offset").and_then(Value::as_u64).unwrap_or(0) as usize;
-    let param = Parameterization::parse(string(cfg, "prediction_type").unwrap_or("flow"))
-        .map_err(e)?;
+    let param =
+        Parameterization::parse(string(cfg, "prediction_type").unwrap_or("flow")).map_err(e)?;
     let mut rng = Rng::new(0);
     let x_final = match kind {
         "ddim" => {
@@ -233,7 +241,12 @@ fn replay_loop(v: &Value) -> R<()> {
             if kind == "dpmpp2m" {
                 // diffusers' DPM-Solver runs on VP-scaled samples (init_noise_sigma 1): the EDM
                 // variable is x_VP sqrt(1 + sigma_0^2); at sigma = 0 both coincide.
-                check_close("init_noise_sigma", &[1.0], &[num(v, "init_noise_sigma")?], 0.0)?;
+                check_close(
+                    "init_noise_sigma",
+                    &[1.0],
+                    &[num(v, "init_noise_sigma")?],
+                    0.0,
+                )?;
                 let x = x_init
                     .affine((1.0 + sigmas[0] * sigmas[0]).sqrt(), 0.0)
                     .map_err(e)?;
@@ -241,7 +254,12 @@ fn replay_loop(v: &Value) -> R<()> {
                 dpmpp_2m(den, &sigmas, lof, &x).map_err(e)?
             } else {
                 let init = init_noise_sigma(sigmas[0], spacing);
-                check_close("init_noise_sigma", &[init], &[num(v, "init_noise_sigma")?], 1e-5)?;
+                check_close(
+                    "init_noise_sigma",
+                    &[init],
+                    &[num(v, "init_noise_sigma")?],
+                    1e-5,
+                )?;
                 let x = x_init.affine(init, 0.0).map_err(e)?;
                 let churn = Churn::default();
                 if kind == "heun" {
@@ -277,9 +295,7 @@ fn diffusers_fixtures() {
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap_or_else(|err| panic!("cannot read fixture directory {}: {err}", dir.display()))
         .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-        .filter(|n| {
-            (n.starts_with("schedule_") || n.starts_with("loop_")) && n.ends_with(".json")
-        })
+        .filter(|n| (n.starts_with("schedule_") || n.starts_with("loop_")) && n.ends_with(".json"))
         .collect();
     names.sort();
     assert!(

@@ -190,7 +190,9 @@ impl<D: Denoiser + ?Sized> FlowModel for DenoiserFlow<'_, D> {
                 "a denoiser gives a flow velocity only for 0 < s < 1, got s = {s}"
             )));
         }
-        let x0 = self.0.denoise(&x.affine(1.0 / (1.0 - s), 0.0)?, s / (1.0 - s))?;
+        let x0 = self
+            .0
+            .denoise(&x.affine(1.0 / (1.0 - s), 0.0)?, s / (1.0 - s))?;
         lin(x, 1.0 / s, &x0, -1.0 / s)
     }
 }

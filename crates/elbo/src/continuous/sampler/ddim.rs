@@ -15,7 +15,9 @@ use crate::{Error, Result, Rng};
 
 fn check(transitions: &[Transition], eta: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&eta) {
-        return Err(Error::Config(format!("DDIM eta must lie in [0, 1], got {eta}")));
+        return Err(Error::Config(format!(
+            "DDIM eta must lie in [0, 1], got {eta}"
+        )));
     }
     if transitions.is_empty() {
         return Err(Error::Config("DDIM needs at least one transition".into()));

@@ -89,8 +89,7 @@ pub(crate) fn check_sigmas(sigmas: &[f64]) -> Result<()> {
             sigmas.len()
         )));
     }
-    if sigmas.iter().any(|s| !s.is_finite() || *s < 0.0)
-        || sigmas.windows(2).any(|w| w[1] >= w[0])
+    if sigmas.iter().any(|s| !s.is_finite() || *s < 0.0) || sigmas.windows(2).any(|w| w[1] >= w[0])
     {
         return Err(crate::Error::Config(format!(
             "sigmas must be finite, non-negative and strictly decreasing, got {sigmas:?}"

@@ -87,7 +87,9 @@ pub fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
 
 /// The `alpha_bar` of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), t in [0, 1].
 fn cosine_alpha_bar(t: f64) -> f64 {
-    ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2)
+    ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+        .cos()
+        .powi(2)
 }
 
 /// A discrete VP schedule: betas and alphas_cumprod over N timesteps (index = timestep).
