@@ -329,7 +329,10 @@ impl Config {
         }
         let s = &self.sample;
         if !(s.temperature.is_finite() && s.temperature > 0.0) {
-            return bad(format!("sample.temperature must be > 0, got {}", s.temperature));
+            return bad(format!(
+                "sample.temperature must be > 0, got {}",
+                s.temperature
+            ));
         }
         if !(s.top_p > 0.0 && s.top_p <= 1.0) {
             return bad(format!("sample.top_p must be in (0, 1], got {}", s.top_p));

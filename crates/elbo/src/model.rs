@@ -81,12 +81,12 @@ pub fn build(
         "ar" | "autoregressive" => Ok(Box::new(
             crate::discrete::autoregressive::Autoregressive::new(cfg, data, device, rng)?,
         )),
-        "ao-ar" | "any-order" | "aoar" => Ok(Box::new(
-            crate::discrete::any_order::AnyOrder::new(cfg, data, device, rng)?,
-        )),
-        "mdlm" | "masked-diffusion" => Ok(Box::new(
-            crate::discrete::masked_diffusion::Mdlm::new(cfg, data, device, rng)?,
-        )),
+        "ao-ar" | "any-order" | "aoar" => Ok(Box::new(crate::discrete::any_order::AnyOrder::new(
+            cfg, data, device, rng,
+        )?)),
+        "mdlm" | "masked-diffusion" => Ok(Box::new(crate::discrete::masked_diffusion::Mdlm::new(
+            cfg, data, device, rng,
+        )?)),
         _ => Err(Error::UnknownModel {
             name: cfg.name.clone(),
             known: KNOWN_MODELS.join(", "),

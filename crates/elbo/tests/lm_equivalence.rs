@@ -4,11 +4,11 @@
 
 use candle_core::{Device, Tensor};
 use elbo::discrete::any_order::{bound_and_mixture_nll, jensen_bound, MaskedAlongOrder};
+use elbo::discrete::filter::TokenFilter;
 use elbo::discrete::masked_diffusion::{
     llada_conditional_nll, nelbo, nelbo_by_enumeration, MaskDenoiser,
 };
 use elbo::discrete::sampler::{self, MaskedSampleConfig, MaskedSampler};
-use elbo::discrete::filter::TokenFilter;
 use elbo::{Result, Rng};
 
 const V: usize = 3;
@@ -41,16 +41,24 @@ impl Oracle {
         let mut r = Rng::new(seed);
         let w: Vec<f64> = (0..V.pow(L as u32)).map(|_| 0.05 + r.uniform()).collect();
         let z: f64 = w.iter().sum();
-        Self { joint: Some(w.iter().map(|x| x / z).collect()), seed, calls: 0.into() }
+        Self {
+            joint: Some(w.iter().map(|x| x / z).collect()),
+            seed,
+            calls: 0.into(),
+        }
     }
     fn arbitrary(seed: u64) -> Self {
-        Self { joint: None, seed, calls: 0.into() }
+        Self {
+            joint: None,
+            seed,
+            calls: 0.into(),
+        }
     }
     fn row(&self, xt: &[u32], i: usize) -> Vec<f32> {
         let mask = V as u32;
         match &self.joint {
             Some(p) => {
-                let mut m = vec![1e-300; V];
+                let mut m = [1e-300; V];
                 for (x, &px) in all_seqs().iter().zip(p) {
                     if (0..L).all(|j| xt[j] == mask || xt[j] == x[j]) {
                         m[x[i] as usize] += px;
@@ -92,13 +100,19 @@ fn mdlm_nelbo_equals_any_order_bound_and_bounds_the_exact_nll() {
     for x in all_seqs() {
         let elbo = nelbo_by_enumeration(&arb, &x, 0).unwrap();
         let (bound, mix) = bound_and_mixture_nll(&MaskedAlongOrder(&arb), &x).unwrap();
-        assert!((elbo - bound).abs() < 1e-4, "{x:?}: NELBO {elbo} vs any-order {bound}");
+        assert!(
+            (elbo - bound).abs() < 1e-4,
+            "{x:?}: NELBO {elbo} vs any-order {bound}"
+        );
         assert!(bound >= mix - 1e-6, "{x:?}: bound {bound} < exact {mix}");
         if bound > mix + 1e-3 {
             strict += 1;
         }
     }
-    assert!(strict > 20, "Jensen gap should be positive for inconsistent conditionals");
+    assert!(
+        strict > 20,
+        "Jensen gap should be positive for inconsistent conditionals"
+    );
     // exact conditionals of a joint: every order gives -log p(x), so all three coincide
     let ex = Oracle::joint(2);
     for (x, p) in all_seqs().iter().zip(ex.joint.clone().unwrap()) {
@@ -111,7 +125,10 @@ fn mdlm_nelbo_equals_any_order_bound_and_bounds_the_exact_nll() {
 }
 
 fn ids(x: &[u32], n: usize) -> Tensor {
-    Tensor::from_vec(x.to_vec(), (1, L), &Device::Cpu).unwrap().repeat((n, 1)).unwrap()
+    Tensor::from_vec(x.to_vec(), (1, L), &Device::Cpu)
+        .unwrap()
+        .repeat((n, 1))
+        .unwrap()
 }
 
 fn mean_se(v: &[f64]) -> (f64, f64) {
@@ -127,24 +144,39 @@ fn monte_carlo_estimators_match_closed_forms() {
     // MDLM: continuous time, 4 antithetic times per example, 2000 examples
     let v = nelbo(&arb, &ids(&x, 2000), 4, 0, &mut rng).unwrap();
     let (m, se) = mean_se(&v);
-    assert!((m - exact).abs() < 4.0 * se + 1e-3, "MDLM MC {m} ± {se} vs {exact}");
+    assert!(
+        (m - exact).abs() < 4.0 * se + 1e-3,
+        "MDLM MC {m} ± {se} vs {exact}"
+    );
     // discrete T = 4: its own closed form, and different from continuous time
     let exact4 = nelbo_by_enumeration(&arb, &x, 4).unwrap();
     let v = nelbo(&arb, &ids(&x, 2000), 4, 4, &mut rng).unwrap();
     let (m4, se4) = mean_se(&v);
-    assert!((m4 - exact4).abs() < 4.0 * se4 + 1e-3, "T=4 MC {m4} ± {se4} vs {exact4}");
+    assert!(
+        (m4 - exact4).abs() < 4.0 * se4 + 1e-3,
+        "T=4 MC {m4} ± {se4} vs {exact4}"
+    );
     assert!((exact4 - exact).abs() > 1e-3);
     let exact1000 = nelbo_by_enumeration(&arb, &x, 1000).unwrap();
-    assert!((exact1000 - exact).abs() < 0.01 * exact, "T=1000 {exact1000} vs {exact}");
+    assert!(
+        (exact1000 - exact).abs() < 0.01 * exact,
+        "T=1000 {exact1000} vs {exact}"
+    );
     // LLaDA's estimator with every position an answer has the same expectation
     let v = llada_conditional_nll(&arb, &ids(&x, 1), &[true; L], 4000, &mut rng).unwrap();
     let (m, se) = v[0];
-    assert!(se > 0.0 && (m - exact).abs() < 4.0 * se, "LLaDA {m} ± {se} vs {exact}");
+    assert!(
+        se > 0.0 && (m - exact).abs() < 4.0 * se,
+        "LLaDA {m} ± {se} vs {exact}"
+    );
     // any-order: random orders
     let (bound, _) = bound_and_mixture_nll(&MaskedAlongOrder(&arb), &x).unwrap();
     let v = jensen_bound(&MaskedAlongOrder(&arb), &ids(&x, 3000), 1, &mut rng).unwrap();
     let (m, se) = mean_se(&v);
-    assert!((m - bound).abs() < 4.0 * se, "orders MC {m} ± {se} vs {bound}");
+    assert!(
+        (m - bound).abs() < 4.0 * se,
+        "orders MC {m} ± {se} vs {bound}"
+    );
 }
 
 #[test]
@@ -153,13 +185,26 @@ fn llada_conditional_likelihood_of_an_answer_given_a_prompt() {
     let ex = Oracle::joint(4);
     let p = ex.joint.clone().unwrap();
     let x = [1u32, 2, 0];
-    let px: f64 = all_seqs().iter().zip(&p).filter(|(s, _)| *s == &x).map(|(_, v)| v).sum();
-    let p0: f64 = all_seqs().iter().zip(&p).filter(|(s, _)| s[0] == x[0]).map(|(_, v)| v).sum();
+    let px: f64 = all_seqs()
+        .iter()
+        .zip(&p)
+        .filter(|(s, _)| *s == &x)
+        .map(|(_, v)| v)
+        .sum();
+    let p0: f64 = all_seqs()
+        .iter()
+        .zip(&p)
+        .filter(|(s, _)| s[0] == x[0])
+        .map(|(_, v)| v)
+        .sum();
     let want = -(px / p0).ln();
     let mut rng = Rng::new(1);
     let v = llada_conditional_nll(&ex, &ids(&x, 1), &[false, true, true], 3000, &mut rng).unwrap();
     let (m, se) = v[0];
-    assert!((m - want).abs() < 4.0 * se + 1e-4, "LLaDA conditional {m} ± {se} vs {want}");
+    assert!(
+        (m - want).abs() < 4.0 * se + 1e-4,
+        "LLaDA conditional {m} ± {se} vs {want}"
+    );
 }
 
 fn tv_to_joint(samples: &[Vec<u32>], joint: &[f64]) -> f64 {
@@ -201,11 +246,21 @@ fn samplers_draw_from_the_joint_and_the_cache_saves_calls() {
     let tv = tv_to_joint(&a, &joint);
     assert!(tv < 0.05, "ancestral samples: total variation {tv}");
     // remasking samplers and semi-autoregressive blocks: every mask filled, prompt kept
-    for (s, block) in [(MaskedSampler::LowConfidence, 0), (MaskedSampler::Random, 1)] {
-        let cfg = MaskedSampleConfig { sampler: s, steps: 3, block_len: block, filter: TokenFilter::default() };
+    for (s, block) in [
+        (MaskedSampler::LowConfidence, 0),
+        (MaskedSampler::Random, 1),
+    ] {
+        let cfg = MaskedSampleConfig {
+            sampler: s,
+            steps: 3,
+            block_len: block,
+            filter: TokenFilter::default(),
+        };
         let init = vec![vec![1, V as u32, V as u32]; 200];
         let (x, st) = sampler::sample(&ex, init, &cfg, &mut Rng::new(2)).unwrap();
-        assert!(x.iter().all(|r| r[0] == 1 && r.iter().all(|&t| (t as usize) < V)));
+        assert!(x
+            .iter()
+            .all(|r| r[0] == 1 && r.iter().all(|&t| (t as usize) < V)));
         assert!(st.nfe <= 3, "{s:?}: {} calls", st.nfe);
     }
     // random remasking with one token per step is ancestral sampling in a random order: exact

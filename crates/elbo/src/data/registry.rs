@@ -86,7 +86,10 @@ pub fn open(name: &str, cfg: &DataConfig) -> Result<Box<dyn DataSource>> {
         return Ok(Box::new(DigitsSource::new()?));
     }
     if name == "shakespeare" {
-        return Ok(Box::new(TextSource::shakespeare(cfg.seq_len, cfg.test_windows)?));
+        return Ok(Box::new(TextSource::shakespeare(
+            cfg.seq_len,
+            cfg.test_windows,
+        )?));
     }
     let lower = name.to_ascii_lowercase();
     let text_path = name

@@ -71,12 +71,19 @@ impl Tokenizer {
             Tokenizer::Chars(chars) => text
                 .chars()
                 .map(|c| {
-                    chars.iter().position(|&v| v == c).map(|i| i as u32).ok_or_else(|| {
-                        Error::data(
-                            "text",
-                            format!("character {c:?} is not in the {}-character vocabulary", chars.len()),
-                        )
-                    })
+                    chars
+                        .iter()
+                        .position(|&v| v == c)
+                        .map(|i| i as u32)
+                        .ok_or_else(|| {
+                            Error::data(
+                                "text",
+                                format!(
+                                    "character {c:?} is not in the {}-character vocabulary",
+                                    chars.len()
+                                ),
+                            )
+                        })
                 })
                 .collect(),
         }
@@ -162,7 +169,11 @@ impl TextSource {
             ));
         }
         let mut test = Vec::new();
-        let cap = if max_windows == 0 { usize::MAX } else { max_windows };
+        let cap = if max_windows == 0 {
+            usize::MAX
+        } else {
+            max_windows
+        };
         'docs: for d in valid_docs {
             for w in d.chunks_exact(seq_len) {
                 if test.len() / seq_len >= cap {

@@ -57,7 +57,9 @@ pub fn jensen_bound(
     for _ in 0..samples.max(1) {
         let orders = random_orders(b, l, rng, ids.device())?;
         let nll: Vec<f32> = order_nll(model, ids, &orders)?.to_vec1()?;
-        acc.iter_mut().zip(nll).for_each(|(a, v)| *a += f64::from(v));
+        acc.iter_mut()
+            .zip(nll)
+            .for_each(|(a, v)| *a += f64::from(v));
     }
     Ok(acc.into_iter().map(|a| a / samples.max(1) as f64).collect())
 }
@@ -83,7 +85,9 @@ pub fn all_permutations(n: usize) -> Vec<Vec<usize>> {
 pub fn bound_and_mixture_nll(model: &dyn OrderConditionals, ids: &[u32]) -> Result<(f64, f64)> {
     let l = ids.len();
     if l == 0 || l > 8 {
-        return Err(Error::Config(format!("order enumeration needs 1..=8 positions, got {l}")));
+        return Err(Error::Config(format!(
+            "order enumeration needs 1..=8 positions, got {l}"
+        )));
     }
     let perms = all_permutations(l);
     let n = perms.len();
@@ -151,8 +155,12 @@ impl AnyOrder {
             let mut p = ParamInit::new(&varmap, rng, device);
             let tc = backbone_config(cfg, vocab + 1, vocab, len, true);
             let net = Transformer::new(&mut p.push("net"), tc)?;
-            let src = p.push("src_pos").normal("weight", &[len + 1, cfg.d_model], 1.0)?;
-            let tgt = p.push("tgt_pos").normal("weight", &[len, cfg.d_model], 1.0)?;
+            let src = p
+                .push("src_pos")
+                .normal("weight", &[len + 1, cfg.d_model], 1.0)?;
+            let tgt = p
+                .push("tgt_pos")
+                .normal("weight", &[len, cfg.d_model], 1.0)?;
             (net, src, tgt)
         };
         Ok(Self {
@@ -169,8 +177,14 @@ impl AnyOrder {
     /// `src_pos[src] + tgt_pos[tgt]` for index tensors `[B, T]` -> `[B, T, D]`.
     fn order_embedding(&self, src: &Tensor, tgt: &Tensor) -> Result<Tensor> {
         let (b, t) = src.dims2()?;
-        let s = self.src_pos.as_tensor().index_select(&src.flatten_all()?, 0)?; // [B T, D]
-        let g = self.tgt_pos.as_tensor().index_select(&tgt.flatten_all()?, 0)?; // [B T, D]
+        let s = self
+            .src_pos
+            .as_tensor()
+            .index_select(&src.flatten_all()?, 0)?; // [B T, D]
+        let g = self
+            .tgt_pos
+            .as_tensor()
+            .index_select(&tgt.flatten_all()?, 0)?; // [B T, D]
         Ok((s + g)?.reshape((b, t, ()))?)
     }
 
@@ -202,7 +216,11 @@ impl AnyOrder {
         let orders: Vec<Vec<usize>> = (0..n)
             .map(|_| {
                 let perm = rng.permutation(free.len());
-                known.iter().copied().chain(perm.iter().map(|&j| free[j])).collect()
+                known
+                    .iter()
+                    .copied()
+                    .chain(perm.iter().map(|&j| free[j]))
+                    .collect()
             })
             .collect();
         let bos = self.len as u32;
@@ -246,7 +264,11 @@ impl AnyOrder {
 
     fn rows_to_tensor(&self, rows: &[Vec<u32>]) -> Result<Tensor> {
         let flat: Vec<f32> = rows.iter().flatten().map(|&t| t as f32).collect();
-        Ok(Tensor::from_vec(flat, (rows.len(), self.len), &self.device)?)
+        Ok(Tensor::from_vec(
+            flat,
+            (rows.len(), self.len),
+            &self.device,
+        )?)
     }
 }
 

@@ -75,7 +75,10 @@ impl Autoregressive {
             )));
         }
         if let Some(&bad) = prefix.iter().find(|&&t| t as usize >= self.vocab) {
-            return Err(Error::Config(format!("prompt token {bad} >= vocab {}", self.vocab)));
+            return Err(Error::Config(format!(
+                "prompt token {bad} >= vocab {}",
+                self.vocab
+            )));
         }
         let mut rows: Vec<Vec<u32>> = vec![prefix.to_vec(); n];
         if prefix.len() == self.len || n == 0 {
@@ -105,7 +108,11 @@ impl Autoregressive {
 
     fn rows_to_tensor(&self, rows: &[Vec<u32>]) -> Result<Tensor> {
         let flat: Vec<f32> = rows.iter().flatten().map(|&t| t as f32).collect();
-        Ok(Tensor::from_vec(flat, (rows.len(), self.len), &self.device)?)
+        Ok(Tensor::from_vec(
+            flat,
+            (rows.len(), self.len),
+            &self.device,
+        )?)
     }
 }
 

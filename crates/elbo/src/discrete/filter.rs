@@ -58,7 +58,9 @@ impl TokenFilter {
     /// cumulative mass first reaches `top_p`; ties broken by lower id).
     pub fn probs(&self, logits: &[f32]) -> Vec<f64> {
         let v = logits.len();
-        let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
+        let max = logits
+            .iter()
+            .fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
         let mut p: Vec<f64> = logits
             .iter()
             .map(|&x| ((f64::from(x) - max) / self.temperature).exp())
@@ -67,7 +69,11 @@ impl TokenFilter {
         order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
         let z: f64 = p.iter().sum();
         let mut keep = vec![false; v];
-        let k = if self.top_k == 0 { v } else { self.top_k.min(v) };
+        let k = if self.top_k == 0 {
+            v
+        } else {
+            self.top_k.min(v)
+        };
         let mut mass = 0.0;
         for &i in order.iter().take(k) {
             keep[i] = true;

@@ -79,11 +79,19 @@ pub fn mask_at_times(
             }
         }
     }
-    Ok((ids_tensor(&xt, device)?, Tensor::from_vec(w, (ids.len(), l), device)?))
+    Ok((
+        ids_tensor(&xt, device)?,
+        Tensor::from_vec(w, (ids.len(), l), device)?,
+    ))
 }
 
 /// One-sample NELBO estimate per example, `[B]` (differentiable): `(1/t) sum_{masked} CE`.
-pub fn nelbo_terms(den: &dyn MaskDenoiser, ids: &Tensor, t: &[f64], rng: &mut Rng) -> Result<Tensor> {
+pub fn nelbo_terms(
+    den: &dyn MaskDenoiser,
+    ids: &Tensor,
+    t: &[f64],
+    rng: &mut Rng,
+) -> Result<Tensor> {
     let rows: Vec<Vec<u32>> = ids.to_vec2()?;
     let (xt, w) = mask_at_times(&rows, t, den.vocab() as u32, rng, ids.device())?;
     let ce = gather_nll(&den.log_probs(&xt)?, ids)?; // [B, L]
@@ -117,17 +125,24 @@ pub fn nelbo(
 pub fn nelbo_by_enumeration(den: &dyn MaskDenoiser, ids: &[u32], steps: usize) -> Result<f64> {
     let l = ids.len();
     if l == 0 || l > 16 {
-        return Err(Error::Config(format!("pattern enumeration needs 1..=16 positions, got {l}")));
+        return Err(Error::Config(format!(
+            "pattern enumeration needs 1..=16 positions, got {l}"
+        )));
     }
     let mask = den.vocab() as u32;
     let patterns: Vec<u32> = (1u32..(1 << l)).collect();
     let rows: Vec<Vec<u32>> = patterns
         .iter()
-        .map(|&s| (0..l).map(|i| if s >> i & 1 == 1 { mask } else { ids[i] }).collect())
+        .map(|&s| {
+            (0..l)
+                .map(|i| if s >> i & 1 == 1 { mask } else { ids[i] })
+                .collect()
+        })
         .collect();
     let dev = Device::Cpu;
     let x = Tensor::from_vec(ids.to_vec(), (1, l), &dev)?.repeat((rows.len(), 1))?;
-    let ce: Vec<Vec<f32>> = gather_nll(&den.log_probs(&ids_tensor(&rows, &dev)?)?, &x)?.to_vec2()?;
+    let ce: Vec<Vec<f32>> =
+        gather_nll(&den.log_probs(&ids_tensor(&rows, &dev)?)?, &x)?.to_vec2()?;
     let weight = |k: usize| -> f64 {
         if steps == 0 {
             // B(k, L-k+1) = (k-1)! (L-k)! / L!
@@ -147,7 +162,10 @@ pub fn nelbo_by_enumeration(den: &dyn MaskDenoiser, ids: &[u32], steps: usize) -
         .iter()
         .zip(&ce)
         .map(|(&s, row)| {
-            let c: f64 = (0..l).filter(|i| s >> i & 1 == 1).map(|i| f64::from(row[i])).sum();
+            let c: f64 = (0..l)
+                .filter(|i| s >> i & 1 == 1)
+                .map(|i| f64::from(row[i]))
+                .sum();
             weight(s.count_ones() as usize) * c
         })
         .sum())

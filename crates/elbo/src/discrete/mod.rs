@@ -101,10 +101,7 @@ pub fn gather_nll(logp: &Tensor, targets: &Tensor) -> Result<Tensor> {
 pub const EVAL_CHUNK: usize = 64;
 
 /// Apply `f` to consecutive chunks of at most [`EVAL_CHUNK`] rows of `ids` and concatenate.
-pub fn per_chunk(
-    ids: &Tensor,
-    mut f: impl FnMut(&Tensor) -> Result<Vec<f64>>,
-) -> Result<Vec<f64>> {
+pub fn per_chunk(ids: &Tensor, mut f: impl FnMut(&Tensor) -> Result<Vec<f64>>) -> Result<Vec<f64>> {
     let n = ids.dim(0)?;
     let mut out = Vec::with_capacity(n);
     let mut start = 0;

@@ -82,7 +82,11 @@ pub fn sample(
     if let Some(bad) = x.iter().flatten().find(|&&t| t > mask) {
         return Err(Error::Config(format!("token {bad} > mask id {mask}")));
     }
-    let block = if cfg.block_len == 0 { l.max(1) } else { cfg.block_len };
+    let block = if cfg.block_len == 0 {
+        l.max(1)
+    } else {
+        cfg.block_len
+    };
     let n_blocks = l.div_ceil(block).max(1);
     let steps = cfg.steps.div_ceil(n_blocks).max(1);
     let mut stats = SampleStats::default();
@@ -115,7 +119,11 @@ pub fn sample(
 }
 
 /// Network log-probabilities `[n][L][V]` of the current rows.
-pub(crate) fn predict(den: &dyn MaskDenoiser, x: &[Vec<u32>], stats: &mut SampleStats) -> Result<Vec<Vec<Vec<f32>>>> {
+pub(crate) fn predict(
+    den: &dyn MaskDenoiser,
+    x: &[Vec<u32>],
+    stats: &mut SampleStats,
+) -> Result<Vec<Vec<Vec<f32>>>> {
     stats.nfe += 1;
     let t = super::ids_tensor(x, &candle_core::Device::Cpu)?;
     Ok(den.log_probs(&t)?.to_vec3()?)
