@@ -46,11 +46,13 @@ pub struct TrainArgs {
     /// TOML config file; flags below override its values.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Model family: flow (flow matching / rectified flow).
+    /// Model family: flow (flow matching / rectified flow), ar (autoregressive LM), ao-ar
+    /// (any-order autoregressive LM), mdlm (masked diffusion LM).
     #[arg(long)]
     pub model: Option<String>,
     /// Data set: swissroll, circles, rings, moons, 8gaussians, pinwheel, 2spirals,
-    /// checkerboard, digits, or a path to a .npy / .csv file of shape [N, D].
+    /// checkerboard, digits, shakespeare, a path to a .npy / .csv file of shape [N, D], or a
+    /// .txt file (byte-level text; also text:PATH).
     #[arg(long)]
     pub data: Option<String>,
     /// Optimisation steps.
@@ -82,9 +84,9 @@ pub struct SampleArgs {
     /// Run directory written by `elbo train`.
     #[arg(long)]
     pub run: PathBuf,
-    /// Number of samples.
-    #[arg(short, long, default_value_t = 2000)]
-    pub n: usize,
+    /// Number of samples (default 2000; 4 for text).
+    #[arg(short, long)]
+    pub n: Option<usize>,
     /// ODE solver: euler, heun or dopri5 (default: the run's config).
     #[arg(long)]
     pub solver: Option<String>,
@@ -103,6 +105,25 @@ pub struct SampleArgs {
     /// Output .npy path (default RUN/samples.npy); a PNG is written beside it.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Text models: condition on this text. Without `_` it is a prefix to continue; each `_`
+    /// is a blank to fill in (ao-ar, mdlm), the positions after the text are generated too.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Language models: softmax temperature.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Language models: keep the k most likely tokens (0: all).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Language models: nucleus sampling mass (1: all).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// MDLM sampler: ancestral, cached, low-confidence or random (`--steps` sets its steps).
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// MDLM semi-autoregressive block length (0: one block).
+    #[arg(long)]
+    pub block_len: Option<usize>,
 }
 
 /// `elbo eval`
@@ -135,9 +156,12 @@ pub struct EvalArgs {
     /// Evaluate only the first N held-out examples.
     #[arg(long)]
     pub examples: Option<usize>,
-    /// Seed for Monte-Carlo parts (probes, dequantization noise).
+    /// Seed for Monte-Carlo parts (probes, dequantization noise, orders, diffusion times).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Language models: Monte-Carlo samples per example of the any-order / MDLM bounds.
+    #[arg(long)]
+    pub lm_samples: Option<usize>,
 }
 
 /// `elbo quickstart`
