@@ -17,7 +17,9 @@ use crate::{DiffusionSampleArgs, EvalArgs, SampleArgs, TrainArgs};
 /// Apply the diffusion sampler flags to sampling options.
 fn apply_sampler_flags(opts: &mut elbo::config::SampleOptions, a: &DiffusionSampleArgs) {
     if let Some(s) = &a.sampler {
+        // one --sampler flag: diffusion families read `sampler`, MDLM reads `lm_sampler`
         opts.sampler = s.clone();
+        opts.lm_sampler = s.clone();
     }
     if let Some(s) = a.sample_steps {
         opts.steps = s;
@@ -163,7 +165,9 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let dev = device()?;
     let which = CheckpointChoice::parse(&a.checkpoint)?;
     let run = LoadedRun::open(&a.run, which, !a.no_ema, &dev)?;
-    if a.n == 0 {
+    let tokenizer = run.data.tokenizer().cloned();
+    let n_samples = a.n.unwrap_or(if tokenizer.is_some() { 4 } else { 2000 });
+    if n_samples == 0 {
         bail!("-n must be at least 1");
     }
     let mut opts = run.config.sample.clone();
@@ -174,10 +178,43 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         opts.steps = s;
     }
     apply_sampler_flags(&mut opts, &a.diffusion);
+    if let Some(v) = a.temperature {
+        opts.temperature = v;
+    }
+    if let Some(v) = a.top_k {
+        opts.top_k = v;
+    }
+    if let Some(v) = a.top_p {
+        opts.top_p = v;
+    }
+    if let Some(v) = a.block_len {
+        opts.block_len = v;
+    }
     let mut rng = Rng::new(a.seed);
     let t0 = std::time::Instant::now();
-    let x = run.model.sample(a.n, &opts, &mut rng)?;
+    let x = match (&a.prompt, &tokenizer) {
+        (Some(p), Some(tok)) => {
+            let template = prompt_template(p, tok, run.data.dim())?;
+            run.model
+                .sample_conditional(n_samples, &template, &opts, &mut rng)?
+        }
+        (Some(_), None) => bail!("--prompt needs a text data set (shakespeare or a .txt file)"),
+        (None, _) => run.model.sample(n_samples, &opts, &mut rng)?,
+    };
     let secs = t0.elapsed().as_secs_f64();
+    if let Some(tok) = &tokenizer {
+        let rows: Vec<Vec<f32>> = x.to_vec2()?;
+        let mut all = String::new();
+        for (i, r) in rows.iter().enumerate() {
+            let ids: Vec<u32> = r.iter().map(|&v| v as u32).collect();
+            let text = tok.decode(&ids);
+            println!("--- sample {} ---\n{text}", i + 1);
+            all.push_str(&format!("--- sample {} ---\n{text}\n", i + 1));
+        }
+        let txt = a.run.join("samples.txt");
+        std::fs::write(&txt, all).with_context(|| format!("writing {}", txt.display()))?;
+        eprintln!("wrote {}", txt.display());
+    }
     let (n, d) = x.dims2()?;
     let flat: Vec<f32> = x.flatten_all()?.to_vec1()?;
     let out = a.out.unwrap_or_else(|| a.run.join("samples.npy"));
@@ -196,6 +233,30 @@ pub fn sample(a: SampleArgs) -> Result<()> {
         png.display()
     );
     Ok(())
+}
+
+/// A prompt as a template of `len` positions: `_` is a blank (None), other characters are
+/// fixed tokens; the positions after the prompt are generated.
+pub fn prompt_template(
+    prompt: &str,
+    tok: &elbo::data::text::Tokenizer,
+    len: usize,
+) -> Result<Vec<Option<u32>>> {
+    let mut t = Vec::with_capacity(len);
+    for part in prompt.split('_').enumerate() {
+        if part.0 > 0 {
+            t.push(None);
+        }
+        t.extend(tok.encode(part.1)?.into_iter().map(Some));
+    }
+    if t.len() > len {
+        bail!(
+            "the prompt has {} tokens but the model generates {len} (data.seq_len)",
+            t.len()
+        );
+    }
+    t.resize(len, None);
+    Ok(t)
 }
 
 /// Data vs samples (2-D) or an image grid (image data) as PNG.
@@ -244,6 +305,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if let Some(v) = a.ode_steps {
         opts.steps = v;
     }
+    if let Some(v) = a.lm_samples {
+        opts.lm_samples = v;
+    }
     let choices: Vec<String> = match &a.likelihood {
         Some(l) => l.split(',').map(|s| s.trim().to_string()).collect(),
         None => vec![opts.likelihood.clone()],
@@ -251,7 +315,20 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let mut rows = Vec::new();
     for c in choices {
         opts.likelihood = c;
-        rows.push(evaluate(&run, &opts, a.examples, a.seed)?);
+        let row = evaluate(&run, &opts, a.examples, a.seed)?;
+        if run.data.tokenizer().is_some() {
+            let s = &row.summary;
+            println!(
+                "{}: {:.4} ± {:.4} bits/char ({}) on {} held-out windows of {} characters",
+                row.model,
+                s.bits_per_dim,
+                s.stderr_bits_per_dim,
+                s.kind.label(),
+                s.n,
+                s.dims
+            );
+        }
+        rows.push(row);
     }
     let report = LikelihoodReport {
         title: format!("Held-out likelihood of {}", a.run.display()),

@@ -47,11 +47,13 @@ pub struct TrainArgs {
     #[arg(long, short)]
     pub config: Option<PathBuf>,
     /// Model family: flow (flow matching / rectified flow), ddpm, ddim (DDPM sampled with
-    /// DDIM), sde (score SDE) or edm.
+    /// DDIM), sde (score SDE), edm, ar (autoregressive LM), ao-ar (any-order
+    /// autoregressive LM), mdlm (masked diffusion LM).
     #[arg(long)]
     pub model: Option<String>,
     /// Data set: swissroll, circles, rings, moons, 8gaussians, pinwheel, 2spirals,
-    /// checkerboard, digits, or a path to a .npy / .csv file of shape [N, D].
+    /// checkerboard, digits, shakespeare, a path to a .npy / .csv file of shape [N, D], or a
+    /// .txt file (byte-level text; also text:PATH).
     #[arg(long)]
     pub data: Option<String>,
     /// Optimisation steps.
@@ -82,8 +84,9 @@ pub struct TrainArgs {
 /// Sampler flags of the diffusion families (saved as the run's sampling defaults by `train`).
 #[derive(Args, Debug, Default)]
 pub struct DiffusionSampleArgs {
-    /// Diffusion sampler: ddpm, ddim, euler, heun (edm), dpm++2m, euler-maruyama (em), pc or
-    /// ode (default: the family's own).
+    /// Sampler. Diffusion families: ddpm, ddim, euler, heun (edm), dpm++2m, euler-maruyama
+    /// (em), pc or ode (default: the family's own). MDLM: ancestral, cached, low-confidence or
+    /// random.
     #[arg(long)]
     pub sampler: Option<String>,
     /// Steps of the diffusion sampler (and of fixed-step ODE solvers).
@@ -103,9 +106,9 @@ pub struct SampleArgs {
     /// Run directory written by `elbo train`.
     #[arg(long)]
     pub run: PathBuf,
-    /// Number of samples.
-    #[arg(short, long, default_value_t = 2000)]
-    pub n: usize,
+    /// Number of samples (default 2000; 4 for text).
+    #[arg(short, long)]
+    pub n: Option<usize>,
     /// ODE solver: euler, heun or dopri5 (default: the run's config).
     #[arg(long)]
     pub solver: Option<String>,
@@ -126,6 +129,22 @@ pub struct SampleArgs {
     pub out: Option<PathBuf>,
     #[command(flatten)]
     pub diffusion: DiffusionSampleArgs,
+    /// Text models: condition on this text. Without `_` it is a prefix to continue; each `_`
+    /// is a blank to fill in (ao-ar, mdlm), the positions after the text are generated too.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Language models: softmax temperature.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Language models: keep the k most likely tokens (0: all).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Language models: nucleus sampling mass (1: all).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// MDLM semi-autoregressive block length (0: one block).
+    #[arg(long)]
+    pub block_len: Option<usize>,
 }
 
 /// `elbo eval`
@@ -158,7 +177,7 @@ pub struct EvalArgs {
     /// Evaluate only the first N held-out examples.
     #[arg(long)]
     pub examples: Option<usize>,
-    /// Seed for Monte-Carlo parts (probes, dequantization noise).
+    /// Seed for Monte-Carlo parts (probes, dequantization noise, orders, diffusion times).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Diffusion likelihoods to report, comma-separated, one row each: auto, vlb (DDPM's
@@ -168,6 +187,9 @@ pub struct EvalArgs {
     /// Steps of fixed-step ODE solvers.
     #[arg(long)]
     pub ode_steps: Option<usize>,
+    /// Language models: Monte-Carlo samples per example of the any-order / MDLM bounds.
+    #[arg(long)]
+    pub lm_samples: Option<usize>,
 }
 
 /// `elbo quickstart`

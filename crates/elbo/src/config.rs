@@ -50,6 +50,17 @@ pub struct ModelConfig {
     pub backbone: String,
     /// Gaussian-diffusion settings (families ddpm / ddim / sde / edm).
     pub diffusion: DiffusionConfig,
+    // --- language models (ar, ao-ar, mdlm): the transformer backbone ---
+    /// Transformer width (language models).
+    pub d_model: usize,
+    /// Attention heads; must divide `d_model` (language models).
+    pub n_heads: usize,
+    /// Transformer blocks (language models; `layers` is the MLP depth of other families).
+    pub n_layers: usize,
+    /// MDLM: number of discrete time steps of the training ELBO (0: continuous time).
+    pub diffusion_steps: usize,
+    /// MDLM: antithetic (stratified) sampling of the training times (Kingma et al. 2021).
+    pub antithetic: bool,
 }
 
 impl Default for ModelConfig {
@@ -63,6 +74,11 @@ impl Default for ModelConfig {
             activation: Activation::Silu,
             backbone: "auto".into(),
             diffusion: DiffusionConfig::default(),
+            d_model: 128,
+            n_heads: 4,
+            n_layers: 4,
+            diffusion_steps: 0,
+            antithetic: true,
         }
     }
 }
@@ -150,8 +166,12 @@ pub struct DataSpec {
     pub name: String,
     /// Held-out points of a 2-D toy set.
     pub test_size: usize,
-    /// Held-out fraction of a user array (.npy / .csv).
+    /// Held-out fraction of a user array (.npy / .csv) or of the end of a user text file.
     pub test_fraction: f64,
+    /// Text data: tokens per example (the language model's sequence length).
+    pub seq_len: usize,
+    /// Text data: cap on the held-out windows (0: all).
+    pub test_windows: usize,
 }
 
 impl Default for DataSpec {
@@ -161,6 +181,8 @@ impl Default for DataSpec {
             name: "8gaussians".into(),
             test_size: d.test_size,
             test_fraction: d.test_fraction,
+            seq_len: d.seq_len,
+            test_windows: d.test_windows,
         }
     }
 }
@@ -172,6 +194,8 @@ impl DataSpec {
         DataConfig {
             test_size: self.test_size,
             test_fraction: self.test_fraction,
+            seq_len: self.seq_len,
+            test_windows: self.test_windows,
         }
     }
 }
@@ -260,6 +284,17 @@ pub struct SampleOptions {
     pub s_noise: f64,
     /// Predictor-corrector: signal-to-noise ratio of the Langevin corrector.
     pub snr: f64,
+    // --- language models ---
+    /// Softmax temperature (1: the model's distribution).
+    pub temperature: f64,
+    /// Keep only the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Nucleus sampling: keep the smallest set of tokens with mass >= `top_p` (1: all).
+    pub top_p: f64,
+    /// MDLM sampler: "ancestral", "cached", "low-confidence" or "random" (LLaDA remasking).
+    pub lm_sampler: String,
+    /// MDLM semi-autoregressive block length (0: one block, the whole sequence).
+    pub block_len: usize,
 }
 
 impl Default for SampleOptions {
@@ -274,6 +309,11 @@ impl Default for SampleOptions {
             churn: 0.0,
             s_noise: 1.0,
             snr: 0.16,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            lm_sampler: "cached".into(),
+            block_len: 0,
         }
     }
 }
@@ -301,6 +341,9 @@ pub struct EvalOptions {
     /// Which likelihood a diffusion model reports: "auto" (the family's default), "vlb" (DDPM's
     /// bound) or "pf-ode" (probability-flow ODE, dequantized on discrete data).
     pub likelihood: String,
+    // --- language models ---
+    /// Monte-Carlo samples per example of the any-order (orders) and MDLM (times) bounds.
+    pub lm_samples: usize,
 }
 
 impl Default for EvalOptions {
@@ -315,6 +358,7 @@ impl Default for EvalOptions {
             exact_max_dim: 16,
             batch_size: 2500,
             likelihood: "auto".into(),
+            lm_samples: 4,
         }
     }
 }
@@ -377,6 +421,26 @@ impl Config {
         }
         if self.eval.batch_size == 0 || self.eval.probes == 0 {
             return bad("eval.batch_size and eval.probes must be at least 1".into());
+        }
+        let m = &self.model;
+        if m.d_model == 0 || m.n_heads == 0 || m.d_model % m.n_heads != 0 || m.n_layers == 0 {
+            return bad(format!(
+                "model.d_model ({}) must be a positive multiple of model.n_heads ({}) and model.n_layers >= 1",
+                m.d_model, m.n_heads
+            ));
+        }
+        let s = &self.sample;
+        if !(s.temperature.is_finite() && s.temperature > 0.0) {
+            return bad(format!(
+                "sample.temperature must be > 0, got {}",
+                s.temperature
+            ));
+        }
+        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+            return bad(format!("sample.top_p must be in (0, 1], got {}", s.top_p));
+        }
+        if self.data.seq_len == 0 || self.eval.lm_samples == 0 {
+            return bad("data.seq_len and eval.lm_samples must be at least 1".into());
         }
         if t.log_every == 0 || t.checkpoint_every == 0 {
             return bad("train.log_every and train.checkpoint_every must be at least 1".into());

@@ -9,6 +9,7 @@
 //! - [`data`]: 2-D toy sets (FFJORD), embedded 8x8 digits, `.npy` / CSV loaders.
 //! - [`nn`]: backbones that know nothing about generative modelling.
 //! - [`continuous`]: models of x in R^D: flow matching, ODE solvers, CNF likelihood.
+//! - [`discrete`]: language models of token sequences: autoregressive, any-order, masked diffusion.
 //! - [`train`]: the training layer candle lacks (AdamW, EMA, clipping, schedules, checkpoints, loop).
 //! - [`eval`]: likelihood reports and plots.
 //! - [`model`]: the `GenerativeModel` trait every family implements, and the registry of families.
@@ -16,6 +17,7 @@
 pub mod config;
 pub mod continuous;
 pub mod data;
+pub mod discrete;
 pub mod error;
 pub mod eval;
 pub mod likelihood;

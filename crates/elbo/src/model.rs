@@ -19,6 +19,9 @@ pub const KNOWN_MODELS: &[&str] = &[
     "ddim (ddpm sampled with DDIM)",
     "sde (aliases: score-sde)",
     "edm",
+    "ar (autoregressive transformer LM)",
+    "ao-ar (any-order autoregressive)",
+    "mdlm (masked diffusion LM)",
 ];
 
 /// What a family needs to know about the data to build itself.
@@ -49,6 +52,22 @@ pub trait GenerativeModel {
     fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll>;
     /// One line saying how `log_likelihood` computes its number (for reports).
     fn likelihood_method(&self, opts: &EvalOptions) -> String;
+    /// `n` samples `[n, D]` with some positions fixed: `template[i]` is `Some(level)` for a
+    /// given position and `None` for one to generate (a prefix prompt, or blanks to fill in).
+    /// Families that cannot condition return an error.
+    fn sample_conditional(
+        &self,
+        n: usize,
+        template: &[Option<u32>],
+        opts: &SampleOptions,
+        rng: &mut Rng,
+    ) -> Result<Tensor> {
+        let _ = (n, template, opts, rng);
+        Err(Error::Config(format!(
+            "the {} family cannot sample conditionally on a prompt",
+            self.family()
+        )))
+    }
 }
 
 /// Build the family named in `cfg` for data of the given shape, drawing its initial weights
@@ -73,6 +92,15 @@ pub fn build(
             cfg, data, device, rng,
         )?)),
         "edm" => Ok(Box::new(crate::continuous::edm::Edm::new(
+            cfg, data, device, rng,
+        )?)),
+        "ar" | "autoregressive" => Ok(Box::new(
+            crate::discrete::autoregressive::Autoregressive::new(cfg, data, device, rng)?,
+        )),
+        "ao-ar" | "any-order" | "aoar" => Ok(Box::new(crate::discrete::any_order::AnyOrder::new(
+            cfg, data, device, rng,
+        )?)),
+        "mdlm" | "masked-diffusion" => Ok(Box::new(crate::discrete::masked_diffusion::Mdlm::new(
             cfg, data, device, rng,
         )?)),
         _ => Err(Error::UnknownModel {

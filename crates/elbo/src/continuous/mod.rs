@@ -1,4 +1,5 @@
-//! Models of x in R^D: flow matching, ODE solvers and continuous-normalizing-flow likelihoods.
+//! Models of x in R^D: flow matching, ODE solvers, continuous-normalizing-flow likelihoods, and
+//! Gaussian-diffusion noise schedules, parameterizations and samplers.
 
 use candle_core::Tensor;
 

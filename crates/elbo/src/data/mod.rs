@@ -12,6 +12,7 @@ pub mod csv;
 pub mod digits;
 pub mod npy;
 pub mod registry;
+pub mod text;
 pub mod toy2d;
 
 pub use registry::{open, DataConfig, KNOWN_DATASETS};
@@ -48,6 +49,10 @@ pub trait DataSource: Send {
     }
     /// Image shape `(height, width)` when examples are images.
     fn image_shape(&self) -> Option<(usize, usize)> {
+        None
+    }
+    /// The tokenizer of text data (token ids <-> text), for prompts and decoded samples.
+    fn tokenizer(&self) -> Option<&text::Tokenizer> {
         None
     }
 }

@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::digits::DigitsSource;
+use super::text::TextSource;
 use super::toy2d::{Toy2d, Toy2dSource};
 use super::{csv, npy, DataKind, DataSource};
 use crate::{Error, Result, Rng};
@@ -24,8 +25,10 @@ pub const KNOWN_DATASETS: &[&str] = &[
     "2spirals",
     "checkerboard",
     "digits",
+    "shakespeare",
     "PATH.npy",
     "PATH.csv",
+    "PATH.txt (or text:PATH)",
 ];
 
 /// Seed of the fixed permutation that splits a user array into train and held-out rows.
@@ -37,8 +40,13 @@ const SPLIT_SEED: u64 = 0x5B17_DA7A;
 pub struct DataConfig {
     /// Held-out points of the toy 2-D sets (drawn once from a fixed generator).
     pub test_size: usize,
-    /// Fraction of the rows of a user array (`.npy` / `.csv`) held out for evaluation.
+    /// Fraction of the rows of a user array (`.npy` / `.csv`), or of the end of a user text
+    /// file, held out for evaluation.
     pub test_fraction: f64,
+    /// Text data: tokens per example (window length).
+    pub seq_len: usize,
+    /// Text data: cap on the held-out windows (0: all).
+    pub test_windows: usize,
 }
 
 impl Default for DataConfig {
@@ -46,6 +54,8 @@ impl Default for DataConfig {
         Self {
             test_size: 5000,
             test_fraction: 0.1,
+            seq_len: 128,
+            test_windows: 0,
         }
     }
 }
@@ -75,7 +85,24 @@ pub fn open(name: &str, cfg: &DataConfig) -> Result<Box<dyn DataSource>> {
     if name == "digits" {
         return Ok(Box::new(DigitsSource::new()?));
     }
+    if name == "shakespeare" {
+        return Ok(Box::new(TextSource::shakespeare(
+            cfg.seq_len,
+            cfg.test_windows,
+        )?));
+    }
     let lower = name.to_ascii_lowercase();
+    let text_path = name
+        .strip_prefix("text:")
+        .or_else(|| lower.ends_with(".txt").then_some(name));
+    if let Some(p) = text_path {
+        return Ok(Box::new(TextSource::from_file(
+            Path::new(p),
+            cfg.seq_len,
+            cfg.test_windows,
+            cfg.test_fraction,
+        )?));
+    }
     let (data, shape) = if let Some(p) = name.strip_prefix("npy:") {
         npy::read_npy(Path::new(p))?
     } else if let Some(p) = name.strip_prefix("csv:") {

@@ -303,3 +303,147 @@ impl Transformer {
         self.head.forward(&self.lnf.forward(&x)?) // [B, L, V_out]
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Language-model extensions (issue 5): extra input embeddings and a KV cache for causal
+// incremental decoding. Kept in this separate block at the end of the file.
+// ---------------------------------------------------------------------------------------------
+
+/// Keys and values of every block for the positions decoded so far (causal models only).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    /// Per block: keys and values `[B, H, T, dh]`.
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Positions already in the cache.
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of positions already decoded.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing has been decoded yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Transformer {
+    /// Token plus learned position embeddings of `ids: [B, T]` placed at positions
+    /// `start..start + T`, plus `extra: [B, T, D]` when given -> `[B, T, D]`.
+    fn embed_at(&self, ids: &Tensor, start: usize, extra: Option<&Tensor>) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        if start + l > self.cfg.max_len {
+            return Err(Error::Shape(format!(
+                "transformer: positions up to {} exceed max_len {}",
+                start + l,
+                self.cfg.max_len
+            )));
+        }
+        if ids.dtype() != DType::U32 {
+            return Err(Error::Shape(format!(
+                "transformer: token ids must be u32, got {:?}",
+                ids.dtype()
+            )));
+        }
+        let d = self.cfg.d_model;
+        let tok = self.tok.as_tensor().index_select(&ids.flatten_all()?, 0)?; // [B T, D]
+        let pos = self.pos.as_tensor().narrow(0, start, l)?; // [T, D]
+        let x = tok.reshape((b, l, d))?.broadcast_add(&pos)?; // [B, T, D]
+        match extra {
+            None => Ok(x),
+            Some(e) if e.dims() == [b, l, d] => Ok((x + e)?),
+            Some(e) => Err(Error::Shape(format!(
+                "transformer: extra embeddings {:?}, expected [{b}, {l}, {d}]",
+                e.dims()
+            ))),
+        }
+    }
+
+    /// Like [`Transformer::forward`], with `extra: [B, L, D]` added to the input embeddings
+    /// (e.g. the target-position embeddings of an any-order model). Differentiable.
+    pub fn forward_with(&self, ids: &Tensor, extra: Option<&Tensor>) -> Result<Tensor> {
+        let mut x = self.embed_at(ids, 0, extra)?; // [B, L, D]
+        let l = x.dim(1)?;
+        let mask = if self.cfg.causal {
+            Some(Self::causal_mask(l, ids.device())?)
+        } else {
+            None
+        };
+        for blk in &self.blocks {
+            x = blk.forward(&x, mask.as_ref())?;
+        }
+        self.head.forward(&self.lnf.forward(&x)?) // [B, L, V_out]
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.blocks.len()],
+            len: 0,
+        }
+    }
+
+    /// Incremental causal decoding: logits `[B, T, V_out]` of the `T` new tokens `ids: [B, T]`
+    /// at positions `cache.len()..cache.len() + T`, attending to everything in `cache` and
+    /// causally within the new tokens; appends their keys and values to `cache`. Equal to the
+    /// corresponding rows of [`Transformer::forward_with`] on the whole prefix.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        extra: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        if !self.cfg.causal {
+            return Err(Error::Config(
+                "a KV cache needs a causal transformer".into(),
+            ));
+        }
+        if cache.layers.len() != self.blocks.len() {
+            return Err(Error::Shape("KV cache made for another model".into()));
+        }
+        let start = cache.len;
+        let mut x = self.embed_at(ids, start, extra)?; // [B, T, D]
+        let (b, t, d) = x.dims3()?;
+        let total = start + t;
+        // query i (absolute start + i) sees keys j <= start + i
+        let mask: Vec<f32> = (0..t * total)
+            .map(|ij| {
+                if ij % total > start + ij / total {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, total), ids.device())?; // [T, T_total]
+        for (blk, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let (h, dh) = (blk.n_heads, d / blk.n_heads);
+            let qkv = blk
+                .qkv
+                .forward(&blk.ln1.forward(&x)?)? // [B, T, 3D]
+                .reshape((b, t, 3, h, dh))?
+                .permute((2, 0, 3, 1, 4))?
+                .contiguous()?; // [3, B, H, T, dh]
+            let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?); // [B, H, T, dh]
+            let (k, v) = match slot.take() {
+                Some((kc, vc)) => (Tensor::cat(&[&kc, &k], 2)?, Tensor::cat(&[&vc, &v], 2)?),
+                None => (k, v),
+            }; // [B, H, T_total, dh]
+            let s = q
+                .matmul(&k.t()?.contiguous()?)?
+                .affine(1.0 / (dh as f64).sqrt(), 0.0)?
+                .broadcast_add(&mask)?; // [B, H, T, T_total]
+            let y = softmax_last_dim(&s)?.matmul(&v)?; // [B, H, T, dh]
+            let y = y.transpose(1, 2)?.reshape((b, t, d))?; // [B, T, D]
+            x = (x + blk.proj.forward(&y)?)?;
+            let m = blk.fc1.forward(&blk.ln2.forward(&x)?)?.gelu_erf()?; // [B, T, 4D]
+            x = (x + blk.fc2.forward(&m)?)?;
+            *slot = Some((k, v));
+        }
+        cache.len = total;
+        self.head.forward(&self.lnf.forward(&x)?) // [B, T, V_out]
+    }
+}

@@ -64,6 +64,27 @@ pub fn np_linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
     }
 }
 
+/// `torch.linspace(start, end, n, dtype=torch.float32)` on CPU, bit for bit: float32 end points,
+/// step = f32(end - start) / (n - 1) in float32, the first half start + i step and the second
+/// half end - (n - 1 - i) step, each with one (fused) rounding.
+pub fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
+    let (s, e) = (start as f32, end as f32);
+    if n < 2 {
+        return (0..n).map(|_| s).collect();
+    }
+    let step = (e - s) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n)
+        .map(|i| {
+            if i < half {
+                step.mul_add(i as f32, s)
+            } else {
+                (-step).mul_add((n - 1 - i) as f32, e)
+            }
+        })
+        .collect()
+}
+
 /// The `alpha_bar` of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), t in [0, 1].
 fn cosine_alpha_bar(t: f64) -> f64 {
     ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
@@ -99,15 +120,24 @@ impl DiscreteSchedule {
             )));
         }
         let betas = match kind {
-            BetaSchedule::Linear => np_linspace(beta_start, beta_end, n),
-            BetaSchedule::ScaledLinear => np_linspace(beta_start.sqrt(), beta_end.sqrt(), n)
-                .into_iter()
-                .map(|b| match precision {
-                    // torch squares the float32 linspace in float32
-                    Precision::F32 => ((b as f32) * (b as f32)) as f64,
-                    Precision::F64 => b * b,
-                })
-                .collect(),
+            BetaSchedule::Linear => match precision {
+                Precision::F64 => np_linspace(beta_start, beta_end, n),
+                Precision::F32 => torch_linspace_f32(beta_start, beta_end, n)
+                    .into_iter()
+                    .map(f64::from)
+                    .collect(),
+            },
+            BetaSchedule::ScaledLinear => match precision {
+                Precision::F64 => np_linspace(beta_start.sqrt(), beta_end.sqrt(), n)
+                    .into_iter()
+                    .map(|b| b * b)
+                    .collect(),
+                // torch squares the float32 linspace in float32
+                Precision::F32 => torch_linspace_f32(beta_start.sqrt(), beta_end.sqrt(), n)
+                    .into_iter()
+                    .map(|b| f64::from(b * b))
+                    .collect(),
+            },
             BetaSchedule::SquaredcosCapV2 => (0..n)
                 .map(|i| {
                     let t1 = i as f64 / n as f64;
@@ -205,17 +235,12 @@ impl DiscreteSchedule {
         })
     }
 
-    /// EDM noise levels sigma_t = sqrt((1 - abar_t) / abar_t), increasing in t.
+    /// EDM noise levels sigma_t = sqrt((1 - abar_t) / abar_t), increasing in t (in f64 from the
+    /// stored abar in either precision, so that VP samplers and denoiser adapters agree exactly).
     pub fn sigmas(&self) -> Vec<f64> {
         self.alphas_cumprod
             .iter()
-            .map(|&a| match self.precision {
-                Precision::F64 => ((1.0 - a) / a).sqrt(),
-                Precision::F32 => {
-                    let a = a as f32;
-                    ((1.0 - a) / a).sqrt() as f64
-                }
-            })
+            .map(|&a| ((1.0 - a) / a).sqrt())
             .collect()
     }
 
@@ -305,147 +330,6 @@ fn check_decreasing(timesteps: &[usize]) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// How inference timesteps are spread over the N training timesteps (diffusers' `timestep_spacing`,
-/// Lin et al. 2024, Table 2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TimestepSpacing {
-    /// Evenly from N-1 down to 0, both ends included.
-    Linspace,
-    /// Multiples of N / n (integer division) from 0, plus `steps_offset`.
-    Leading,
-    /// Down from N in steps of N / n (float), minus 1: always includes N-1.
-    Trailing,
-}
-
-impl TimestepSpacing {
-    /// From diffusers' name (`linspace`, `leading`, `trailing`).
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "linspace" => Ok(Self::Linspace),
-            "leading" => Ok(Self::Leading),
-            "trailing" => Ok(Self::Trailing),
-            other => Err(Error::Config(format!(
-                "unknown timestep spacing '{other}'; known: linspace, leading, trailing"
-            ))),
-        }
-    }
-}
-
-fn check_steps(n_train: usize, n: usize) -> Result<()> {
-    if n == 0 || n > n_train {
-        return Err(Error::Config(format!(
-            "number of sampling steps must be in 1..={n_train}, got {n}"
-        )));
-    }
-    Ok(())
-}
-
-/// DDIM / DDPM inference timesteps (diffusers `DDIMScheduler.set_timesteps`): integers, decreasing.
-/// `steps_offset` applies to `leading` only.
-pub fn ddim_timesteps(
-    spacing: TimestepSpacing,
-    n_train: usize,
-    n: usize,
-    steps_offset: usize,
-) -> Result<Vec<usize>> {
-    check_steps(n_train, n)?;
-    let t: Vec<usize> = match spacing {
-        TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n)
-            .into_iter()
-            .rev()
-            .map(|v| v.round_ties_even() as usize)
-            .collect(),
-        TimestepSpacing::Leading => {
-            let ratio = n_train / n;
-            (0..n).rev().map(|i| i * ratio + steps_offset).collect()
-        }
-        TimestepSpacing::Trailing => trailing(n_train as f64, n_train, n)
-            .into_iter()
-            .map(|v| v as usize)
-            .collect(),
-    };
-    if let Some(&bad) = t.iter().find(|&&v| v >= n_train) {
-        return Err(Error::Config(format!(
-            "timestep {bad} (steps_offset {steps_offset}) is past the last training timestep {}",
-            n_train - 1
-        )));
-    }
-    Ok(t)
-}
-
-/// `np.arange(start, 0, -N/n).round() - 1`.
-fn trailing(start: f64, n_train: usize, n: usize) -> Vec<f64> {
-    let ratio = n_train as f64 / n as f64;
-    let mut v = Vec::new();
-    let mut i = 0usize;
-    loop {
-        let x = start - i as f64 * ratio;
-        if x <= 0.0 {
-            break;
-        }
-        v.push(x.round_ties_even() - 1.0);
-        i += 1;
-    }
-    v
-}
-
-/// Euler / Heun inference timesteps (diffusers `EulerDiscreteScheduler.set_timesteps`): float,
-/// decreasing; `linspace` is not rounded. `steps_offset` applies to `leading` only.
-pub fn euler_timesteps(
-    spacing: TimestepSpacing,
-    n_train: usize,
-    n: usize,
-    steps_offset: usize,
-) -> Result<Vec<f64>> {
-    check_steps(n_train, n)?;
-    Ok(match spacing {
-        TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n)
-            .into_iter()
-            .rev()
-            .collect(),
-        TimestepSpacing::Leading => {
-            let ratio = n_train / n;
-            (0..n)
-                .rev()
-                .map(|i| (i * ratio + steps_offset) as f64)
-                .collect()
-        }
-        TimestepSpacing::Trailing => trailing(n_train as f64, n_train, n),
-    })
-}
-
-/// DPM-Solver multistep inference timesteps (diffusers `DPMSolverMultistepScheduler`): n + 1
-/// points laid out and the last (0) dropped, integers, decreasing.
-pub fn dpm_solver_timesteps(
-    spacing: TimestepSpacing,
-    n_train: usize,
-    n: usize,
-    steps_offset: usize,
-) -> Result<Vec<usize>> {
-    check_steps(n_train, n)?;
-    let v: Vec<f64> = match spacing {
-        TimestepSpacing::Linspace => {
-            let mut v: Vec<f64> = np_linspace(0.0, (n_train - 1) as f64, n + 1)
-                .into_iter()
-                .rev()
-                .map(f64::round_ties_even)
-                .collect();
-            v.pop();
-            v
-        }
-        TimestepSpacing::Leading => {
-            let ratio = n_train / (n + 1);
-            (1..=n)
-                .rev()
-                .map(|i| (i * ratio + steps_offset) as f64)
-                .collect()
-        }
-        TimestepSpacing::Trailing => trailing(n_train as f64, n_train, n),
-    };
-    Ok(v.into_iter().map(|x| x as usize).collect())
 }
 
 /// `np.interp(x, 0..len, table)`: linear interpolation in t of a per-timestep table, clamped to

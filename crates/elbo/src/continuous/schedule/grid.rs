@@ -8,7 +8,8 @@
 //! - [`flow_match_sigmas`]: diffusers' `FlowMatchEulerDiscreteScheduler` grid with `shift`.
 
 use super::continuous::{DiscreteVp, NoiseSchedule};
-use super::discrete::{np_linspace, TimestepSpacing};
+use super::discrete::np_linspace;
+use super::spacing::TimestepSpacing;
 use crate::{Error, Result};
 
 /// Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) -

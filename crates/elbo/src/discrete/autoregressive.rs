@@ -1,0 +1,182 @@
+//! Autoregressive language model: p(x) = prod_i p(x_i | x_<i) (chain rule; seed 001, "autoregressive
+//! LLM"), a causal transformer over `[BOS, x_0, ..., x_{L-2}]` predicting `x_0, ..., x_{L-1}`.
+//!
+//! Training minimises the exact NLL (mean next-token cross-entropy); `log_likelihood` is the
+//! exact NLL summed over the L positions. Sampling decodes with a KV cache, one token per
+//! network call, with temperature, top-k and top-p filtering; a prompt is a prefix.
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+
+use super::filter::TokenFilter;
+use super::{backbone_config, gather_nll, to_ids, vocab_of};
+use crate::config::{EvalOptions, ModelConfig, SampleOptions};
+use crate::model::{DataInfo, GenerativeModel};
+use crate::nn::transformer::{log_softmax_last_dim, Transformer};
+use crate::nn::ParamInit;
+use crate::{Error, Nll, NllKind, Result, Rng};
+
+/// A causal transformer LM with a beginning-of-sequence token `BOS = V`.
+pub struct Autoregressive {
+    varmap: VarMap,
+    net: Transformer,
+    len: usize,
+    vocab: usize,
+    device: Device,
+}
+
+impl Autoregressive {
+    /// A new model for sequences of `data.dim` tokens of `levels` values.
+    pub fn new(cfg: &ModelConfig, data: DataInfo, device: &Device, rng: &mut Rng) -> Result<Self> {
+        let vocab = vocab_of(&data, "the autoregressive model")?;
+        let varmap = VarMap::new();
+        let net = {
+            let mut p = ParamInit::new(&varmap, rng, device);
+            let tc = backbone_config(cfg, vocab + 1, vocab, data.dim, true);
+            Transformer::new(&mut p.push("net"), tc)?
+        };
+        Ok(Self {
+            varmap,
+            net,
+            len: data.dim,
+            vocab,
+            device: device.clone(),
+        })
+    }
+
+    /// The backbone.
+    pub fn net(&self) -> &Transformer {
+        &self.net
+    }
+
+    /// Per-token NLL `[B, L]` (nats) of token ids `ids: [B, L]` (u32).
+    pub fn token_nll(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let bos = Tensor::full(self.vocab as u32, (b, 1), &self.device)?;
+        let input = Tensor::cat(&[&bos, &ids.narrow(1, 0, l - 1)?], 1)?; // [B, L]
+        let logp = log_softmax_last_dim(&self.net.forward(&input)?)?; // [B, L, V]
+        gather_nll(&logp, ids)
+    }
+
+    /// `n` sequences continuing `prefix` (token ids, at most L), decoded with a KV cache.
+    pub fn generate(
+        &self,
+        n: usize,
+        prefix: &[u32],
+        filter: &TokenFilter,
+        rng: &mut Rng,
+    ) -> Result<Vec<Vec<u32>>> {
+        filter.validate()?;
+        if prefix.len() > self.len {
+            return Err(Error::Config(format!(
+                "prompt of {} tokens is longer than the model's {} positions",
+                prefix.len(),
+                self.len
+            )));
+        }
+        if let Some(&bad) = prefix.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(Error::Config(format!(
+                "prompt token {bad} >= vocab {}",
+                self.vocab
+            )));
+        }
+        let mut rows: Vec<Vec<u32>> = vec![prefix.to_vec(); n];
+        if prefix.len() == self.len || n == 0 {
+            return Ok(rows);
+        }
+        let mut cache = self.net.new_cache();
+        let mut first: Vec<u32> = Vec::with_capacity(n * (prefix.len() + 1));
+        for _ in 0..n {
+            first.push(self.vocab as u32);
+            first.extend_from_slice(prefix);
+        }
+        let mut input = Tensor::from_vec(first, (n, prefix.len() + 1), &self.device)?;
+        for pos in prefix.len()..self.len {
+            let logits = self.net.forward_cached(&input, None, &mut cache)?; // [n, T, V]
+            let t = logits.dim(1)?;
+            let last: Vec<Vec<f32>> = logits.narrow(1, t - 1, 1)?.squeeze(1)?.to_vec2()?;
+            let next: Vec<u32> = last.iter().map(|row| filter.sample(row, rng)).collect();
+            for (r, &tok) in rows.iter_mut().zip(&next) {
+                r.push(tok);
+            }
+            if pos + 1 < self.len {
+                input = Tensor::from_vec(next, (n, 1), &self.device)?;
+            }
+        }
+        Ok(rows)
+    }
+
+    fn rows_to_tensor(&self, rows: &[Vec<u32>]) -> Result<Tensor> {
+        let flat: Vec<f32> = rows.iter().flatten().map(|&t| t as f32).collect();
+        Ok(Tensor::from_vec(
+            flat,
+            (rows.len(), self.len),
+            &self.device,
+        )?)
+    }
+}
+
+impl GenerativeModel for Autoregressive {
+    fn family(&self) -> &'static str {
+        "ar"
+    }
+
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    fn dim(&self) -> usize {
+        self.len
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Mean next-token cross-entropy (nats per token): the exact NLL divided by L.
+    fn loss(&self, batch: &Tensor, _rng: &mut Rng) -> Result<Tensor> {
+        let ids = to_ids(batch, self.len, self.vocab)?;
+        Ok(self.token_nll(&ids)?.mean_all()?)
+    }
+
+    fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
+        let rows = self.generate(n, &[], &TokenFilter::from_options(opts)?, rng)?;
+        self.rows_to_tensor(&rows)
+    }
+
+    fn sample_conditional(
+        &self,
+        n: usize,
+        template: &[Option<u32>],
+        opts: &SampleOptions,
+        rng: &mut Rng,
+    ) -> Result<Tensor> {
+        let p = template.iter().take_while(|t| t.is_some()).count();
+        if template[p..].iter().any(Option::is_some) || template.len() > self.len {
+            return Err(Error::Config(
+                "the autoregressive model continues a prefix; use ao-ar or mdlm to fill in blanks"
+                    .into(),
+            ));
+        }
+        let prefix: Vec<u32> = template.iter().map_while(|t| *t).collect();
+        let rows = self.generate(n, &prefix, &TokenFilter::from_options(opts)?, rng)?;
+        self.rows_to_tensor(&rows)
+    }
+
+    fn log_likelihood(&self, batch: &Tensor, _opts: &EvalOptions, _rng: &mut Rng) -> Result<Nll> {
+        let ids = to_ids(batch, self.len, self.vocab)?;
+        let nats = super::per_chunk(&ids, |c| {
+            let v: Vec<f32> = self.token_nll(c)?.sum(1)?.to_vec1()?;
+            Ok(v.into_iter().map(f64::from).collect())
+        })?;
+        Ok(Nll {
+            nats,
+            dims: self.len,
+            kind: NllKind::Exact,
+        })
+    }
+
+    fn likelihood_method(&self, _opts: &EvalOptions) -> String {
+        "exact NLL by the chain rule (causal transformer, teacher forcing)".into()
+    }
+}
