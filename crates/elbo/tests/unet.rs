@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use elbo::nn::conv::Conv2d;
-use elbo::nn::group_norm::group_norm;
+use elbo::nn::conv::{Conv2d, Window};
+use elbo::nn::group_norm::{group_norm, group_norm_nhwc};
 use elbo::nn::unet::upsample_nearest2;
 use elbo::nn::{ParamInit, UNet, UNetConfig};
 use elbo::train::optim::{named_vars, AdamW, AdamWConfig};
@@ -234,6 +234,91 @@ fn group_norm_matches_direct_computation_and_finite_differences() {
 }
 
 #[test]
+fn fused_group_norm_matches_composition_and_finite_differences() {
+    let mut rng = Rng::new(17);
+    let (b, h, w, c, g) = (3, 2, 5, 8, 4);
+    let x = randn(&mut rng, &[b, h, w, c]).affine(1.5, -0.3).unwrap();
+    let wt = (randn(&mut rng, &[c]) + 1.0).unwrap();
+    let bt = randn(&mut rng, &[c]);
+    let r = randn(&mut rng, &[b, h, w, c]);
+    for silu in [false, true] {
+        // reference: the channels-first composition on the permuted input
+        let reference = group_norm(&x.permute((0, 3, 1, 2)).unwrap(), g, &wt, &bt, 1e-5)
+            .unwrap()
+            .permute((0, 2, 3, 1))
+            .unwrap();
+        let reference = if silu {
+            reference.silu().unwrap()
+        } else {
+            reference
+        };
+        let y = group_norm_nhwc(&x, g, &wt, &bt, 1e-5, silu).unwrap();
+        let dmax = vals(&(&y - &reference).unwrap().abs().unwrap().max_all().unwrap())[0];
+        assert!(dmax < 1e-5, "silu {silu}: {dmax}");
+        // gradients of sum(y r) against the composition's (autograd through candle ops)
+        let (xv, wv, bv) = (
+            Var::from_tensor(&x).unwrap(),
+            Var::from_tensor(&wt).unwrap(),
+            Var::from_tensor(&bt).unwrap(),
+        );
+        let fused = group_norm_nhwc(
+            xv.as_tensor(),
+            g,
+            wv.as_tensor(),
+            bv.as_tensor(),
+            1e-5,
+            silu,
+        )
+        .unwrap();
+        let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let comp = group_norm(
+            &xv.as_tensor().permute((0, 3, 1, 2)).unwrap(),
+            g,
+            wv.as_tensor(),
+            bv.as_tensor(),
+            1e-5,
+        )
+        .unwrap()
+        .permute((0, 2, 3, 1))
+        .unwrap();
+        let comp = if silu { comp.silu().unwrap() } else { comp };
+        let gc = (comp * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&xv, &wv, &bv] {
+            let a = vals(gf.get(v.as_tensor()).unwrap());
+            let e = vals(gc.get(v.as_tensor()).unwrap());
+            for (p, q) in a.iter().zip(&e) {
+                assert!(
+                    (p - q).abs() < 2e-4 * (1.0 + q.abs()),
+                    "silu {silu}: {p} vs {q}"
+                );
+            }
+        }
+        // and a few central differences of the fused forward (f32, so a loose tolerance)
+        let xs = vals(&x);
+        let ga = vals(gf.get(xv.as_tensor()).unwrap());
+        let eps = 1e-2;
+        for i in (0..xs.len()).step_by(37) {
+            let f = |d: f64| {
+                let mut v = xs.clone();
+                v[i] += d;
+                let xp = Tensor::from_vec(v, (b, h, w, c), &CPU)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
+                let y = group_norm_nhwc(&xp, g, &wt, &bt, 1e-5, silu).unwrap();
+                vals(&(y * &r).unwrap().sum_all().unwrap())[0]
+            };
+            let num = (f(eps) - f(-eps)) / (2.0 * eps);
+            assert!(
+                (num - ga[i]).abs() < 2e-2 * (1.0 + num.abs()),
+                "silu {silu} x[{i}]: {} vs {num}",
+                ga[i]
+            );
+        }
+    }
+}
+
+#[test]
 fn conv_backward_matches_finite_differences() {
     let mut rng = Rng::new(8);
     // (c_in, c_out, k, stride, padding, h, w): 3x3 same, 3x3 stride 2 on an odd size, 1x1
@@ -244,8 +329,12 @@ fn conv_backward_matches_finite_differences() {
     ] {
         let vm = VarMap::new();
         let mut prng = Rng::new(9);
-        let conv =
-            Conv2d::new(&mut ParamInit::new(&vm, &mut prng, &CPU), ci, co, k, s, pad).unwrap();
+        let win = Window {
+            k,
+            stride: s,
+            padding: pad,
+        };
+        let conv = Conv2d::new(&mut ParamInit::new(&vm, &mut prng, &CPU), ci, co, win).unwrap();
         let x = Var::from_tensor(&randn(&mut rng, &[2, ci, h, w])).unwrap();
         let y = conv.forward(x.as_tensor()).unwrap();
         let (ho, wo) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
@@ -254,7 +343,7 @@ fn conv_backward_matches_finite_differences() {
         let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         // the loss is linear in x and in W: differences in f64 of an f32 forward are exact
         // up to rounding, so compare with a direct f64 convolution instead
-        let wts = vals(conv.weight());
+        let wts = vals(&conv.weight_oihw().unwrap());
         let xs = vals(x.as_tensor());
         let rs = vals(&r);
         let direct = |xs: &[f64], wts: &[f64]| -> f64 {
@@ -289,7 +378,19 @@ fn conv_backward_matches_finite_differences() {
         let eps = 1e-3;
         for (what, base, g) in [
             ("x", &xs, vals(grads.get(x.as_tensor()).unwrap())),
-            ("w", &wts, vals(grads.get(conv.weight()).unwrap())),
+            (
+                "w",
+                &wts,
+                vals(
+                    &grads
+                        .get(conv.weight())
+                        .unwrap()
+                        .reshape((co, k, k, ci))
+                        .unwrap()
+                        .permute((0, 3, 1, 2))
+                        .unwrap(),
+                ),
+            ),
         ] {
             for i in 0..base.len() {
                 let (mut p, mut m) = (base.clone(), base.clone());
@@ -307,6 +408,15 @@ fn conv_backward_matches_finite_differences() {
                 );
             }
         }
+        // candle's conv2d gives the same output
+        let yc = x
+            .as_tensor()
+            .conv2d(&conv.weight_oihw().unwrap(), pad, s, 1, 1)
+            .unwrap()
+            .broadcast_add(&conv.bias().reshape((1, co, 1, 1)).unwrap())
+            .unwrap();
+        let dmax = vals(&(&y - &yc).unwrap().abs().unwrap().max_all().unwrap())[0];
+        assert!(dmax < 1e-5, "conv vs candle conv2d: {dmax}");
         // the forward pass agrees with the direct convolution too
         let l = vals(&(&y * &r).unwrap().sum_all().unwrap())[0];
         let d = direct(&xs, &wts)
@@ -502,5 +612,139 @@ fn timing_training_steps() {
         "mnist params {}: batch 64 28x28: {:.1} ms/step",
         n(&m),
         time_steps(m.clone(), 64, 28, 3)
+    );
+}
+
+#[test]
+#[ignore]
+fn timing_parts() {
+    let mut rng = Rng::new(1);
+    let vm = VarMap::new();
+    let mut p = ParamInit::new(&vm, &mut rng, &CPU);
+    let conv = Conv2d::new(
+        &mut p.push("c"),
+        32,
+        32,
+        Window {
+            k: 3,
+            stride: 1,
+            padding: 1,
+        },
+    )
+    .unwrap();
+    let gn = elbo::nn::group_norm::GroupNorm::new(&mut p.push("g"), 8, 32).unwrap();
+    let mut rng = Rng::new(2);
+    let x = Var::from_tensor(&randn(&mut rng, &[128, 8, 8, 32])).unwrap();
+    let time = |name: &str, f: &dyn Fn() -> Tensor| {
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let s = Instant::now();
+            let y = f();
+            let _g = y.sum_all().unwrap().backward().unwrap();
+            best = best.min(s.elapsed().as_secs_f64() * 1e3);
+        }
+        let mut bestf = f64::INFINITY;
+        for _ in 0..5 {
+            let s = Instant::now();
+            let _y = f();
+            bestf = bestf.min(s.elapsed().as_secs_f64() * 1e3);
+        }
+        println!("{name}: fwd {bestf:.2} ms, fwd+bwd {best:.2} ms");
+    };
+    let xt = x.as_tensor();
+    time("conv3x3 [128,8,8,32]", &|| {
+        conv.forward_nhwc(xt, false).unwrap()
+    });
+    time("gn+silu [128,8,8,32]", &|| {
+        gn.forward_nhwc(xt, true).unwrap()
+    });
+    time("gn+silu+conv", &|| {
+        conv.forward_nhwc(&gn.forward_nhwc(xt, true).unwrap(), false)
+            .unwrap()
+    });
+}
+
+#[test]
+#[ignore]
+fn timing_conv_pieces() {
+    use elbo::nn::conv::Im2Col;
+    let mut rng = Rng::new(2);
+    let x = randn(&mut rng, &[128, 8, 8, 32]);
+    let w = randn(&mut rng, &[32, 288]);
+    let win = Window {
+        k: 3,
+        stride: 1,
+        padding: 1,
+    };
+    let t = |name: &str, f: &dyn Fn() -> Tensor| {
+        let mut best = f64::INFINITY;
+        for _ in 0..7 {
+            let s = Instant::now();
+            let _y = f();
+            best = best.min(s.elapsed().as_secs_f64() * 1e3);
+        }
+        println!("{name}: {best:.2} ms");
+    };
+    let cols = x.apply_op1_no_bwd(&Im2Col { win }).unwrap();
+    let gz = randn(&mut rng, &[8192, 32]);
+    t("im2col", &|| x.apply_op1_no_bwd(&Im2Col { win }).unwrap());
+    t("cols @ W^T", &|| cols.matmul(&w.t().unwrap()).unwrap());
+    t("gz @ W", &|| gz.matmul(&w).unwrap());
+    t("gz^T @ cols", &|| gz.t().unwrap().matmul(&cols).unwrap());
+    t("gz^T contiguous @ cols", &|| {
+        gz.t().unwrap().contiguous().unwrap().matmul(&cols).unwrap()
+    });
+    let g2 = randn(&mut rng, &[8192, 288]);
+    t("col2im", &|| {
+        g2.apply_op1_no_bwd(&elbo::nn::conv::Col2Im {
+            win,
+            shape: (128, 8, 8, 32),
+        })
+        .unwrap()
+    });
+    t("zeros+add", &|| {
+        (Tensor::zeros_like(&g2).unwrap() + &g2).unwrap()
+    });
+}
+
+#[test]
+#[ignore]
+fn timing_conv_backward() {
+    let mut rng = Rng::new(1);
+    let vm = VarMap::new();
+    let mut p = ParamInit::new(&vm, &mut rng, &CPU);
+    let conv = Conv2d::new(
+        &mut p.push("c"),
+        32,
+        32,
+        Window {
+            k: 3,
+            stride: 1,
+            padding: 1,
+        },
+    )
+    .unwrap();
+    let x = Var::from_tensor(&randn(&mut rng, &[128, 8, 8, 32])).unwrap();
+    let r = randn(&mut rng, &[128, 8, 8, 32]);
+    for _ in 0..5 {
+        let s = Instant::now();
+        let y = conv.forward_nhwc(x.as_tensor(), false).unwrap();
+        let l = (y * &r).unwrap().sum_all().unwrap();
+        let f = s.elapsed().as_secs_f64() * 1e3;
+        let s = Instant::now();
+        let _g = l.backward().unwrap();
+        println!(
+            "fwd {f:.2} ms, bwd {:.2} ms",
+            s.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
+
+#[test]
+#[ignore]
+fn timing_digits_only() {
+    println!(
+        "digits batch 128 8x8: {:.1} ms/step",
+        time_steps(UNetConfig::digits(), 128, 8, 6)
     );
 }

@@ -1,79 +1,265 @@
-//! 2-D convolution `y = W * x + b` over `[B, C, H, W]` images (cross-correlation, as
-//! `torch.nn.Conv2d`), with PyTorch's default initialisation.
+//! 2-D convolution (cross-correlation, as `torch.nn.Conv2d`) computed as im2col + GEMM on
+//! channels-last images `[B, H, W, C]`.
 //!
-//! The product is candle's `conv2d`, which records a gradient for the input and the kernel
-//! (its backward is a transposed convolution and a convolution of the input with the output
-//! gradient; `tests/unet.rs` checks both against finite differences). 1x1 convolutions are
-//! computed as one batched matrix product `W [out, in] x X [B, in, H W]`, which skips candle's
-//! layout conversion.
+//! A `k x k` convolution with stride `s` and zero padding `p` is `cols(x) W^T + b`, where
+//! `cols(x): [B H' W', k k C]` gathers each output pixel's receptive field (rows of `C`
+//! contiguous channels, so the gather is a sequence of `memcpy`s in the channels-last layout)
+//! and `W: [out, k k C]`. The product and the bias (and an optional SiLU) are the fused
+//! [`crate::nn::fused::linear_act`] op with its own backward; [`Im2Col`] is a custom op whose
+//! backward is the scatter-add [`Col2Im`], so the whole convolution records gradients for the
+//! input, the kernel and the bias. The result `[B H' W', out]` is already channels-last.
+//!
+//! candle's own `conv2d` (NCHW) is the reference in `tests/unet.rs`; it is several times slower
+//! here (a layout conversion per call and a naive transposed convolution in its backward), and
+//! its backward derives the width of the input gradient from the height, which is wrong for
+//! strided inputs whose height and width leave different remainders.
 
-use candle_core::{Tensor, Var};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor, Var};
+use rayon::prelude::*;
 
+use super::fused::{self, FusedAct};
 use super::ParamInit;
 use crate::{Error, Result};
 
-/// A `k x k` convolution with `stride` and zero `padding`, weight `[out, in, k, k]`, bias `[out]`.
+/// The geometry of a square convolution window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// Kernel size `k`.
+    pub k: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+}
+
+impl Window {
+    /// Output size along a dimension of input size `n`, or `None` if the window does not fit.
+    pub fn out_size(&self, n: usize) -> Option<usize> {
+        (n + 2 * self.padding)
+            .checked_sub(self.k)
+            .map(|r| r / self.stride + 1)
+    }
+}
+
+/// im2col on channels-last images: `[B, H, W, C]` -> `[B H' W', k k C]`, row
+/// `(b, oy, ox)` holding `x[b, oy s + ky - p, ox s + kx - p, c]` at column `(ky k + kx) C + c`
+/// (zero outside the image). Its backward is [`Col2Im`].
+#[derive(Clone, Copy, Debug)]
+pub struct Im2Col {
+    /// The window.
+    pub win: Window,
+}
+
+/// The adjoint of [`Im2Col`]: scatter-adds `[B H' W', k k C]` rows back into `[B, H, W, C]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Col2Im {
+    /// The window.
+    pub win: Window,
+    /// The image shape `(B, H, W, C)` to scatter into.
+    pub shape: (usize, usize, usize, usize),
+}
+
+/// A contiguous `f32` view of `s` under layout `l`.
+pub(crate) fn f32_contiguous<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{what}: expected f32, got {:?}", s.dtype())
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{what}: the tensor is not contiguous"),
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "elbo-im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = l.shape().dims4()?;
+        let x = f32_contiguous(s, l, self.name())?;
+        let Window { k, stride, padding } = self.win;
+        let (Some(ho), Some(wo)) = (self.win.out_size(h), self.win.out_size(w)) else {
+            bail!("im2col: a {k}x{k} window does not fit a {h}x{w} image")
+        };
+        let row = k * k * c;
+        let mut out = vec![0f32; b * ho * wo * row];
+        if out.is_empty() {
+            return Ok((CpuStorage::F32(out), Shape::from((b * ho * wo, row))));
+        }
+        out.par_chunks_mut(ho * wo * row)
+            .zip(x.par_chunks(h * w * c))
+            .for_each(|(dst, img)| {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let r = &mut dst[(oy * wo + ox) * row..(oy * wo + ox + 1) * row];
+                        for ky in 0..k {
+                            let iy = (oy * stride + ky) as isize - padding as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            for kx in 0..k {
+                                let ix = (ox * stride + kx) as isize - padding as isize;
+                                if ix < 0 || ix >= w as isize {
+                                    continue;
+                                }
+                                let src = (iy as usize * w + ix as usize) * c;
+                                let d = (ky * k + kx) * c;
+                                r[d..d + c].copy_from_slice(&img[src..src + c]);
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b * ho * wo, row))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let op = Col2Im {
+            win: self.win,
+            shape: arg.dims4()?,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1(op)?))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "elbo-col2im"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = self.shape;
+        let g = f32_contiguous(s, l, self.name())?;
+        let Window { k, stride, padding } = self.win;
+        let (Some(ho), Some(wo)) = (self.win.out_size(h), self.win.out_size(w)) else {
+            bail!("col2im: a {k}x{k} window does not fit a {h}x{w} image")
+        };
+        let row = k * k * c;
+        if l.shape().dims() != [b * ho * wo, row] {
+            bail!(
+                "col2im: expected [{}, {row}], got {:?}",
+                b * ho * wo,
+                l.dims()
+            )
+        }
+        let mut out = vec![0f32; b * h * w * c];
+        if out.is_empty() {
+            return Ok((CpuStorage::F32(out), Shape::from((b, h, w, c))));
+        }
+        out.par_chunks_mut(h * w * c)
+            .zip(g.par_chunks(ho * wo * row))
+            .for_each(|(img, src)| {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let r = &src[(oy * wo + ox) * row..(oy * wo + ox + 1) * row];
+                        for ky in 0..k {
+                            let iy = (oy * stride + ky) as isize - padding as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            for kx in 0..k {
+                                let ix = (ox * stride + kx) as isize - padding as isize;
+                                if ix < 0 || ix >= w as isize {
+                                    continue;
+                                }
+                                let d = (iy as usize * w + ix as usize) * c;
+                                let sr = &r[(ky * k + kx) * c..(ky * k + kx + 1) * c];
+                                for (a, v) in img[d..d + c].iter_mut().zip(sr) {
+                                    *a += v;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, h, w, c))))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?.apply_op1(Im2Col { win: self.win })?,
+        ))
+    }
+}
+
+/// A `k x k` convolution with weight `[out, k k in]` (column order `(ky, kx, c)`) and bias
+/// `[out]`, on channels-last images.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     weight: Var,
     bias: Var,
-    stride: usize,
-    padding: usize,
+    win: Window,
+    c_in: usize,
 }
 
 impl Conv2d {
     /// Initialised as `torch.nn.Conv2d`: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
     /// `fan_in = in k^2` (Kaiming-uniform with a = sqrt(5), He et al. 2015).
-    pub fn new(
-        p: &mut ParamInit,
-        c_in: usize,
-        c_out: usize,
-        k: usize,
-        stride: usize,
-        padding: usize,
-    ) -> Result<Self> {
-        Self::check(c_in, c_out, k, stride)?;
-        let bound = 1.0 / ((c_in * k * k) as f64).sqrt();
+    pub fn new(p: &mut ParamInit, c_in: usize, c_out: usize, win: Window) -> Result<Self> {
+        Self::check(c_in, c_out, win)?;
+        let fan_in = c_in * win.k * win.k;
+        let bound = 1.0 / (fan_in as f64).sqrt();
         Ok(Self {
-            weight: p.uniform("weight", &[c_out, c_in, k, k], bound)?,
+            weight: p.uniform("weight", &[c_out, fan_in], bound)?,
             bias: p.uniform("bias", &[c_out], bound)?,
-            stride,
-            padding,
+            win,
+            c_in,
         })
     }
 
-    /// A convolution whose weight and bias start at zero (the output layers of Ho et al. 2020's
-    /// residual blocks and head, so each block starts as the identity).
-    pub fn zeros(
-        p: &mut ParamInit,
-        c_in: usize,
-        c_out: usize,
-        k: usize,
-        stride: usize,
-        padding: usize,
-    ) -> Result<Self> {
-        Self::check(c_in, c_out, k, stride)?;
+    /// A convolution whose weight and bias start at zero (the output layers of the residual
+    /// blocks and the head in improved DDPM, so each block starts as the identity).
+    pub fn zeros(p: &mut ParamInit, c_in: usize, c_out: usize, win: Window) -> Result<Self> {
+        Self::check(c_in, c_out, win)?;
         Ok(Self {
-            weight: p.constant("weight", &[c_out, c_in, k, k], 0.0)?,
+            weight: p.constant("weight", &[c_out, c_in * win.k * win.k], 0.0)?,
             bias: p.constant("bias", &[c_out], 0.0)?,
-            stride,
-            padding,
+            win,
+            c_in,
         })
     }
 
-    fn check(c_in: usize, c_out: usize, k: usize, stride: usize) -> Result<()> {
-        if c_in == 0 || c_out == 0 || k == 0 || stride == 0 {
+    fn check(c_in: usize, c_out: usize, win: Window) -> Result<()> {
+        if c_in == 0 || c_out == 0 || win.k == 0 || win.stride == 0 {
             return Err(Error::Config(format!(
-                "conv2d: channels ({c_in} -> {c_out}), kernel size ({k}) and stride ({stride}) \
-                 must be at least 1"
+                "conv2d: channels ({c_in} -> {c_out}), kernel size ({}) and stride ({}) must be \
+                 at least 1",
+                win.k, win.stride
             )));
         }
         Ok(())
     }
 
-    /// The kernel, `[out, in, k, k]`.
+    /// The kernel `[out, k k in]`, columns in `(ky, kx, c)` order.
     pub fn weight(&self) -> &Tensor {
         self.weight.as_tensor()
+    }
+
+    /// The kernel in PyTorch's layout `[out, in, k, k]` (a copy).
+    pub fn weight_oihw(&self) -> Result<Tensor> {
+        let (o, k) = (self.weight.dim(0)?, self.win.k);
+        Ok(self
+            .weight
+            .as_tensor()
+            .reshape((o, k, k, self.c_in))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?)
     }
 
     /// The bias, `[out]`.
@@ -81,47 +267,70 @@ impl Conv2d {
         self.bias.as_tensor()
     }
 
-    /// `x: [B, in, H, W]` -> `[B, out, H', W']`, `H' = (H + 2 pad - k) / stride + 1`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.as_tensor();
-        let (c_out, c_in, kh, kw) = w.dims4()?;
-        let (b, c, h, wd) = x.dims4().map_err(|_| {
+    /// `x: [B, H, W, in]` (channels last) -> `[B, H', W', out]`,
+    /// `H' = (H + 2 p - k) / s + 1`; `silu` applies SiLU to the result (fused).
+    pub fn forward_nhwc(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let (b, h, w, c) = x.dims4().map_err(|_| {
             Error::Shape(format!(
-                "conv2d: expected input [B, C, H, W], got {:?}",
+                "conv2d: expected channels-last input [B, H, W, C], got {:?}",
                 x.dims()
             ))
         })?;
-        if c != c_in {
+        if c != self.c_in {
             return Err(Error::Shape(format!(
-                "conv2d: input has {c} channels, the kernel expects {c_in}"
+                "conv2d: input has {c} channels, the kernel expects {}",
+                self.c_in
             )));
         }
-        let bias = self.bias.as_tensor().reshape((1, c_out, 1, 1))?;
-        if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
-            let y = w
-                .reshape((c_out, c_in))?
-                .broadcast_matmul(&x.reshape((b, c, h * wd))?)?; // [B, out, H W]
-            return Ok(y.reshape((b, c_out, h, wd))?.broadcast_add(&bias)?);
-        }
-        // candle's conv2d backward derives the output padding of its transposed convolution from
-        // the height alone, so a strided input whose height and width leave different
-        // remainders gets a gradient of the wrong width. Then pad explicitly and drop the
-        // trailing rows / columns that no window reaches (they do not affect the output).
-        let (p, s) = (self.padding, self.stride);
-        let (rh, rw) = (
-            (h + 2 * p).saturating_sub(kh) % s,
-            (wd + 2 * p).saturating_sub(kw) % s,
-        );
-        let y = if rh != rw && h + 2 * p >= kh && wd + 2 * p >= kw {
-            let xp = x
-                .pad_with_zeros(2, p, p)?
-                .pad_with_zeros(3, p, p)? // [B, in, H + 2p, W + 2p]
-                .narrow(2, 0, h + 2 * p - rh)?
-                .narrow(3, 0, wd + 2 * p - rw)?;
-            xp.conv2d(w, 0, s, 1, 1)? // [B, out, H', W']
-        } else {
-            x.conv2d(w, p, s, 1, 1)? // [B, out, H', W']
+        let (Some(ho), Some(wo)) = (self.win.out_size(h), self.win.out_size(w)) else {
+            return Err(Error::Shape(format!(
+                "conv2d: a {k}x{k} window does not fit a {h}x{w} image",
+                k = self.win.k
+            )));
         };
-        Ok(y.broadcast_add(&bias)?)
+        let act = if silu {
+            FusedAct::Silu
+        } else {
+            FusedAct::Identity
+        };
+        let cols = if self.win
+            == (Window {
+                k: 1,
+                stride: 1,
+                padding: 0,
+            }) {
+            x.reshape((b * h * w, c))? // [B H W, C]: a 1x1 convolution is a linear map
+        } else if fused::cpu_f32(&[x]) {
+            x.contiguous()?.apply_op1(Im2Col { win: self.win })? // [B H' W', k k C]
+        } else {
+            // other devices: candle's convolution in NCHW
+            let y = x
+                .permute((0, 3, 1, 2))?
+                .conv2d(
+                    &self.weight_oihw()?,
+                    self.win.padding,
+                    self.win.stride,
+                    1,
+                    1,
+                )?
+                .permute((0, 2, 3, 1))?
+                .broadcast_add(self.bias.as_tensor())?; // [B, H', W', out]
+            return Ok(if silu { y.silu()? } else { y });
+        };
+        let y = fused::linear_act(&cols, self.weight.as_tensor(), self.bias.as_tensor(), act)?;
+        Ok(y.reshape((b, ho, wo, ()))?) // [B, H', W', out]
+    }
+
+    /// `x: [B, in, H, W]` (channels first) -> `[B, out, H', W']` (two layout copies around
+    /// [`Conv2d::forward_nhwc`]).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.rank() != 4 {
+            return Err(Error::Shape(format!(
+                "conv2d: expected input [B, C, H, W], got {:?}",
+                x.dims()
+            )));
+        }
+        let y = self.forward_nhwc(&x.permute((0, 2, 3, 1))?.contiguous()?, false)?;
+        Ok(y.permute((0, 3, 1, 2))?.contiguous()?)
     }
 }
