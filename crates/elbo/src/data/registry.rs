@@ -1,7 +1,8 @@
 //! Data set names -> [`DataSource`]s, and [`ArraySource`] for the user's own arrays.
 //!
-//! [`open`] accepts the eight toy names (`8gaussians`, `checkerboard`, ...), `digits`, and a
-//! path to a 2-D array: `PATH.npy` / `PATH.csv`, or `npy:PATH` / `csv:PATH` for other file names.
+//! [`open`] accepts the eight toy names (`8gaussians`, `checkerboard`, ...), `digits`, `mnist`,
+//! `mnist-binary`, and a path to a 2-D array: `PATH.npy` / `PATH.csv`, or `npy:PATH` /
+//! `csv:PATH` for other file names.
 
 use std::path::Path;
 
@@ -9,6 +10,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::digits::DigitsSource;
+use super::mnist::MnistSource;
 use super::toy2d::{Toy2d, Toy2dSource};
 use super::{csv, npy, DataKind, DataSource};
 use crate::{Error, Result, Rng};
@@ -24,6 +26,8 @@ pub const KNOWN_DATASETS: &[&str] = &[
     "2spirals",
     "checkerboard",
     "digits",
+    "mnist",
+    "mnist-binary",
     "PATH.npy",
     "PATH.csv",
 ];
@@ -74,6 +78,12 @@ pub fn open(name: &str, cfg: &DataConfig) -> Result<Box<dyn DataSource>> {
     }
     if name == "digits" {
         return Ok(Box::new(DigitsSource::new()?));
+    }
+    if name == "mnist" {
+        return Ok(Box::new(MnistSource::new()?));
+    }
+    if name == "mnist-binary" {
+        return Ok(Box::new(MnistSource::binary()?));
     }
     let lower = name.to_ascii_lowercase();
     let (data, shape) = if let Some(p) = name.strip_prefix("npy:") {
