@@ -13,6 +13,11 @@ use elbo::nn::{ParamInit, UNet, UNetConfig};
 use elbo::train::optim::{named_vars, AdamW, AdamWConfig};
 use elbo::Rng;
 
+/// As in the `elbo` binary: glibc's allocator returns large tensor buffers to the kernel, and
+/// the page faults of re-allocating them would dominate the timings below.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CPU: Device = Device::Cpu;
 
 fn build(cfg: UNetConfig, seed: u64) -> (VarMap, UNet) {
@@ -565,7 +570,21 @@ fn short_training_lowers_the_loss() {
     assert!(losses[29] < 0.6 * losses[0], "{losses:?}");
 }
 
-fn time_steps(cfg: UNetConfig, b: usize, hw: usize, steps: usize) -> f64 {
+/// CPU time of this process (all threads) in ms, from `/proc/self/stat` (Linux; 0 elsewhere).
+fn cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let tail = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<f64> = tail
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() * 10.0 // utime + stime in 1/100 s
+}
+
+/// (best wall ms, mean CPU ms) per training step: forward with dropout, MSE, backward, AdamW.
+fn time_steps(cfg: UNetConfig, b: usize, hw: usize, steps: usize) -> (f64, f64) {
     let (vm, net) = build(cfg, 40);
     let params = named_vars(&vm).unwrap();
     let mut opt = AdamW::new(AdamWConfig::default());
@@ -573,8 +592,9 @@ fn time_steps(cfg: UNetConfig, b: usize, hw: usize, steps: usize) -> f64 {
     let x = randn(&mut rng, &[b, 1, hw, hw]);
     let t = rng.uniform_tensor(&[b], &CPU).unwrap();
     let mut best = f64::INFINITY;
-    for _ in 0..steps {
-        let start = Instant::now();
+    let mut cpu = 0.0;
+    for i in 0..=steps {
+        let (start, c0) = (Instant::now(), cpu_ms());
         let loss = (net.forward_train(&x, &t, &mut rng).unwrap() - &x)
             .unwrap()
             .sqr()
@@ -583,36 +603,58 @@ fn time_steps(cfg: UNetConfig, b: usize, hw: usize, steps: usize) -> f64 {
             .unwrap();
         let g = loss.backward().unwrap();
         opt.step(&params, &g, 1e-4).unwrap();
-        best = best.min(start.elapsed().as_secs_f64() * 1e3);
+        if i > 0 {
+            // the first step warms up the allocator and thread pools
+            best = best.min(start.elapsed().as_secs_f64() * 1e3);
+            cpu += cpu_ms() - c0;
+        }
     }
-    best
+    (best, cpu / steps as f64)
 }
 
-/// Training-step timings (forward, backward, AdamW) of the default configs; run with
-/// `cargo test --release -p elbo --test unet -- --ignored --nocapture`.
+fn n_params(cfg: &UNetConfig) -> usize {
+    let (vm, _) = build(cfg.clone(), 0);
+    named_vars(&vm)
+        .unwrap()
+        .iter()
+        .map(|(_, v)| v.as_tensor().elem_count())
+        .sum()
+}
+
+/// Training-step timings (forward, backward, AdamW) of the preset configs; run with
+/// `cargo test --release -p elbo --test unet timing_training_steps -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn timing_training_steps() {
-    let n = |cfg: &UNetConfig| {
-        let (vm, _) = build(cfg.clone(), 0);
-        named_vars(&vm)
-            .unwrap()
-            .iter()
-            .map(|(_, v)| v.as_tensor().elem_count())
-            .sum::<usize>()
-    };
     let d = UNetConfig::digits();
     let m = UNetConfig::mnist();
-    println!(
-        "digits params {}: batch 128 8x8: {:.1} ms/step",
-        n(&d),
-        time_steps(d.clone(), 128, 8, 5)
-    );
-    println!(
-        "mnist params {}: batch 64 28x28: {:.1} ms/step",
-        n(&m),
-        time_steps(m.clone(), 64, 28, 3)
-    );
+    let cases = [
+        ("digits()", d.clone(), 128, 8),
+        (
+            "digits() base 16",
+            UNetConfig {
+                base_channels: 16,
+                ..d.clone()
+            },
+            128,
+            8,
+        ),
+        ("mnist()", m.clone(), 64, 28),
+        (
+            "mnist() base 16",
+            UNetConfig {
+                base_channels: 16,
+                ..m.clone()
+            },
+            64,
+            28,
+        ),
+    ];
+    for (name, cfg, b, hw) in cases {
+        let np = n_params(&cfg);
+        let (wall, cpu) = time_steps(cfg, b, hw, 4);
+        println!("{name}: {np} params, batch {b} {hw}x{hw}: {wall:.0} ms/step wall (best), {cpu:.0} ms CPU");
+    }
 }
 
 #[test]
@@ -740,11 +782,75 @@ fn timing_conv_backward() {
     }
 }
 
+/// `<im2col(x), c> = <x, col2im(c)>`: the backward of the gather is its exact adjoint.
+#[test]
+fn col2im_is_the_adjoint_of_im2col() {
+    use elbo::nn::conv::{Col2Im, Im2Col};
+    let mut rng = Rng::new(50);
+    for win in [
+        Window {
+            k: 3,
+            stride: 1,
+            padding: 1,
+        },
+        Window {
+            k: 3,
+            stride: 2,
+            padding: 1,
+        },
+        Window {
+            k: 2,
+            stride: 2,
+            padding: 0,
+        },
+    ] {
+        let (b, h, w, c) = (2, 7, 6, 3);
+        let x = randn(&mut rng, &[b, h, w, c]);
+        let cols = x.apply_op1_no_bwd(&Im2Col { win }).unwrap();
+        let cv = randn(&mut rng, cols.dims());
+        let back = cv
+            .apply_op1_no_bwd(&Col2Im {
+                win,
+                shape: (b, h, w, c),
+            })
+            .unwrap();
+        let lhs = vals(&(&cols * &cv).unwrap().sum_all().unwrap())[0];
+        let rhs = vals(&(&x * &back).unwrap().sum_all().unwrap())[0];
+        assert!(
+            (lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()),
+            "{win:?}: {lhs} vs {rhs}"
+        );
+    }
+}
+
 #[test]
 #[ignore]
-fn timing_digits_only() {
-    println!(
-        "digits batch 128 8x8: {:.1} ms/step",
-        time_steps(UNetConfig::digits(), 128, 8, 6)
-    );
+fn timing_misc() {
+    let mut rng = Rng::new(2);
+    let t = |name: &str, f: &dyn Fn() -> Tensor| {
+        let mut best = f64::INFINITY;
+        for _ in 0..7 {
+            let s = Instant::now();
+            let _y = f();
+            best = best.min(s.elapsed().as_secs_f64() * 1e3);
+        }
+        println!("{name}: {best:.3} ms");
+    };
+    let g = randn(&mut rng, &[8192, 64]);
+    t("sum(0) [8192,64]", &|| g.sum(0).unwrap());
+    let x = randn(&mut rng, &[128, 8, 8, 64]);
+    t("silu [128,8,8,64]", &|| x.silu().unwrap());
+    t("add", &|| (&x + &x).unwrap());
+    t("cat last dim", &|| Tensor::cat(&[&x, &x], 3).unwrap());
+    let s = randn(&mut rng, &[128, 1, 16, 16]);
+    t("softmax [128,1,16,16]", &|| {
+        elbo::nn::transformer::softmax_last_dim(&s).unwrap()
+    });
+}
+
+#[test]
+#[ignore]
+fn timing_digits_profile() {
+    let (wall, cpu) = time_steps(UNetConfig::digits(), 128, 8, 4);
+    println!("digits: {wall:.0} ms wall, {cpu:.0} ms CPU");
 }

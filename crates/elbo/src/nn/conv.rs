@@ -15,7 +15,7 @@
 //! strided inputs whose height and width leave different remainders.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor, Var};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, Var};
 use rayon::prelude::*;
 
 use super::fused::{self, FusedAct};
@@ -75,6 +75,61 @@ pub(crate) fn f32_contiguous<'a>(
     }
 }
 
+/// For output column `ox`, the kernel columns `kx0..kx1` that fall inside an image of width
+/// `w`, and the image column `x0` of `kx0` (`None` when no column does).
+fn kx_run(
+    ox: usize,
+    stride: usize,
+    padding: usize,
+    k: usize,
+    w: usize,
+) -> Option<(usize, usize, usize)> {
+    let left = ox * stride; // image column of kx = 0, plus `padding`
+    let kx0 = padding.saturating_sub(left);
+    let kx1 = k.min((w + padding).saturating_sub(left));
+    (kx0 < kx1).then(|| (left + kx0 - padding, kx0, kx1))
+}
+
+/// The im2col gather of a contiguous channels-last image batch `x: [B, H, W, C]` into
+/// `[B Ho Wo, k k C]` rows (see [`Im2Col`]).
+fn im2col(
+    x: &[f32],
+    (b, h, w, c): (usize, usize, usize, usize),
+    win: Window,
+    (ho, wo): (usize, usize),
+) -> Vec<f32> {
+    let Window { k, stride, padding } = win;
+    let row = k * k * c;
+    let mut out = vec![0f32; b * ho * wo * row];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(ho * wo * row)
+        .zip(x.par_chunks(h * w * c))
+        .for_each(|(dst, img)| {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let r = &mut dst[(oy * wo + ox) * row..(oy * wo + ox + 1) * row];
+                    let Some((x0, kx0, kx1)) = kx_run(ox, stride, padding, k, w) else {
+                        continue;
+                    };
+                    for ky in 0..k {
+                        let iy = (oy * stride + ky) as isize - padding as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        // pixels kx0..kx1 of this kernel row are adjacent in the image
+                        let src = (iy as usize * w + x0) * c;
+                        let len = (kx1 - kx0) * c;
+                        let d = (ky * k + kx0) * c;
+                        r[d..d + len].copy_from_slice(&img[src..src + len]);
+                    }
+                }
+            }
+        });
+    out
+}
+
 impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
         "elbo-im2col"
@@ -83,39 +138,12 @@ impl CustomOp1 for Im2Col {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, c) = l.shape().dims4()?;
         let x = f32_contiguous(s, l, self.name())?;
-        let Window { k, stride, padding } = self.win;
+        let k = self.win.k;
         let (Some(ho), Some(wo)) = (self.win.out_size(h), self.win.out_size(w)) else {
             bail!("im2col: a {k}x{k} window does not fit a {h}x{w} image")
         };
+        let out = im2col(x, (b, h, w, c), self.win, (ho, wo));
         let row = k * k * c;
-        let mut out = vec![0f32; b * ho * wo * row];
-        if out.is_empty() {
-            return Ok((CpuStorage::F32(out), Shape::from((b * ho * wo, row))));
-        }
-        out.par_chunks_mut(ho * wo * row)
-            .zip(x.par_chunks(h * w * c))
-            .for_each(|(dst, img)| {
-                for oy in 0..ho {
-                    for ox in 0..wo {
-                        let r = &mut dst[(oy * wo + ox) * row..(oy * wo + ox + 1) * row];
-                        for ky in 0..k {
-                            let iy = (oy * stride + ky) as isize - padding as isize;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            for kx in 0..k {
-                                let ix = (ox * stride + kx) as isize - padding as isize;
-                                if ix < 0 || ix >= w as isize {
-                                    continue;
-                                }
-                                let src = (iy as usize * w + ix as usize) * c;
-                                let d = (ky * k + kx) * c;
-                                r[d..d + c].copy_from_slice(&img[src..src + c]);
-                            }
-                        }
-                    }
-                }
-            });
         Ok((CpuStorage::F32(out), Shape::from((b * ho * wo, row))))
     }
 
@@ -163,21 +191,19 @@ impl CustomOp1 for Col2Im {
                 for oy in 0..ho {
                     for ox in 0..wo {
                         let r = &src[(oy * wo + ox) * row..(oy * wo + ox + 1) * row];
+                        let Some((x0, kx0, kx1)) = kx_run(ox, stride, padding, k, w) else {
+                            continue;
+                        };
                         for ky in 0..k {
                             let iy = (oy * stride + ky) as isize - padding as isize;
                             if iy < 0 || iy >= h as isize {
                                 continue;
                             }
-                            for kx in 0..k {
-                                let ix = (ox * stride + kx) as isize - padding as isize;
-                                if ix < 0 || ix >= w as isize {
-                                    continue;
-                                }
-                                let d = (iy as usize * w + ix as usize) * c;
-                                let sr = &r[(ky * k + kx) * c..(ky * k + kx + 1) * c];
-                                for (a, v) in img[d..d + c].iter_mut().zip(sr) {
-                                    *a += v;
-                                }
+                            let d = (iy as usize * w + x0) * c;
+                            let len = (kx1 - kx0) * c;
+                            let sr = &r[(ky * k + kx0) * c..(ky * k + kx0) * c + len];
+                            for (a, v) in img[d..d + len].iter_mut().zip(sr) {
+                                *a += v;
                             }
                         }
                     }
@@ -195,6 +221,121 @@ impl CustomOp1 for Col2Im {
         Ok(Some(
             grad.contiguous()?.apply_op1(Im2Col { win: self.win })?,
         ))
+    }
+}
+
+/// The whole convolution `y = im2col(x) W^T + b` as one op on `(x: [B, H, W, C],
+/// W: [out, k k C], b: [out])` giving `[B Ho Wo, out]` (CPU, f32). Only `dL/dx` (image-sized)
+/// goes back through candle's gradient store: the backward recomputes the columns, takes
+/// `dW = dy^T cols`, `db = sum_rows dy` and `dx = col2im(dy W)` without recording a graph, so
+/// the 9x larger column gradient is never accumulated.
+#[derive(Clone, Copy, Debug)]
+pub struct Conv2dOp {
+    /// The window.
+    pub win: Window,
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "elbo-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, w, c) = xl.shape().dims4()?;
+        let (c_out, kkc) = wl.shape().dims2()?;
+        let k = self.win.k;
+        let (Some(ho), Some(wo)) = (self.win.out_size(h), self.win.out_size(w)) else {
+            bail!("conv2d: a {k}x{k} window does not fit a {h}x{w} image")
+        };
+        if kkc != k * k * c || bl.shape().dims1()? != c_out {
+            bail!(
+                "conv2d: x {:?}, W {:?} and b {:?} do not fit together",
+                xl.dims(),
+                wl.dims(),
+                bl.dims()
+            )
+        }
+        let x = f32_contiguous(xs, xl, self.name())?;
+        let bias = f32_contiguous(bs, bl, self.name())?;
+        let rows = b * ho * wo;
+        let cols = CpuStorage::F32(im2col(x, (b, h, w, c), self.win, (ho, wo)));
+        let y = cols.matmul(
+            ws,
+            (1, rows, c_out, kkc),
+            &Layout::contiguous((rows, kkc)),
+            &wl.transpose(0, 1)?,
+        )?; // [rows, out]
+        let CpuStorage::F32(mut y) = y else {
+            bail!("conv2d: expected an f32 product")
+        };
+        if c_out > 0 {
+            y.par_chunks_mut(c_out.max(1024 / c_out * c_out))
+                .for_each(|blk| {
+                    for r in blk.chunks_exact_mut(c_out) {
+                        for (v, bv) in r.iter_mut().zip(bias) {
+                            *v += bv;
+                        }
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(y), Shape::from((rows, c_out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.detach().contiguous()?; // [rows, out]
+        let cols = x.detach().apply_op1_no_bwd(&Im2Col { win: self.win })?; // [rows, k k C]
+        let dw = g.t()?.matmul(&cols)?; // [out, k k C]
+        drop(cols);
+        let db = g.apply_op1_no_bwd(&ColumnSums)?; // [out]
+        let dx = if x.track_op() {
+            let dcols = g.matmul(&w.detach())?; // [rows, k k C]
+            Some(dcols.apply_op1_no_bwd(&Col2Im {
+                win: self.win,
+                shape: x.dims4()?,
+            })?)
+        } else {
+            None
+        };
+        Ok((dx, Some(dw), Some(db)))
+    }
+}
+
+/// The column sums of a contiguous `[rows, cols]` matrix, `[cols]` (candle's `sum(0)` walks
+/// the matrix with a stride; this adds whole rows).
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "elbo-conv-column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, cols) = l.shape().dims2()?;
+        let g = f32_contiguous(s, l, self.name())?;
+        let mut acc = vec![0f32; cols];
+        if cols > 0 {
+            for r in g.chunks_exact(cols) {
+                for (a, v) in acc.iter_mut().zip(r) {
+                    *a += v;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(acc), Shape::from(cols)))
     }
 }
 
@@ -300,8 +441,14 @@ impl Conv2d {
                 padding: 0,
             }) {
             x.reshape((b * h * w, c))? // [B H W, C]: a 1x1 convolution is a linear map
-        } else if fused::cpu_f32(&[x]) {
-            x.contiguous()?.apply_op1(Im2Col { win: self.win })? // [B H' W', k k C]
+        } else if fused::cpu_f32(&[x, self.weight.as_tensor(), self.bias.as_tensor()]) {
+            let y = x.contiguous()?.apply_op3(
+                self.weight.as_tensor(),
+                self.bias.as_tensor(),
+                Conv2dOp { win: self.win },
+            )?; // [B H' W', out]
+            let y = y.reshape((b, ho, wo, ()))?;
+            return Ok(if silu { y.silu()? } else { y });
         } else {
             // other devices: candle's convolution in NCHW
             let y = x

@@ -122,31 +122,34 @@ fn sigmoid(y: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-y))
 }
 
-/// Per-group mean and `1 / sqrt(var + eps)` of one example `x: [S, C]` (two passes, f64 sums).
+/// Per-group mean and `1 / sqrt(var + eps)` of one example `x: [S, C]`: per-channel sums in
+/// f32 (vectorised over the channels of a row), combined per group in f64; the variance is
+/// taken around the mean (two passes) so it does not cancel.
 fn group_stats(x: &[f32], c: usize, groups: usize, eps: f32) -> Vec<(f32, f32)> {
     let cg = c / groups;
     let n = (x.len() / c * cg) as f64;
-    let mut s1 = vec![0f64; c];
+    let mut s1 = vec![0f32; c];
     for row in x.chunks_exact(c) {
         for (a, &v) in s1.iter_mut().zip(row) {
-            *a += f64::from(v);
+            *a += v;
         }
     }
     let means: Vec<f32> = s1
         .chunks_exact(cg)
-        .map(|g| (g.iter().sum::<f64>() / n) as f32)
+        .map(|g| (g.iter().map(|&v| f64::from(v)).sum::<f64>() / n) as f32)
         .collect();
-    let mut s2 = vec![0f64; c];
+    let mc: Vec<f32> = (0..c).map(|j| means[j / cg]).collect();
+    let mut s2 = vec![0f32; c];
     for row in x.chunks_exact(c) {
-        for (j, (a, &v)) in s2.iter_mut().zip(row).enumerate() {
-            let d = v - means[j / cg];
-            *a += f64::from(d * d);
+        for ((a, &v), &m) in s2.iter_mut().zip(row).zip(&mc) {
+            let d = v - m;
+            *a += d * d;
         }
     }
     s2.chunks_exact(cg)
         .zip(&means)
         .map(|(g, &m)| {
-            let var = (g.iter().sum::<f64>() / n) as f32;
+            let var = (g.iter().map(|&v| f64::from(v)).sum::<f64>() / n) as f32;
             (m, 1.0 / (var + eps).sqrt())
         })
         .collect()
@@ -187,10 +190,18 @@ impl CustomOp3 for GroupNormOp {
                 // y = x a_c + b_c with a_c = rstd gamma_c, b_c = beta_c - mean a_c
                 let a: Vec<f32> = (0..c).map(|j| st[j / cg].1 * gamma[j]).collect();
                 let sh: Vec<f32> = (0..c).map(|j| beta[j] - st[j / cg].0 * a[j]).collect();
+                let (a, sh) = (&a[..c], &sh[..c]);
                 for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                    for j in 0..c {
-                        let v = xr[j] * a[j] + sh[j];
-                        yr[j] = if self.silu { v * sigmoid(v) } else { v };
+                    let (yr, xr) = (&mut yr[..c], &xr[..c]);
+                    if self.silu {
+                        for j in 0..c {
+                            let v = xr[j] * a[j] + sh[j];
+                            yr[j] = v * sigmoid(v);
+                        }
+                    } else {
+                        for j in 0..c {
+                            yr[j] = xr[j] * a[j] + sh[j];
+                        }
                     }
                 }
             });
@@ -274,26 +285,38 @@ impl CustomOp3 for GroupNormBackward {
             .zip(gout.par_chunks(s * c))
             .map(|((dx, x), go)| {
                 let st = group_stats(x, c, g, eps);
+                let mc: Vec<f32> = (0..c).map(|j| st[j / cg].0).collect();
+                let rc: Vec<f32> = (0..c).map(|j| st[j / cg].1).collect();
                 let (mut sdy, mut sdyx) = (vec![0f32; c], vec![0f32; c]);
-                // pass 1: dy (after SiLU'), stored in dx, and per-channel sums of dy, dy xhat
+                // pass 1: dy (after SiLU'), stored in dx, and per-channel sums of dy, dy xhat;
+                // y = x a + b and xhat = x r + o per channel
+                let a: Vec<f32> = (0..c).map(|j| rc[j] * gamma[j]).collect();
+                let bsh: Vec<f32> = (0..c).map(|j| beta[j] - mc[j] * a[j]).collect();
+                let o: Vec<f32> = (0..c).map(|j| -mc[j] * rc[j]).collect();
+                let (a, bsh, o, rc_) = (&a[..c], &bsh[..c], &o[..c], &rc[..c]);
+                let (s1, s2) = (&mut sdy[..c], &mut sdyx[..c]);
                 for ((dr, xr), gr) in dx
                     .chunks_exact_mut(c)
                     .zip(x.chunks_exact(c))
                     .zip(go.chunks_exact(c))
                 {
-                    for j in 0..c {
-                        let (m, r) = st[j / cg];
-                        let xh = (xr[j] - m) * r;
-                        let dy = if silu {
-                            let y = xh * gamma[j] + beta[j];
+                    let (dr, xr, gr) = (&mut dr[..c], &xr[..c], &gr[..c]);
+                    if silu {
+                        for j in 0..c {
+                            let y = xr[j] * a[j] + bsh[j];
                             let sg = sigmoid(y);
-                            gr[j] * sg * (1.0 + y * (1.0 - sg))
-                        } else {
-                            gr[j]
-                        };
-                        dr[j] = dy;
-                        sdy[j] += dy;
-                        sdyx[j] += dy * xh;
+                            let dy = gr[j] * sg * (1.0 + y * (1.0 - sg));
+                            dr[j] = dy;
+                            s1[j] += dy;
+                            s2[j] += dy * (xr[j] * rc_[j] + o[j]);
+                        }
+                    } else {
+                        for j in 0..c {
+                            let dy = gr[j];
+                            dr[j] = dy;
+                            s1[j] += dy;
+                            s2[j] += dy * (xr[j] * rc_[j] + o[j]);
+                        }
                     }
                 }
                 // group means of g = dy gamma and g xhat
@@ -304,11 +327,19 @@ impl CustomOp3 for GroupNormBackward {
                     m2[j / cg] += sdyx[j] * gamma[j] / n;
                 }
                 // pass 2: dx = r (dy gamma - m1 - xhat m2)
+                let m1c: Vec<f32> = (0..c).map(|j| m1[j / cg]).collect();
+                let m2c: Vec<f32> = (0..c).map(|j| m2[j / cg]).collect();
+                // dx = r dy gamma - r m1 - (x r + o) r m2 = x p + dy q + u per channel
+                let p: Vec<f32> = (0..c).map(|j| -rc[j] * rc[j] * m2c[j]).collect();
+                let q: Vec<f32> = (0..c).map(|j| rc[j] * gamma[j]).collect();
+                let u: Vec<f32> = (0..c)
+                    .map(|j| -rc[j] * m1c[j] - o[j] * rc[j] * m2c[j])
+                    .collect();
+                let (p, q, u) = (&p[..c], &q[..c], &u[..c]);
                 for (dr, xr) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                    let (dr, xr) = (&mut dr[..c], &xr[..c]);
                     for j in 0..c {
-                        let (m, r) = st[j / cg];
-                        let xh = (xr[j] - m) * r;
-                        dr[j] = r * (dr[j] * gamma[j] - m1[j / cg] - xh * m2[j / cg]);
+                        dr[j] = xr[j] * p[j] + dr[j] * q[j] + u[j];
                     }
                 }
                 (sdyx, sdy)
