@@ -657,131 +657,6 @@ fn timing_training_steps() {
     }
 }
 
-#[test]
-#[ignore]
-fn timing_parts() {
-    let mut rng = Rng::new(1);
-    let vm = VarMap::new();
-    let mut p = ParamInit::new(&vm, &mut rng, &CPU);
-    let conv = Conv2d::new(
-        &mut p.push("c"),
-        32,
-        32,
-        Window {
-            k: 3,
-            stride: 1,
-            padding: 1,
-        },
-    )
-    .unwrap();
-    let gn = elbo::nn::group_norm::GroupNorm::new(&mut p.push("g"), 8, 32).unwrap();
-    let mut rng = Rng::new(2);
-    let x = Var::from_tensor(&randn(&mut rng, &[128, 8, 8, 32])).unwrap();
-    let time = |name: &str, f: &dyn Fn() -> Tensor| {
-        let mut best = f64::INFINITY;
-        for _ in 0..5 {
-            let s = Instant::now();
-            let y = f();
-            let _g = y.sum_all().unwrap().backward().unwrap();
-            best = best.min(s.elapsed().as_secs_f64() * 1e3);
-        }
-        let mut bestf = f64::INFINITY;
-        for _ in 0..5 {
-            let s = Instant::now();
-            let _y = f();
-            bestf = bestf.min(s.elapsed().as_secs_f64() * 1e3);
-        }
-        println!("{name}: fwd {bestf:.2} ms, fwd+bwd {best:.2} ms");
-    };
-    let xt = x.as_tensor();
-    time("conv3x3 [128,8,8,32]", &|| {
-        conv.forward_nhwc(xt, false).unwrap()
-    });
-    time("gn+silu [128,8,8,32]", &|| {
-        gn.forward_nhwc(xt, true).unwrap()
-    });
-    time("gn+silu+conv", &|| {
-        conv.forward_nhwc(&gn.forward_nhwc(xt, true).unwrap(), false)
-            .unwrap()
-    });
-}
-
-#[test]
-#[ignore]
-fn timing_conv_pieces() {
-    use elbo::nn::conv::Im2Col;
-    let mut rng = Rng::new(2);
-    let x = randn(&mut rng, &[128, 8, 8, 32]);
-    let w = randn(&mut rng, &[32, 288]);
-    let win = Window {
-        k: 3,
-        stride: 1,
-        padding: 1,
-    };
-    let t = |name: &str, f: &dyn Fn() -> Tensor| {
-        let mut best = f64::INFINITY;
-        for _ in 0..7 {
-            let s = Instant::now();
-            let _y = f();
-            best = best.min(s.elapsed().as_secs_f64() * 1e3);
-        }
-        println!("{name}: {best:.2} ms");
-    };
-    let cols = x.apply_op1_no_bwd(&Im2Col { win }).unwrap();
-    let gz = randn(&mut rng, &[8192, 32]);
-    t("im2col", &|| x.apply_op1_no_bwd(&Im2Col { win }).unwrap());
-    t("cols @ W^T", &|| cols.matmul(&w.t().unwrap()).unwrap());
-    t("gz @ W", &|| gz.matmul(&w).unwrap());
-    t("gz^T @ cols", &|| gz.t().unwrap().matmul(&cols).unwrap());
-    t("gz^T contiguous @ cols", &|| {
-        gz.t().unwrap().contiguous().unwrap().matmul(&cols).unwrap()
-    });
-    let g2 = randn(&mut rng, &[8192, 288]);
-    t("col2im", &|| {
-        g2.apply_op1_no_bwd(&elbo::nn::conv::Col2Im {
-            win,
-            shape: (128, 8, 8, 32),
-        })
-        .unwrap()
-    });
-    t("zeros+add", &|| {
-        (Tensor::zeros_like(&g2).unwrap() + &g2).unwrap()
-    });
-}
-
-#[test]
-#[ignore]
-fn timing_conv_backward() {
-    let mut rng = Rng::new(1);
-    let vm = VarMap::new();
-    let mut p = ParamInit::new(&vm, &mut rng, &CPU);
-    let conv = Conv2d::new(
-        &mut p.push("c"),
-        32,
-        32,
-        Window {
-            k: 3,
-            stride: 1,
-            padding: 1,
-        },
-    )
-    .unwrap();
-    let x = Var::from_tensor(&randn(&mut rng, &[128, 8, 8, 32])).unwrap();
-    let r = randn(&mut rng, &[128, 8, 8, 32]);
-    for _ in 0..5 {
-        let s = Instant::now();
-        let y = conv.forward_nhwc(x.as_tensor(), false).unwrap();
-        let l = (y * &r).unwrap().sum_all().unwrap();
-        let f = s.elapsed().as_secs_f64() * 1e3;
-        let s = Instant::now();
-        let _g = l.backward().unwrap();
-        println!(
-            "fwd {f:.2} ms, bwd {:.2} ms",
-            s.elapsed().as_secs_f64() * 1e3
-        );
-    }
-}
-
 /// `<im2col(x), c> = <x, col2im(c)>`: the backward of the gather is its exact adjoint.
 #[test]
 fn col2im_is_the_adjoint_of_im2col() {
@@ -825,32 +700,80 @@ fn col2im_is_the_adjoint_of_im2col() {
 
 #[test]
 #[ignore]
-fn timing_misc() {
-    let mut rng = Rng::new(2);
-    let t = |name: &str, f: &dyn Fn() -> Tensor| {
-        let mut best = f64::INFINITY;
-        for _ in 0..7 {
-            let s = Instant::now();
-            let _y = f();
-            best = best.min(s.elapsed().as_secs_f64() * 1e3);
-        }
-        println!("{name}: {best:.3} ms");
-    };
-    let g = randn(&mut rng, &[8192, 64]);
-    t("sum(0) [8192,64]", &|| g.sum(0).unwrap());
-    let x = randn(&mut rng, &[128, 8, 8, 64]);
-    t("silu [128,8,8,64]", &|| x.silu().unwrap());
-    t("add", &|| (&x + &x).unwrap());
-    t("cat last dim", &|| Tensor::cat(&[&x, &x], 3).unwrap());
-    let s = randn(&mut rng, &[128, 1, 16, 16]);
-    t("softmax [128,1,16,16]", &|| {
-        elbo::nn::transformer::softmax_last_dim(&s).unwrap()
-    });
+fn timing_mnist_profile() {
+    let (wall, cpu) = time_steps(UNetConfig::mnist(), 64, 28, 2);
+    println!("mnist: {wall:.0} ms wall, {cpu:.0} ms CPU");
 }
 
+/// Images larger than one tile of the fused op (several tiles per image, and a strided
+/// window): output and gradients agree with candle's `conv2d` and its autograd.
 #[test]
-#[ignore]
-fn timing_digits_profile() {
-    let (wall, cpu) = time_steps(UNetConfig::digits(), 128, 8, 4);
-    println!("digits: {wall:.0} ms wall, {cpu:.0} ms CPU");
+fn tiled_conv_matches_candle_conv2d() {
+    use elbo::nn::conv::TILE_FLOATS;
+    let mut rng = Rng::new(60);
+    let (b, h, w, ci, co) = (2, 40, 36, 48, 8);
+    assert!(
+        h * w * 9 * ci > 2 * TILE_FLOATS,
+        "the test must span several tiles"
+    );
+    for win in [
+        Window {
+            k: 3,
+            stride: 1,
+            padding: 1,
+        },
+        Window {
+            k: 3,
+            stride: 2,
+            padding: 1,
+        },
+    ] {
+        let vm = VarMap::new();
+        let mut prng = Rng::new(61);
+        let conv = Conv2d::new(&mut ParamInit::new(&vm, &mut prng, &CPU), ci, co, win).unwrap();
+        let x = Var::from_tensor(&randn(&mut rng, &[b, h, w, ci])).unwrap();
+        let y = conv.forward_nhwc(x.as_tensor(), false).unwrap(); // [B, H', W', out]
+        let r = randn(&mut rng, y.dims());
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        // reference: candle's conv2d in NCHW on copies of the same values
+        let xr = Var::from_tensor(
+            &x.as_tensor()
+                .permute((0, 3, 1, 2))
+                .unwrap()
+                .contiguous()
+                .unwrap(),
+        )
+        .unwrap();
+        let wr = Var::from_tensor(&conv.weight_oihw().unwrap()).unwrap();
+        let yr = xr
+            .as_tensor()
+            .conv2d(wr.as_tensor(), win.padding, win.stride, 1, 1)
+            .unwrap()
+            .broadcast_add(&conv.bias().reshape((1, co, 1, 1)).unwrap())
+            .unwrap()
+            .permute((0, 2, 3, 1))
+            .unwrap();
+        let close = |a: &Tensor, e: &Tensor, what: &str| {
+            let d = vals(&(a - e).unwrap().abs().unwrap().max_all().unwrap())[0];
+            let s = vals(&e.abs().unwrap().max_all().unwrap())[0];
+            assert!(
+                d < 1e-4 * (1.0 + s),
+                "{win:?} {what}: max diff {d} (scale {s})"
+            );
+        };
+        close(&y, &yr, "output");
+        let gr = (&yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = g.get(x.as_tensor()).unwrap().permute((0, 3, 1, 2)).unwrap();
+        close(&dx, gr.get(xr.as_tensor()).unwrap(), "dx");
+        let dw = g
+            .get(conv.weight())
+            .unwrap()
+            .reshape((co, 3, 3, ci))
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap();
+        close(&dw, gr.get(wr.as_tensor()).unwrap(), "dW");
+        let db = g.get(conv.bias()).unwrap();
+        close(db, &r.sum((0, 1, 2)).unwrap(), "db");
+    }
 }
