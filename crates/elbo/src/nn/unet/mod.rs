@@ -7,10 +7,17 @@
 //! convolution head.
 //!
 //! The time `t: [B]` is embedded as `MLP(sinusoidal(time_scale * t))` (Vaswani et al. 2017,
-//! sec. 3.5). Every op records gradients: convolutions are candle's `conv2d`, group norm and
-//! softmax are differentiable compositions, upsampling is a reshape of a broadcast. Inputs whose
+//! sec. 3.5). Every op records gradients: convolutions and group norm are custom ops with their
+//! own backward (checked against candle's `conv2d` and a composition of candle ops), softmax is
+//! the differentiable composition of `nn::transformer`, upsampling is a reshape of a broadcast. Inputs whose
 //! height or width is not a multiple of `2^(levels - 1)` are zero-padded at the bottom and right,
 //! and the output is cropped back.
+//!
+//! Internally the feature maps are channels-last `[B, H, W, C]`: a 3x3 convolution is then a
+//! tiled im2col + GEMM ([`crate::nn::conv::Conv2dOp`]), a 1x1 convolution a plain linear map,
+//! and group norm + SiLU one fused op ([`crate::nn::group_norm::GroupNormOp`]); all three carry
+//! their own backward. The public API takes and returns channels-first `[B, C, H, W]` (for one
+//! channel the two layouts coincide and no copy is made).
 
 mod blocks;
 
