@@ -1,14 +1,28 @@
 //! The building blocks of the U-Net (Ho et al. 2020, appendix B; Nichol & Dhariwal 2021,
 //! "Improved Denoising Diffusion Probabilistic Models", the `ResBlock` / `AttentionBlock` /
-//! `Downsample` / `Upsample` of their code): every op records gradients.
+//! `Downsample` / `Upsample` of their code) on channels-last feature maps `[B, H, W, C]`: every
+//! op records gradients.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
-use crate::nn::conv::Conv2d;
+use crate::nn::conv::{Conv2d, Window};
 use crate::nn::group_norm::GroupNorm;
 use crate::nn::transformer::softmax_last_dim;
 use crate::nn::{Linear, ParamInit};
 use crate::{Error, Result, Rng};
+
+/// A 3x3 convolution keeping the size.
+pub(crate) const SAME3: Window = Window {
+    k: 3,
+    stride: 1,
+    padding: 1,
+};
+/// A 1x1 convolution (a linear map of the channels).
+pub(crate) const POINT: Window = Window {
+    k: 1,
+    stride: 1,
+    padding: 0,
+};
 
 /// Inverted dropout (Srivastava et al. 2014): zero each entry with probability `p` and scale
 /// the rest by `1 / (1 - p)`; the mask is drawn from `rng`. Identity when `p == 0`.
@@ -49,16 +63,16 @@ impl ResBlock {
         zero_out: bool,
     ) -> Result<Self> {
         let gn1 = GroupNorm::new(&mut p.push("gn1"), groups, c_in)?;
-        let conv1 = Conv2d::new(&mut p.push("conv1"), c_in, c_out, 3, 1, 1)?;
+        let conv1 = Conv2d::new(&mut p.push("conv1"), c_in, c_out, SAME3)?;
         let temb = Linear::new(&mut p.push("temb"), temb_dim, c_out, true)?;
         let gn2 = GroupNorm::new(&mut p.push("gn2"), groups, c_out)?;
         let conv2 = if zero_out {
-            Conv2d::zeros(&mut p.push("conv2"), c_out, c_out, 3, 1, 1)?
+            Conv2d::zeros(&mut p.push("conv2"), c_out, c_out, SAME3)?
         } else {
-            Conv2d::new(&mut p.push("conv2"), c_out, c_out, 3, 1, 1)?
+            Conv2d::new(&mut p.push("conv2"), c_out, c_out, SAME3)?
         };
         let skip = if c_in != c_out {
-            Some(Conv2d::new(&mut p.push("skip"), c_in, c_out, 1, 1, 0)?)
+            Some(Conv2d::new(&mut p.push("skip"), c_in, c_out, POINT)?)
         } else {
             None
         };
@@ -72,7 +86,7 @@ impl ResBlock {
         })
     }
 
-    /// `x: [B, c_in, H, W]`, `temb: [B, E]` (SiLU already applied) -> `[B, c_out, H, W]`;
+    /// `x: [B, H, W, c_in]`, `temb: [B, E]` (SiLU already applied) -> `[B, H, W, c_out]`;
     /// dropout with probability `drop.0` from `drop.1` when given.
     pub fn forward(
         &self,
@@ -80,17 +94,19 @@ impl ResBlock {
         temb: &Tensor,
         drop: Option<(f64, &mut Rng)>,
     ) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.gn1.forward(x)?.silu()?)?; // [B, c_out, H, W]
-        let (b, c) = (h.dim(0)?, h.dim(1)?);
-        let e = self.temb.forward(temb)?.reshape((b, c, 1, 1))?; // [B, c_out, 1, 1]
-        let h = self.gn2.forward(&h.broadcast_add(&e)?)?.silu()?;
+        let h = self
+            .conv1
+            .forward_nhwc(&self.gn1.forward_nhwc(x, true)?, false)?; // [B, H, W, c_out]
+        let (b, c) = (h.dim(0)?, h.dim(3)?);
+        let e = self.temb.forward(temb)?.reshape((b, 1, 1, c))?; // [B, 1, 1, c_out]
+        let h = self.gn2.forward_nhwc(&h.broadcast_add(&e)?, true)?;
         let h = match drop {
             Some((p, rng)) => dropout(&h, p, rng)?,
             None => h,
         };
-        let h = self.conv2.forward(&h)?;
+        let h = self.conv2.forward_nhwc(&h, false)?;
         let s = match &self.skip {
-            Some(s) => s.forward(x)?,
+            Some(s) => s.forward_nhwc(x, false)?,
             None => x.clone(),
         };
         Ok((s + h)?)
@@ -123,11 +139,11 @@ impl AttnBlock {
             )));
         }
         let gn = GroupNorm::new(&mut p.push("gn"), groups, c)?;
-        let qkv = Conv2d::new(&mut p.push("qkv"), c, 3 * c, 1, 1, 0)?;
+        let qkv = Conv2d::new(&mut p.push("qkv"), c, 3 * c, POINT)?;
         let proj = if zero_out {
-            Conv2d::zeros(&mut p.push("proj"), c, c, 1, 1, 0)?
+            Conv2d::zeros(&mut p.push("proj"), c, c, POINT)?
         } else {
-            Conv2d::new(&mut p.push("proj"), c, c, 1, 1, 0)?
+            Conv2d::new(&mut p.push("proj"), c, c, POINT)?
         };
         Ok(Self {
             gn,
@@ -137,28 +153,23 @@ impl AttnBlock {
         })
     }
 
-    /// `x: [B, C, H, W]` -> `[B, C, H, W]`.
+    /// `x: [B, H, W, C]` -> `[B, H, W, C]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+        let (b, h, w, c) = x.dims4()?;
         let (nh, dh, l) = (self.heads, c / self.heads, h * w);
         let qkv = self
             .qkv
-            .forward(&self.gn.forward(x)?)? // [B, 3C, H, W]
-            .reshape((b, 3, nh, dh, l))?;
-        let q = qkv.narrow(1, 0, 1)?.squeeze(1)?; // [B, nh, dh, L]
-        let k = qkv.narrow(1, 1, 1)?.squeeze(1)?;
-        let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
+            .forward_nhwc(&self.gn.forward_nhwc(x, false)?, false)? // [B, H, W, 3C]
+            .reshape((b, l, 3, nh, dh))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?; // [3, B, nh, L, dh]
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?); // [B, nh, L, dh]
         let scores = q
-            .transpose(D::Minus1, D::Minus2)?
-            .contiguous()?
-            .matmul(&k.contiguous()?)? // [B, nh, L, L]
+            .matmul(&k.t()?)? // [B, nh, L, L]
             .affine(1.0 / (dh as f64).sqrt(), 0.0)?;
-        let a = softmax_last_dim(&scores)?; // [B, nh, L(query), L(key)]
-        let y = v
-            .contiguous()?
-            .matmul(&a.transpose(D::Minus1, D::Minus2)?.contiguous()?)? // [B, nh, dh, L]
-            .reshape((b, c, h, w))?;
-        Ok((x + self.proj.forward(&y)?)?)
+        let y = softmax_last_dim(&scores)?.matmul(&v)?; // [B, nh, L, dh]
+        let y = y.transpose(1, 2)?.reshape((b, h, w, c))?; // [B, H, W, C]
+        Ok((x + self.proj.forward_nhwc(&y, false)?)?)
     }
 }
 
@@ -172,13 +183,22 @@ impl Downsample {
     /// `c -> c` channels.
     pub fn new(p: &mut ParamInit, c: usize) -> Result<Self> {
         Ok(Self {
-            conv: Conv2d::new(&mut p.push("conv"), c, c, 3, 2, 1)?,
+            conv: Conv2d::new(
+                &mut p.push("conv"),
+                c,
+                c,
+                Window {
+                    k: 3,
+                    stride: 2,
+                    padding: 1,
+                },
+            )?,
         })
     }
 
-    /// `x: [B, C, H, W]` (H, W even) -> `[B, C, H/2, W/2]`.
+    /// `x: [B, H, W, C]` (H, W even) -> `[B, H/2, W/2, C]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(x)
+        self.conv.forward_nhwc(x, false)
     }
 }
 
@@ -191,6 +211,14 @@ pub fn upsample_nearest2(x: &Tensor) -> Result<Tensor> {
         .reshape((b, c, 2 * h, 2 * w))?)
 }
 
+/// [`upsample_nearest2`] on channels-last maps: `[B, H, W, C]` -> `[B, 2H, 2W, C]`.
+pub fn upsample_nearest2_nhwc(x: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    Ok(x.reshape((b, h, 1, w, 1, c))?
+        .broadcast_as((b, h, 2, w, 2, c))?
+        .reshape((b, 2 * h, 2 * w, c))?)
+}
+
 /// Double the resolution: nearest-neighbour upsampling, then a 3x3 convolution.
 #[derive(Clone, Debug)]
 pub struct Upsample {
@@ -201,12 +229,12 @@ impl Upsample {
     /// `c -> c` channels.
     pub fn new(p: &mut ParamInit, c: usize) -> Result<Self> {
         Ok(Self {
-            conv: Conv2d::new(&mut p.push("conv"), c, c, 3, 1, 1)?,
+            conv: Conv2d::new(&mut p.push("conv"), c, c, SAME3)?,
         })
     }
 
-    /// `x: [B, C, H, W]` -> `[B, C, 2H, 2W]`.
+    /// `x: [B, H, W, C]` -> `[B, 2H, 2W, C]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(&upsample_nearest2(x)?)
+        self.conv.forward_nhwc(&upsample_nearest2_nhwc(x)?, false)
     }
 }

@@ -7,14 +7,23 @@
 //! convolution head.
 //!
 //! The time `t: [B]` is embedded as `MLP(sinusoidal(time_scale * t))` (Vaswani et al. 2017,
-//! sec. 3.5). Every op records gradients: convolutions are candle's `conv2d`, group norm and
-//! softmax are differentiable compositions, upsampling is a reshape of a broadcast. Inputs whose
+//! sec. 3.5). Every op records gradients: convolutions and group norm are custom ops with their
+//! own backward (checked against candle's `conv2d` and a composition of candle ops), softmax is
+//! the differentiable composition of `nn::transformer`, upsampling is a reshape of a broadcast. Inputs whose
 //! height or width is not a multiple of `2^(levels - 1)` are zero-padded at the bottom and right,
 //! and the output is cropped back.
+//!
+//! Internally the feature maps are channels-last `[B, H, W, C]`: a 3x3 convolution is then a
+//! tiled im2col + GEMM ([`crate::nn::conv::Conv2dOp`]), a 1x1 convolution a plain linear map,
+//! and group norm + SiLU one fused op ([`crate::nn::group_norm::GroupNormOp`]); all three carry
+//! their own backward. The public API takes and returns channels-first `[B, C, H, W]` (for one
+//! channel the two layouts coincide and no copy is made).
 
 mod blocks;
 
-pub use blocks::{dropout, upsample_nearest2, AttnBlock, Downsample, ResBlock, Upsample};
+pub use blocks::{
+    dropout, upsample_nearest2, upsample_nearest2_nhwc, AttnBlock, Downsample, ResBlock, Upsample,
+};
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -23,6 +32,7 @@ use crate::nn::conv::Conv2d;
 use crate::nn::group_norm::GroupNorm;
 use crate::nn::{sinusoidal_embedding, Linear, ParamInit};
 use crate::{Error, Result, Rng};
+use blocks::SAME3;
 
 /// Shapes and options of a [`UNet`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -173,7 +183,7 @@ impl UNet {
         );
         let temb0 = Linear::new(&mut p.push("temb.0"), base, e, true)?;
         let temb1 = Linear::new(&mut p.push("temb.1"), e, e, true)?;
-        let stem = Conv2d::new(&mut p.push("stem"), cfg.in_channels, base, 3, 1, 1)?;
+        let stem = Conv2d::new(&mut p.push("stem"), cfg.in_channels, base, SAME3)?;
         let levels = cfg.channel_mults.len();
         let mut ch = base;
         let mut skips = vec![ch];
@@ -269,9 +279,9 @@ impl UNet {
         }
         let out_norm = GroupNorm::new(&mut p.push("out_norm"), g, ch)?;
         let out_conv = if z {
-            Conv2d::zeros(&mut p.push("out_conv"), ch, cfg.out_channels, 3, 1, 1)?
+            Conv2d::zeros(&mut p.push("out_conv"), ch, cfg.out_channels, SAME3)?
         } else {
-            Conv2d::new(&mut p.push("out_conv"), ch, cfg.out_channels, 3, 1, 1)?
+            Conv2d::new(&mut p.push("out_conv"), ch, cfg.out_channels, SAME3)?
         };
         Ok(Self {
             cfg,
@@ -371,8 +381,14 @@ impl UNet {
         let m = self.cfg.size_multiple();
         let (ph, pw) = ((m - h % m) % m, (m - w % m) % m);
         let x = x.to_dtype(DType::F32)?;
+        // channels last (free for one channel), zero-padded to a multiple of 2^(levels - 1)
+        let x = if c == 1 {
+            x.reshape((b, h, w, 1))?
+        } else {
+            x.permute((0, 2, 3, 1))?.contiguous()?
+        }; // [B, H, W, C]
         let x = if ph + pw > 0 {
-            x.pad_with_zeros(2, 0, ph)?.pad_with_zeros(3, 0, pw)? // [B, C, H+ph, W+pw]
+            x.pad_with_zeros(1, 0, ph)?.pad_with_zeros(2, 0, pw)? // [B, H+ph, W+pw, C]
         } else {
             x
         };
@@ -386,7 +402,7 @@ impl UNet {
                 Layer::Up(u) => u.forward(h),
             }
         };
-        let mut hcur = self.stem.forward(&x)?; // [B, base, H, W]
+        let mut hcur = self.stem.forward_nhwc(&x, false)?; // [B, H, W, base]
         let mut skips = vec![hcur.clone()];
         for group in &self.down {
             for l in group {
@@ -401,17 +417,24 @@ impl UNet {
             let s = skips
                 .pop()
                 .ok_or_else(|| Error::Shape("unet: skip bookkeeping failed (internal)".into()))?;
-            hcur = Tensor::cat(&[&hcur, &s], 1)?; // [B, ch + skip, h, w]
+            hcur = Tensor::cat(&[&hcur, &s], 3)?; // [B, h, w, ch + skip]
             for l in group {
                 hcur = apply(l, &hcur)?;
             }
         }
         let y = self
             .out_conv
-            .forward(&self.out_norm.forward(&hcur)?.silu()?)?; // [B, C_out, H+ph, W+pw]
-        if ph + pw > 0 {
-            return Ok(y.narrow(2, 0, h)?.narrow(3, 0, w)?.contiguous()?);
-        }
-        Ok(y)
+            .forward_nhwc(&self.out_norm.forward_nhwc(&hcur, true)?, false)?; // [B, H+ph, W+pw, C_out]
+        let y = if ph + pw > 0 {
+            y.narrow(1, 0, h)?.narrow(2, 0, w)?
+        } else {
+            y
+        };
+        let co = self.cfg.out_channels;
+        Ok(if co == 1 {
+            y.contiguous()?.reshape((b, 1, h, w))?
+        } else {
+            y.permute((0, 3, 1, 2))?.contiguous()?
+        }) // [B, C_out, H, W]
     }
 }
