@@ -43,14 +43,15 @@ pub fn square_image_side(data: &DataInfo) -> Option<usize> {
 impl BackboneKind {
     /// Resolve `model.backbone` ("auto", "mlp", "unet") for the data: auto is the U-Net on
     /// images of at least 16x16 (MNIST) and the MLP otherwise (on 8x8 digits 30 U-Net steps
-    /// plus a 20-example VLB took 260 s on 2 shared cores, 600 MLP steps 45 s).
+    /// plus a 20-example VLB took 43 s on 2 shared cores with the fused convolution, 600 MLP
+    /// steps plus the 297-example VLB 33 s).
     pub fn resolve(name: &str, data: &DataInfo) -> Result<Self> {
         match (
             name.trim().to_ascii_lowercase().as_str(),
             square_image_side(data),
         ) {
             ("mlp", _) | ("auto", None) => Ok(Self::Mlp),
-            // the U-Net costs ~100x the MLP per step on CPU: auto keeps the MLP for 8x8 digits
+            // the U-Net costs ~20-50x the MLP per step on CPU: auto keeps the MLP for 8x8 digits
             ("auto", Some(side)) if side < 16 => Ok(Self::Mlp),
             ("unet" | "auto", Some(side)) => Ok(Self::UNet { side }),
             ("unet", None) => Err(Error::Config(format!(
