@@ -10,6 +10,7 @@ use crate::{Result, Rng};
 
 pub mod csv;
 pub mod digits;
+pub mod mnist;
 pub mod npy;
 pub mod registry;
 pub mod text;

@@ -1,7 +1,8 @@
 //! Data set names -> [`DataSource`]s, and [`ArraySource`] for the user's own arrays.
 //!
-//! [`open`] accepts the eight toy names (`8gaussians`, `checkerboard`, ...), `digits`, and a
-//! path to a 2-D array: `PATH.npy` / `PATH.csv`, or `npy:PATH` / `csv:PATH` for other file names.
+//! [`open`] accepts the eight toy names (`8gaussians`, `checkerboard`, ...), `digits`, `mnist`,
+//! `mnist-binary`, and a path to a 2-D array: `PATH.npy` / `PATH.csv`, or `npy:PATH` /
+//! `csv:PATH` for other file names.
 
 use std::path::Path;
 
@@ -10,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::digits::DigitsSource;
 use super::text::TextSource;
+use super::mnist::MnistSource;
 use super::toy2d::{Toy2d, Toy2dSource};
 use super::{csv, npy, DataKind, DataSource};
 use crate::{Error, Result, Rng};
@@ -26,6 +28,8 @@ pub const KNOWN_DATASETS: &[&str] = &[
     "checkerboard",
     "digits",
     "shakespeare",
+    "mnist",
+    "mnist-binary",
     "PATH.npy",
     "PATH.csv",
     "PATH.txt (or text:PATH)",
@@ -90,6 +94,12 @@ pub fn open(name: &str, cfg: &DataConfig) -> Result<Box<dyn DataSource>> {
             cfg.seq_len,
             cfg.test_windows,
         )?));
+    }
+    if name == "mnist" {
+        return Ok(Box::new(MnistSource::new()?));
+    }
+    if name == "mnist-binary" {
+        return Ok(Box::new(MnistSource::binary()?));
     }
     let lower = name.to_ascii_lowercase();
     let text_path = name

@@ -3,14 +3,18 @@
 //! fused CPU kernels in [`fused`] carry their own backward, and the layer norm / softmax of the
 //! transformer are differentiable compositions (candle's fused versions record none).
 
+pub mod conv;
 pub mod embedding;
 pub mod fused;
+pub mod group_norm;
 pub mod init;
 pub mod linear;
 pub mod mlp;
 pub mod transformer;
+pub mod unet;
 
 pub use embedding::sinusoidal_embedding;
 pub use init::ParamInit;
 pub use linear::Linear;
 pub use mlp::{Activation, Mlp};
+pub use unet::{UNet, UNetConfig};
