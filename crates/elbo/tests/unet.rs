@@ -69,7 +69,9 @@ fn output_shapes() {
     let mut rng = Rng::new(1);
     for (cfg, b, h, w) in [
         (UNetConfig::digits(), 3, 8, 8),
+        (UNetConfig::digits_small(), 3, 8, 8),
         (UNetConfig::mnist(), 2, 28, 28),
+        (UNetConfig::mnist_small(), 2, 28, 28),
         (tiny(3, 5, vec![1, 2]), 2, 8, 8),
         // odd sizes are padded to a multiple of 4 and cropped back
         (tiny(3, 5, vec![1, 2, 2]), 2, 7, 9),
@@ -284,6 +286,22 @@ fn time_steps(cfg: UNetConfig, b: usize, hw: usize, steps: usize) -> (f64, f64) 
     (best, cpu / steps as f64)
 }
 
+/// Best wall ms of a forward pass (as in sampling).
+fn time_forward(cfg: UNetConfig, b: usize, hw: usize, reps: usize) -> f64 {
+    let (_vm, net) = build(cfg, 40);
+    let mut rng = Rng::new(42);
+    let x = randn(&mut rng, &[b, 1, hw, hw]);
+    let t = rng.uniform_tensor(&[b], &CPU).unwrap();
+    (0..=reps)
+        .map(|_| {
+            let start = Instant::now();
+            let _y = net.forward(&x, &t).unwrap();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .skip(1)
+        .fold(f64::INFINITY, f64::min)
+}
+
 fn n_params(cfg: &UNetConfig) -> usize {
     let (vm, _) = build(cfg.clone(), 0);
     named_vars(&vm)
@@ -298,33 +316,19 @@ fn n_params(cfg: &UNetConfig) -> usize {
 #[test]
 #[ignore]
 fn timing_training_steps() {
-    let d = UNetConfig::digits();
-    let m = UNetConfig::mnist();
     let cases = [
-        ("digits()", d.clone(), 128, 8),
-        (
-            "digits() base 16",
-            UNetConfig {
-                base_channels: 16,
-                ..d.clone()
-            },
-            128,
-            8,
-        ),
-        ("mnist()", m.clone(), 64, 28),
-        (
-            "mnist() base 16",
-            UNetConfig {
-                base_channels: 16,
-                ..m.clone()
-            },
-            64,
-            28,
-        ),
+        ("digits()", UNetConfig::digits(), 128, 8),
+        ("digits_small()", UNetConfig::digits_small(), 128, 8),
+        ("mnist()", UNetConfig::mnist(), 64, 28),
+        ("mnist_small()", UNetConfig::mnist_small(), 64, 28),
     ];
     for (name, cfg, b, hw) in cases {
         let np = n_params(&cfg);
+        let fwd = time_forward(cfg.clone(), b, hw, 4);
         let (wall, cpu) = time_steps(cfg, b, hw, 4);
-        println!("{name}: {np} params, batch {b} {hw}x{hw}: {wall:.0} ms/step wall (best), {cpu:.0} ms CPU");
+        println!(
+            "{name}: {np} params, batch {b} {hw}x{hw}: {wall:.0} ms/step wall (best), \
+             {cpu:.0} ms CPU; forward only {fwd:.0} ms"
+        );
     }
 }
