@@ -10,8 +10,8 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::digits::DigitsSource;
-use super::text::TextSource;
 use super::mnist::MnistSource;
+use super::text::TextSource;
 use super::toy2d::{Toy2d, Toy2dSource};
 use super::{csv, npy, DataKind, DataSource};
 use crate::{Error, Result, Rng};
