@@ -14,6 +14,7 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
+use super::fused::{self, FusedAct};
 use super::ParamInit;
 use crate::{Error, Result};
 
@@ -66,10 +67,22 @@ impl TransformerConfig {
     }
 }
 
-/// Layer normalisation (Ba et al. 2016) over the last dimension, built from differentiable ops:
+/// Layer normalisation (Ba et al. 2016) over the last dimension:
 /// `(x - mean) / sqrt(var + eps) * weight + bias` with the biased variance, as
-/// `torch.nn.LayerNorm`. `x: [..., D]`, `weight`, `bias: [D]`.
+/// `torch.nn.LayerNorm`. `x: [..., D]`, `weight`, `bias: [D]`. On CPU `f32` one fused op with its
+/// own backward pass ([`fused::layer_norm`]); elsewhere [`layer_norm_composed`].
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dims().last().copied();
+    if fused::cpu_f32(&[x, weight, bias])
+        && d.is_some_and(|d| weight.dims() == [d] && bias.dims() == [d])
+    {
+        return fused::layer_norm(x, weight, bias, eps);
+    }
+    layer_norm_composed(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] built from differentiable candle ops (the fallback, and the tests' reference).
+pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?; // [..., 1]
     let xc = x.broadcast_sub(&mean)?; // [..., D]
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?; // [..., 1]
@@ -80,17 +93,35 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         .broadcast_add(bias)?)
 }
 
-/// Softmax over the last dimension, `exp(x - max) / sum exp(x - max)`, differentiable (the
-/// maximum is a detached constant: the result does not depend on it).
+/// Softmax over the last dimension, `exp(x - max) / sum exp(x - max)`, differentiable: one
+/// fused op on CPU `f32` ([`fused::softmax`]), [`softmax_last_dim_composed`] elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fused::cpu_f32(&[x]) && x.rank() >= 1 {
+        return fused::softmax(x);
+    }
+    softmax_last_dim_composed(x)
+}
+
+/// [`softmax_last_dim`] from candle ops (the maximum is a detached constant: the result does not
+/// depend on it).
+pub fn softmax_last_dim_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach(); // [..., 1]
     let e = x.broadcast_sub(&max)?.exp()?; // [..., V]
     let s = e.sum_keepdim(D::Minus1)?; // [..., 1]
     Ok(e.broadcast_div(&s)?)
 }
 
-/// `log softmax` over the last dimension, differentiable (detached maximum).
+/// `log softmax` over the last dimension, differentiable: one fused op on CPU `f32`
+/// ([`fused::log_softmax`]), [`log_softmax_last_dim_composed`] elsewhere.
 pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fused::cpu_f32(&[x]) && x.rank() >= 1 {
+        return fused::log_softmax(x);
+    }
+    log_softmax_last_dim_composed(x)
+}
+
+/// [`log_softmax_last_dim`] from candle ops (detached maximum).
+pub fn log_softmax_last_dim_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach(); // [..., 1]
     let z = x.broadcast_sub(&max)?; // [..., V]
     let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?; // [..., 1]
@@ -98,19 +129,169 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Per-row cross-entropy `-log softmax(logits)[target]`: `logits: [N, V]`, `targets: [N]`
-/// (u32) -> `[N]`.
+/// (u32) -> `[N]`. Same as [`cross_entropy_weighted`] without weights.
 pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let n = logits.dim(0)?;
-    if targets.dims() != [n] {
-        return Err(Error::Shape(format!(
-            "cross-entropy: logits {:?} but targets {:?}",
+    cross_entropy_weighted(logits, targets, None)
+}
+
+/// Checks `logits: [N, V]`, `targets: [N]` and `weights: [N]`; returns `N`.
+fn ce_check(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<usize> {
+    let bad = || {
+        Err(Error::Shape(format!(
+            "cross-entropy: logits {:?} must be [N, V] with targets [N] and weights [N], got \
+             targets {:?} and weights {:?}",
             logits.dims(),
-            targets.dims()
-        )));
+            targets.dims(),
+            weights.map(|w| w.dims().to_vec())
+        )))
+    };
+    let [n, _] = logits.dims() else { return bad() };
+    if targets.dims() != [*n] || weights.is_some_and(|w| w.dims() != [*n]) {
+        return bad();
     }
-    let logp = log_softmax_last_dim(logits)?; // [N, V]
-    let picked = logp.gather(&targets.reshape((n, 1))?, 1)?; // [N, 1]
-    Ok(picked.reshape(n)?.neg()?)
+    Ok(*n)
+}
+
+/// Per-row weighted cross-entropy `w_i (-log softmax(logits_i)[t_i])`: `logits: [N, V]`,
+/// `targets: [N]` (u32; [`fused::IGNORE_INDEX`] marks a row to skip), optional `weights: [N]`
+/// (1 when absent) -> `[N]`. Rows with weight 0 or an ignored target give 0 and no gradient
+/// (e.g. MDLM's `1/t`-weighted loss on the masked positions only, Sahoo et al. 2024, eq. 10).
+/// On CPU `f32` one fused op that never materialises the `[N, V]` probabilities
+/// ([`fused::cross_entropy`]); elsewhere [`cross_entropy_weighted_composed`].
+pub fn cross_entropy_weighted(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    let n = ce_check(logits, targets, weights)?;
+    let cpu = fused::cpu_f32(&[logits]) && weights.is_none_or(|w| fused::cpu_f32(&[w]));
+    if !cpu || !targets.device().is_cpu() {
+        return cross_entropy_weighted_composed(logits, targets, weights);
+    }
+    let t = match targets.dtype() {
+        DType::U32 => targets.clone(),
+        _ => targets.to_dtype(DType::U32)?,
+    };
+    let ones;
+    let w = match weights {
+        Some(w) => w,
+        None => {
+            ones = Tensor::ones(n, DType::F32, logits.device())?;
+            &ones
+        }
+    };
+    fused::cross_entropy(logits, &t, w)
+}
+
+/// [`cross_entropy_weighted`] from candle ops (log-softmax, gather, products).
+pub fn cross_entropy_weighted_composed(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    let n = ce_check(logits, targets, weights)?;
+    let keep = targets.ne(f64::from(fused::IGNORE_INDEX))?; // [N]
+    let safe = keep.where_cond(targets, &targets.zeros_like()?)?; // [N]
+    let logp = log_softmax_last_dim_composed(logits)?; // [N, V]
+    let picked = logp.gather(&safe.reshape((n, 1))?, 1)?; // [N, 1]
+    let ce = picked.reshape(n)?.neg()?; // [N]
+    let mut w = keep.to_dtype(ce.dtype())?; // [N]
+    if let Some(wt) = weights {
+        w = (w * wt.to_dtype(ce.dtype())?)?;
+    }
+    Ok((ce * w)?)
+}
+
+/// Checks `q: [B, H, Lq, dh]`, `k, v: [B, H, Lk, dh]` (and `Lq <= Lk` when causal).
+fn attention_check(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<()> {
+    let ok = match (q.dims(), k.dims()) {
+        ([b, h, lq, dh], [kb, kh, lk, kd]) => {
+            (b, h, dh) == (kb, kh, kd) && v.dims() == k.dims() && (!causal || lq <= lk)
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Shape(format!(
+            "attention: q {:?}, k {:?}, v {:?} must be [B, H, Lq, dh], [B, H, Lk, dh] twice \
+             (Lq <= Lk when causal)",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )))
+    }
+}
+
+/// Scaled dot-product attention (Vaswani et al. 2017, eq. 1) `softmax(Q K^T / sqrt(dh)) V`
+/// per head: `q: [B, H, Lq, dh]`, `k, v: [B, H, Lk, dh]` -> `[B, H, Lq, dh]`. With `causal`,
+/// query `i` attends to keys `j <= i + Lk - Lq` (`j <= i` when `Lq = Lk`). On CPU `f32` the
+/// flash-attention op ([`fused::attention`]: no `Lq x Lk` matrix in the forward or backward
+/// pass); elsewhere [`attention_composed`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
+    attention_check(q, k, v, causal)?;
+    if fused::cpu_f32(&[q, k, v]) {
+        return fused::attention(q, k, v, causal);
+    }
+    attention_composed(q, k, v, causal)
+}
+
+/// `[Lq, Lk]` additive mask: 0 where key `j <= i + Lk - Lq`, -inf elsewhere.
+fn causal_mask_rect(lq: usize, lk: usize, device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..lq * lk)
+        .map(|ij| {
+            if ij % lk > ij / lk + (lk - lq) {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, (lq, lk), device)?)
+}
+
+/// [`attention`] from candle ops: the `[B, H, Lq, Lk]` scores, the mask, the composed softmax.
+pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
+    attention_check(q, k, v, causal)?;
+    let mask = if causal {
+        let (lq, lk) = (q.dim(2)?, k.dim(2)?);
+        Some(causal_mask_rect(lq, lk, q.device())?.to_dtype(q.dtype())?)
+    } else {
+        None
+    };
+    masked_attention_composed(q, k, v, mask.as_ref())
+}
+
+/// `softmax(Q K^T / sqrt(dh) + mask) V` from candle ops, `mask: [Lq, Lk]` (0 or -inf).
+fn masked_attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dh = q.dim(D::Minus1)?;
+    let s = q.matmul(&k.t()?)?.affine(1.0 / (dh as f64).sqrt(), 0.0)?; // [B, H, Lq, Lk]
+    let s = match mask {
+        Some(m) => s.broadcast_add(m)?,
+        None => s,
+    };
+    Ok(softmax_last_dim_composed(&s)?.matmul(v)?) // [B, H, Lq, dh]
+}
+
+/// True when `mask` is the `[L, L]` causal mask of [`Transformer`] (0 on and below the
+/// diagonal, -inf above).
+fn is_causal_mask(mask: &Tensor, l: usize) -> Result<bool> {
+    if mask.dims() != [l, l] || mask.dtype() != DType::F32 {
+        return Ok(false);
+    }
+    let m = mask.flatten_all()?.to_vec1::<f32>()?;
+    Ok(m.iter().enumerate().all(|(ij, &x)| {
+        if ij % l > ij / l {
+            x == f32::NEG_INFINITY
+        } else {
+            x == 0.0
+        }
+    }))
 }
 
 /// A layer norm with learned weight (init 1) and bias (init 0), eps 1e-5.
@@ -155,10 +336,9 @@ impl Dense {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
-        let y = x
-            .reshape((b * l, d))? // [B L, in]
-            .matmul(&self.weight.as_tensor().t()?)? // [B L, out]
-            .broadcast_add(self.bias.as_tensor())?;
+        let (w, bias) = (self.weight.as_tensor(), self.bias.as_tensor());
+        let x = x.reshape((b * l, d))?; // [B L, in]
+        let y = fused::linear_act(&x, w, bias, FusedAct::Identity)?; // [B L, out]
         Ok(y.reshape((b, l, ()))?) // [B, L, out]
     }
 }
@@ -189,7 +369,9 @@ impl Block {
     }
 
     /// Scaled dot-product attention (Vaswani et al. 2017, eq. 1) over `n_heads` heads;
-    /// `mask: [L, L]` is added to the scores (0 or -inf).
+    /// `mask: [L, L]` is added to the scores (0 or -inf). No mask, or the causal mask of
+    /// [`Transformer::causal_mask`], runs [`attention`] (flash attention on CPU `f32`); any other
+    /// mask the composed scores-mask-softmax path.
     fn attn(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         let (h, dh) = (self.n_heads, d / self.n_heads);
@@ -200,12 +382,11 @@ impl Block {
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?; // [3, B, H, L, dh]
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?); // [B, H, L, dh]
-        let s = q.matmul(&k.t()?)?.affine(1.0 / (dh as f64).sqrt(), 0.0)?; // [B, H, L, L]
-        let s = match mask {
-            Some(m) => s.broadcast_add(m)?,
-            None => s,
-        };
-        let y = softmax_last_dim(&s)?.matmul(&v)?; // [B, H, L, dh]
+        let y = match mask {
+            None => attention(&q, &k, &v, false)?,
+            Some(m) if is_causal_mask(m, l)? => attention(&q, &k, &v, true)?,
+            Some(m) => masked_attention_composed(&q, &k, &v, Some(m))?,
+        }; // [B, H, L, dh]
         let y = y.transpose(1, 2)?.reshape((b, l, d))?; // [B, L, D]
         self.proj.forward(&y)
     }

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 /// `$public`, which calls it when the running CPU supports those features and `$base`
 /// otherwise.
 macro_rules! multiversion {
-    ($(#[$m:meta])* fn $public:ident / $name:ident => $base:ident ($($p:ident : $t:ty),*)) => {
+    ($(#[$m:meta])* $vis:vis fn $public:ident / $name:ident => $base:ident ($($p:ident : $t:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn $name($($p: $t),*) {
@@ -25,7 +25,7 @@ macro_rules! multiversion {
         }
 
         $(#[$m])*
-        fn $public($($p: $t),*) {
+        $vis fn $public($($p: $t),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -84,6 +84,22 @@ fn sigmoid(z: f32) -> f32 {
 pub fn silu_f32(z: f32) -> f32 {
     z * sigmoid(z)
 }
+
+/// `x <- exp(x - shift)` element by element, through [`exp_f32`], flushed to exactly 0 below
+/// `exp(-87)` (about 1.6e-38) so that masked (-inf) entries give probability 0.
+#[inline(always)]
+fn exp_shift_base(x: &mut [f32], shift: f32) {
+    for v in x.iter_mut() {
+        let y = *v - shift;
+        let e = exp_f32(y);
+        *v = if y < -87.0 { 0.0 } else { e };
+    }
+}
+
+multiversion!(
+    /// [`exp_shift_base`], vectorised for the running CPU.
+    pub(crate) fn exp_shift / exp_shift_avx2 => exp_shift_base(x: &mut [f32], shift: f32)
+);
 
 /// Rows of `y` ([rows, b.len()]) become `silu(y + b)`; `d`, when given, receives
 /// `silu'(y + b) = s (1 + z (1 - s))`.
