@@ -9,7 +9,7 @@ use elbo::config::{ModelConfig, SampleOptions};
 use elbo::continuous::flow_matching::FlowMatching;
 use elbo::data::DataKind;
 use elbo::model::{DataInfo, GenerativeModel};
-use elbo::nn::fused::IGNORE_INDEX;
+use elbo::nn::fused::{gelu_erf_f32, linear_gelu_erf, IGNORE_INDEX};
 use elbo::nn::transformer::{
     attention, attention_composed, cross_entropy_rows, cross_entropy_weighted,
     cross_entropy_weighted_composed, layer_norm, layer_norm_composed, log_softmax_last_dim,
@@ -131,6 +131,45 @@ fn layer_norm_matches_composed() {
             &[&x, &w, &b],
             &|t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
             &|t| layer_norm_composed(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+            (1e-5, 1e-4),
+        );
+    }
+}
+
+#[test]
+fn gelu_erf_f32_matches_f64_erf() {
+    let n = 40_001;
+    let z: Vec<f64> = (0..n).map(|i| -12.0 + 24.0 * i as f64 / (n - 1) as f64).collect();
+    let zt = Tensor::from_vec(z.clone(), n, &CPU).unwrap();
+    let want = vals(&zt.gelu_erf().unwrap()); // libm's f64 erf
+    for (i, &zi) in z.iter().enumerate() {
+        let (g, d) = gelu_erf_f32(zi as f32);
+        let err = (g as f64 - want[i]).abs();
+        // relative accuracy in both tails (gelu(-8) is about -5e-15)
+        assert!(err <= 1e-6 * want[i].abs() + 1e-7 * zi.abs().min(1.0), "gelu({zi}) = {g} vs {}", want[i]);
+        // derivative against the closed form Phi(z) + z phi(z), Phi from the f64 gelu
+        let phi = (-0.5 * zi * zi).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        let cdf = if zi.abs() > 1e-3 { want[i] / zi } else { 0.5 + zi * phi };
+        let dw = cdf + zi * phi;
+        assert!((d as f64 - dw).abs() < 2e-6 * (1.0 + dw.abs()), "gelu'({zi}) = {d} vs {dw}");
+    }
+}
+
+#[test]
+fn linear_gelu_matches_composed() {
+    for (k, (rows, d_in, d_out)) in [(1, 1, 1), (37, 13, 29), (1500, 13, 29)].into_iter().enumerate() {
+        let mut rng = Rng::new(30 + k as u64);
+        let x = var(&mut rng, &[rows, d_in], 1.0, 0.0);
+        let w = var(&mut rng, &[d_out, d_in], 0.7, 0.0);
+        let b = var(&mut rng, &[d_out], 0.5, 0.0);
+        agree(
+            &format!("linear + GELU {rows}x{d_in}->{d_out}"),
+            &[&x, &w, &b],
+            &|t| linear_gelu_erf(&t[0], &t[1], &t[2]).unwrap(),
+            &|t| {
+                let z = t[0].matmul(&t[1].t().unwrap()).unwrap();
+                z.broadcast_add(&t[2]).unwrap().gelu_erf().unwrap()
+            },
             (1e-5, 1e-4),
         );
     }
@@ -313,6 +352,17 @@ fn fused_gradients_match_finite_differences() {
         "layer norm",
         &[&x, &w, &b],
         &|t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+        1e-2,
+    );
+    let (x, w, b) = (
+        var(&mut rng, &[3, 6], 1.0, 0.0),
+        var(&mut rng, &[5, 6], 0.7, 0.0),
+        var(&mut rng, &[5], 0.5, 0.0),
+    );
+    finite_differences(
+        "linear + GELU",
+        &[&x, &w, &b],
+        &|t| linear_gelu_erf(&t[0], &t[1], &t[2]).unwrap(),
         1e-2,
     );
     let s = var(&mut rng, &[4, 9], 1.5, 0.0);

@@ -341,6 +341,14 @@ impl Dense {
         let y = fused::linear_act(&x, w, bias, FusedAct::Identity)?; // [B L, out]
         Ok(y.reshape((b, l, ()))?) // [B, L, out]
     }
+
+    /// `GELU(x W^T + b)` (exact erf GELU), fused on CPU `f32`.
+    fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, d) = x.dims3()?;
+        let (w, bias) = (self.weight.as_tensor(), self.bias.as_tensor());
+        let y = fused::linear_gelu_erf(&x.reshape((b * l, d))?, w, bias)?; // [B L, out]
+        Ok(y.reshape((b, l, ()))?) // [B, L, out]
+    }
 }
 
 /// One pre-LN block: `x + proj(MHA(LN1 x))`, then `x + fc2(GELU(fc1(LN2 x)))`.
@@ -393,7 +401,7 @@ impl Block {
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let x = (x + self.attn(&self.ln1.forward(x)?, mask)?)?; // [B, L, D]
-        let m = self.fc1.forward(&self.ln2.forward(&x)?)?.gelu_erf()?; // [B, L, 4D]
+        let m = self.fc1.forward_gelu(&self.ln2.forward(&x)?)?; // [B, L, 4D]
         Ok((x + self.fc2.forward(&m)?)?)
     }
 }

@@ -29,8 +29,9 @@ use candle_core::{bail, DType, Storage, Tensor};
 
 pub(crate) use inplace::{adamw_inplace, ema_inplace};
 pub(crate) use kernels::AdamWScalars;
+use kernels::RowAct;
 pub use cross_entropy::IGNORE_INDEX;
-pub use kernels::{exp_f32, silu_f32};
+pub use kernels::{exp_f32, gelu_erf_f32, silu_f32};
 
 use crate::Result;
 
@@ -78,7 +79,7 @@ pub fn linear_act(x: &Tensor, w: &Tensor, b: &Tensor, act: FusedAct) -> Result<T
         return composed(x, w, b, act);
     }
     let save = x.track_op() || w.track_op() || b.track_op();
-    Ok(x.apply_op3(w, b, linear::LinearAct::new(act, save))?)
+    Ok(x.apply_op3(w, b, linear::LinearAct::new(act.into(), save))?)
 }
 
 /// [`linear_act`] without an autograd graph (the result never tracks gradients), for sampling
@@ -87,7 +88,28 @@ pub fn linear_act_inference(x: &Tensor, w: &Tensor, b: &Tensor, act: FusedAct) -
     if !fusable(x, w, b) {
         return composed(&x.detach(), &w.detach(), &b.detach(), act);
     }
-    Ok(x.apply_op3_no_bwd(w, b, &linear::LinearAct::new(act, false))?)
+    Ok(x.apply_op3_no_bwd(w, b, &linear::LinearAct::new(act.into(), false))?)
+}
+
+impl From<FusedAct> for RowAct {
+    fn from(a: FusedAct) -> Self {
+        match a {
+            FusedAct::Identity => RowAct::Identity,
+            FusedAct::Silu => RowAct::Silu,
+        }
+    }
+}
+
+/// `gelu(x W^T + b)` with the exact (erf) GELU, for `x: [B, in]`, `w: [out, in]`, `b: [out]`,
+/// recording gradients: on CPU `f32` one fused op saving only `gelu'(z)` (through
+/// [`gelu_erf_f32`], within 2e-7 of libm's `erf`); elsewhere candle's `gelu_erf` after the
+/// affine map.
+pub fn linear_gelu_erf(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !fusable(x, w, b) {
+        return Ok(composed(x, w, b, FusedAct::Identity)?.gelu_erf()?);
+    }
+    let save = x.track_op() || w.track_op() || b.track_op();
+    Ok(x.apply_op3(w, b, linear::LinearAct::new(RowAct::GeluErf, save))?)
 }
 
 /// Runs `f` on the contiguous `f32` data of a CPU tensor (an error otherwise).
