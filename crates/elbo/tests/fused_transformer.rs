@@ -139,25 +139,41 @@ fn layer_norm_matches_composed() {
 #[test]
 fn gelu_erf_f32_matches_f64_erf() {
     let n = 40_001;
-    let z: Vec<f64> = (0..n).map(|i| -12.0 + 24.0 * i as f64 / (n - 1) as f64).collect();
+    let z: Vec<f64> = (0..n)
+        .map(|i| -12.0 + 24.0 * i as f64 / (n - 1) as f64)
+        .collect();
     let zt = Tensor::from_vec(z.clone(), n, &CPU).unwrap();
     let want = vals(&zt.gelu_erf().unwrap()); // libm's f64 erf
     for (i, &zi) in z.iter().enumerate() {
         let (g, d) = gelu_erf_f32(zi as f32);
         let err = (g as f64 - want[i]).abs();
         // relative accuracy in both tails (gelu(-8) is about -5e-15)
-        assert!(err <= 1e-6 * want[i].abs() + 1e-7 * zi.abs().min(1.0), "gelu({zi}) = {g} vs {}", want[i]);
+        assert!(
+            err <= 1e-6 * want[i].abs() + 1e-7 * zi.abs().min(1.0),
+            "gelu({zi}) = {g} vs {}",
+            want[i]
+        );
         // derivative against the closed form Phi(z) + z phi(z), Phi from the f64 gelu
         let phi = (-0.5 * zi * zi).exp() / (2.0 * std::f64::consts::PI).sqrt();
-        let cdf = if zi.abs() > 1e-3 { want[i] / zi } else { 0.5 + zi * phi };
+        let cdf = if zi.abs() > 1e-3 {
+            want[i] / zi
+        } else {
+            0.5 + zi * phi
+        };
         let dw = cdf + zi * phi;
-        assert!((d as f64 - dw).abs() < 2e-6 * (1.0 + dw.abs()), "gelu'({zi}) = {d} vs {dw}");
+        assert!(
+            (d as f64 - dw).abs() < 2e-6 * (1.0 + dw.abs()),
+            "gelu'({zi}) = {d} vs {dw}"
+        );
     }
 }
 
 #[test]
 fn linear_gelu_matches_composed() {
-    for (k, (rows, d_in, d_out)) in [(1, 1, 1), (37, 13, 29), (1500, 13, 29)].into_iter().enumerate() {
+    for (k, (rows, d_in, d_out)) in [(1, 1, 1), (37, 13, 29), (1500, 13, 29)]
+        .into_iter()
+        .enumerate()
+    {
         let mut rng = Rng::new(30 + k as u64);
         let x = var(&mut rng, &[rows, d_in], 1.0, 0.0);
         let w = var(&mut rng, &[d_out, d_in], 0.7, 0.0);
@@ -202,7 +218,13 @@ fn softmax_and_log_softmax_match_composed() {
     let mut rng = Rng::new(29);
     let x = var(&mut rng, &[4, 7], 2.0, 0.0);
     let mask: Vec<f32> = (0..28)
-        .map(|i| if i % 7 > i / 7 { f32::NEG_INFINITY } else { 0.0 })
+        .map(|i| {
+            if i % 7 > i / 7 {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
         .collect();
     let mask = Tensor::from_vec(mask, (4, 7), &CPU).unwrap();
     agree(
@@ -261,9 +283,20 @@ fn causal_attention_ignores_later_keys() {
     let bump = |t: &Tensor| {
         let mut x = vals(t);
         x[j * dh..(j + 1) * dh].iter_mut().for_each(|e| *e += 3.0);
-        Tensor::from_vec(x, t.dims(), &CPU).unwrap().to_dtype(DType::F32).unwrap()
+        Tensor::from_vec(x, t.dims(), &CPU)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
     };
-    let y1 = vals(&attention(q.as_tensor(), &bump(k.as_tensor()), &bump(v.as_tensor()), true).unwrap());
+    let y1 = vals(
+        &attention(
+            q.as_tensor(),
+            &bump(k.as_tensor()),
+            &bump(v.as_tensor()),
+            true,
+        )
+        .unwrap(),
+    );
     assert_eq!(y0[..j * dh], y1[..j * dh]);
     assert!(y0[j * dh..].iter().zip(&y1[j * dh..]).any(|(a, b)| a != b));
     // the first query sees only the first key: its output is v_0
@@ -279,7 +312,13 @@ fn cross_entropy_matches_composed() {
         let t = Tensor::from_vec(t, n, &CPU).unwrap();
         // weights with zeros in every third row
         let w: Vec<f32> = (0..n)
-            .map(|i| if i % 3 == 1 { 0.0 } else { 0.5 + (i % 5) as f32 })
+            .map(|i| {
+                if i % 3 == 1 {
+                    0.0
+                } else {
+                    0.5 + (i % 5) as f32
+                }
+            })
             .collect();
         let w = Var::from_tensor(&Tensor::from_vec(w, n, &CPU).unwrap()).unwrap();
         if v > 1 {
@@ -309,7 +348,9 @@ fn cross_entropy_matches_composed() {
         }
         // one class: the loss is 0 whatever the logit
         if v == 1 {
-            assert!(vals(&cross_entropy_rows(z.as_tensor(), &t).unwrap()).iter().all(|&x| x.abs() < 1e-6));
+            assert!(vals(&cross_entropy_rows(z.as_tensor(), &t).unwrap())
+                .iter()
+                .all(|&x| x.abs() < 1e-6));
         }
     }
 }
@@ -328,7 +369,14 @@ fn ignored_targets_give_zero_loss_and_gradient() {
         (1e-6, 1e-5),
     );
     let y = cross_entropy_rows(z.as_tensor(), &t).unwrap();
-    let g = vals(y.sum_all().unwrap().backward().unwrap().get(z.as_tensor()).unwrap());
+    let g = vals(
+        y.sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(z.as_tensor())
+            .unwrap(),
+    );
     let yv = vals(&y);
     for i in [1, 4] {
         assert_eq!(yv[i], 0.0);
@@ -366,7 +414,12 @@ fn fused_gradients_match_finite_differences() {
         1e-2,
     );
     let s = var(&mut rng, &[4, 9], 1.5, 0.0);
-    finite_differences("softmax", &[&s], &|t| softmax_last_dim(&t[0]).unwrap(), 1e-2);
+    finite_differences(
+        "softmax",
+        &[&s],
+        &|t| softmax_last_dim(&t[0]).unwrap(),
+        1e-2,
+    );
     finite_differences(
         "log-softmax",
         &[&s],
@@ -407,7 +460,10 @@ fn bad_inputs_are_errors() {
     assert!(cross_entropy_weighted(&z, &t4, Some(&w3)).is_err());
     let q = rng.normal_tensor(&[1, 2, 5, 4], &CPU).unwrap();
     let k = rng.normal_tensor(&[1, 2, 3, 4], &CPU).unwrap();
-    assert!(attention(&q, &k, &k, true).is_err(), "causal needs Lq <= Lk");
+    assert!(
+        attention(&q, &k, &k, true).is_err(),
+        "causal needs Lq <= Lk"
+    );
     assert!(attention(&q, &k, &k, false).is_ok());
     let k5 = rng.normal_tensor(&[1, 2, 3, 5], &CPU).unwrap();
     assert!(attention(&q, &k5, &k5, false).is_err(), "head sizes differ");

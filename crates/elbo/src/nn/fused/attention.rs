@@ -147,7 +147,9 @@ fn forward_tile(
         for r in 0..br {
             let row = &mut s[r * bc..(r + 1) * bc];
             let valid = d.limit(qs + r).saturating_sub(ks).min(bc);
-            let mx = row[..valid].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mx = row[..valid]
+                .iter()
+                .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let m_new = m[r].max(mx);
             if valid == 0 || m_new == f32::NEG_INFINITY {
                 row.fill(0.0);
@@ -241,7 +243,10 @@ fn backward_head(
                 exp_shift(&mut row[..valid], lse[qs + r]);
                 row[valid..].fill(0.0);
             }
-            let (p_t, go_t) = (MatRef::rows(&p, br, bc), MatRef::rows(&go[qs * dh..], br, dh));
+            let (p_t, go_t) = (
+                MatRef::rows(&p, br, bc),
+                MatRef::rows(&go[qs * dh..], br, dh),
+            );
             let gv_t = MatMut::rows(&mut gv[ks * dh..], bc, dh);
             matmul(gv_t, p_t.t(), go_t, 1.0, true)?; // dV_t += P^T dO_t
             let v_t = MatRef::rows(&hd.v[ks * dh..], bc, dh);
@@ -249,7 +254,9 @@ fn backward_head(
             for r in 0..br {
                 let di = dd[qs + r];
                 let (dsr, pr) = (&mut ds[r * bc..(r + 1) * bc], &p[r * bc..(r + 1) * bc]);
-                dsr.iter_mut().zip(pr).for_each(|(x, &pv)| *x = pv * (*x - di));
+                dsr.iter_mut()
+                    .zip(pr)
+                    .for_each(|(x, &pv)| *x = pv * (*x - di));
             }
             let ds_t = MatRef::rows(&ds, br, bc);
             let k_t = MatRef::rows(&hd.k[ks * dh..], bc, dh);
@@ -354,6 +361,9 @@ impl CustomOp3 for FlashAttention {
     }
 }
 
+/// One head's index and its `(dq, dk)` and `dv` output slices.
+type HeadGrads<'a> = (usize, ((&'a mut [f32], &'a mut [f32]), &'a mut [f32]));
+
 /// The backward pass as an op on `(q, k, v)`, returning `dq`, `dk`, `dv` one after the other
 /// in one flat buffer.
 struct FlashAttentionBackward<'a> {
@@ -399,7 +409,7 @@ impl CustomOp3 for FlashAttentionBackward<'_> {
                     .zip(gk.chunks_mut(sk))
                     .zip(gv.chunks_mut(sk))
                     .enumerate();
-                let run = |(h, ((gqh, gkh), gvh)): (usize, ((&mut [f32], &mut [f32]), &mut [f32]))| {
+                let run = |(h, ((gqh, gkh), gvh)): HeadGrads<'_>| {
                     let (oh, goh) = (&o[h * sq..(h + 1) * sq], &go[h * sq..(h + 1) * sq]);
                     let lh = &self.lse[h * d.lq..(h + 1) * d.lq];
                     backward_head(Head::of(q, k, v, &d, h), &d, oh, goh, lh, gqh, gkh, gvh)

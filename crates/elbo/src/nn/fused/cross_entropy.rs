@@ -161,11 +161,7 @@ impl CustomOp3 for CrossEntropy {
         let nz = z.elem_count();
         let dz = all.narrow(0, 0, nz)?.reshape(z.shape())?;
         let dw = all.narrow(0, nz, g.len())?;
-        Ok((
-            z.track_op().then_some(dz),
-            None,
-            w.track_op().then_some(dw),
-        ))
+        Ok((z.track_op().then_some(dz), None, w.track_op().then_some(dw)))
     }
 }
 

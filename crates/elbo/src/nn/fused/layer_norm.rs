@@ -110,9 +110,7 @@ impl CustomOp3 for LayerNormOp {
                 x.par_chunks(rb * d)
                     .zip(y.par_chunks_mut(rb * d))
                     .zip(mu.par_chunks_mut(rb).zip(rstd.par_chunks_mut(rb)))
-                    .for_each(|((xc, yc), (mc, rc))| {
-                        forward_block(xc, w, b, self.eps, yc, mc, rc)
-                    });
+                    .for_each(|((xc, yc), (mc, rc))| forward_block(xc, w, b, self.eps, yc, mc, rc));
             } else {
                 forward_block(x, w, b, self.eps, &mut y, &mut mu, &mut rstd);
             }
@@ -178,7 +176,10 @@ fn backward_block(
     let mut acc = vec![0f32; 2 * d];
     let (dw, db) = acc.split_at_mut(d);
     let mut xhat = vec![0f32; d];
-    let rows = x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d));
+    let rows = x
+        .chunks_exact(d)
+        .zip(g.chunks_exact(d))
+        .zip(dx.chunks_exact_mut(d));
     for (((xr, gr), dxr), (&m, &rs)) in rows.zip(mu.iter().zip(rstd)) {
         let (mut a, mut c) = (0f32, 0f32);
         for (((xh, &xv), &gv), &wv) in xhat.iter_mut().zip(xr).zip(gr).zip(w) {

@@ -27,10 +27,10 @@ mod tile;
 
 use candle_core::{bail, DType, Storage, Tensor};
 
+pub use cross_entropy::IGNORE_INDEX;
 pub(crate) use inplace::{adamw_inplace, ema_inplace};
 pub(crate) use kernels::AdamWScalars;
 use kernels::RowAct;
-pub use cross_entropy::IGNORE_INDEX;
 pub use kernels::{exp_f32, gelu_erf_f32, silu_f32};
 
 use crate::Result;

@@ -93,7 +93,10 @@ impl CustomOp1 for Softmax {
     fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
         let res = res.contiguous()?;
-        Ok(Some(res.apply_op2_no_bwd(&grad, &SoftmaxBackward { log: self.log })?))
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad,
+            &SoftmaxBackward { log: self.log },
+        )?))
     }
 }
 
@@ -130,7 +133,9 @@ impl CustomOp2 for SoftmaxBackward {
                     let sg: f32 = gr.iter().sum();
                     dr.copy_from_slice(yr);
                     exp_shift(dr, 0.0);
-                    dr.iter_mut().zip(gr).for_each(|(dv, &gv)| *dv = gv - *dv * sg);
+                    dr.iter_mut()
+                        .zip(gr)
+                        .for_each(|(dv, &gv)| *dv = gv - *dv * sg);
                 } else {
                     let sgy: f32 = gr.iter().zip(yr).map(|(a, b)| a * b).sum();
                     let it = dr.iter_mut().zip(gr.iter().zip(yr));
