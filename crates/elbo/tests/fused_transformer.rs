@@ -11,7 +11,7 @@ use elbo::data::DataKind;
 use elbo::model::{DataInfo, GenerativeModel};
 use elbo::nn::fused::{gelu_erf_f32, linear_gelu_erf, IGNORE_INDEX};
 use elbo::nn::transformer::{
-    attention, attention_composed, cross_entropy_rows, cross_entropy_weighted,
+    attention, attention_composed, attention_qkv, cross_entropy_rows, cross_entropy_weighted,
     cross_entropy_weighted_composed, layer_norm, layer_norm_composed, log_softmax_last_dim,
     log_softmax_last_dim_composed, softmax_last_dim, softmax_last_dim_composed,
 };
@@ -272,6 +272,52 @@ fn flash_attention_matches_composed() {
     }
 }
 
+/// The composed reference of [`attention_qkv`]: split the heads, attend, merge the heads.
+fn qkv_reference(qkv: &Tensor, heads: usize, causal: bool) -> Tensor {
+    let (b, l, d3) = qkv.dims3().unwrap();
+    let dh = d3 / (3 * heads);
+    let x = qkv
+        .reshape((b, l, 3, heads, dh))
+        .unwrap()
+        .permute((2, 0, 3, 1, 4))
+        .unwrap(); // [3, B, H, L, dh]
+    let part = |i: usize| x.get(i).unwrap().contiguous().unwrap();
+    let y = attention_composed(&part(0), &part(1), &part(2), causal).unwrap();
+    y.transpose(1, 2).unwrap().reshape((b, l, d3 / 3)).unwrap()
+}
+
+#[test]
+fn packed_attention_matches_composed() {
+    // (B, L, H, dh); the last is large enough for the parallel path with partial tiles
+    for (n, (b, l, h, dh)) in [
+        (2, 1, 3, 5),
+        (1, 7, 2, 16),
+        (2, 33, 3, 5),
+        (3, 65, 2, 16),
+        (2, 130, 4, 16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for causal in [false, true] {
+            let mut rng = Rng::new(200 + n as u64);
+            let qkv = var(&mut rng, &[b, l, 3 * h * dh], 1.0, 0.0);
+            agree(
+                &format!("packed attention B{b} L{l} H{h} dh{dh} causal {causal}"),
+                &[&qkv],
+                &|t| attention_qkv(&t[0], h, causal).unwrap(),
+                &|t| qkv_reference(&t[0], h, causal),
+                (1e-5, 1e-4),
+            );
+        }
+    }
+    let qkv = Tensor::zeros((1, 4, 10), DType::F32, &CPU).unwrap();
+    assert!(
+        attention_qkv(&qkv, 3, false).is_err(),
+        "10 is not 3 x 3 x dh"
+    );
+}
+
 #[test]
 fn causal_attention_ignores_later_keys() {
     let mut rng = Rng::new(3);
@@ -427,6 +473,13 @@ fn fused_gradients_match_finite_differences() {
         1e-2,
     );
     for causal in [false, true] {
+        let x = var(&mut rng, &[1, 67, 3 * 2 * 3], 1.0, 0.0);
+        finite_differences(
+            &format!("packed attention causal {causal}"),
+            &[&x],
+            &|t| attention_qkv(&t[0], 2, causal).unwrap(),
+            1e-2,
+        );
         let [q, k, v] = qkv(&mut rng, (1, 2, 67, 67, 5));
         finite_differences(
             &format!("attention causal {causal}"),

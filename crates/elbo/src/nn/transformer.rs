@@ -278,6 +278,41 @@ fn masked_attention_composed(
     Ok(softmax_last_dim_composed(&s)?.matmul(v)?) // [B, H, Lq, dh]
 }
 
+/// Checks `qkv: [B, L, 3D]` with `D` a multiple of `heads`.
+fn qkv_check(qkv: &Tensor, heads: usize) -> Result<(usize, usize, usize)> {
+    match qkv.dims() {
+        &[b, l, d3] if heads > 0 && d3 % (3 * heads) == 0 => Ok((b, l, d3)),
+        dims => Err(Error::Shape(format!(
+            "attention: qkv {dims:?} must be [B, L, 3 D] with D a multiple of {heads} heads"
+        ))),
+    }
+}
+
+/// `qkv: [B, L, 3D]` (q, k, v one after the other) as three `[B, H, L, D / H]` tensors.
+fn split_heads(qkv: &Tensor, heads: usize) -> Result<[Tensor; 3]> {
+    let (b, l, d3) = qkv_check(qkv, heads)?;
+    let qkv = qkv
+        .reshape((b, l, 3, heads, d3 / (3 * heads)))?
+        .permute((2, 0, 3, 1, 4))?
+        .contiguous()?; // [3, B, H, L, dh]
+    Ok([qkv.get(0)?, qkv.get(1)?, qkv.get(2)?])
+}
+
+/// Multi-head [`attention`] on the packed output of a `D -> 3D` projection: `qkv: [B, L, 3D]`
+/// holds `q`, `k`, `v` one after the other, each `heads` heads of `D / heads`; returns
+/// `[B, L, D]` (heads side by side, ready for the output projection). On CPU `f32` one flash
+/// op reading and writing the heads in place ([`fused::attention_packed`]: no permuted copies,
+/// no `L x L` matrix); elsewhere the heads are split and [`attention`] composed.
+pub fn attention_qkv(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    let (b, l, d3) = qkv_check(qkv, heads)?;
+    if fused::cpu_f32(&[qkv]) {
+        return fused::attention_packed(qkv, heads, causal);
+    }
+    let [q, k, v] = split_heads(qkv, heads)?; // [B, H, L, dh]
+    let y = attention(&q, &k, &v, causal)?; // [B, H, L, dh]
+    Ok(y.transpose(1, 2)?.reshape((b, l, d3 / 3))?) // [B, L, D]
+}
+
 /// True when `mask` is the `[L, L]` causal mask of [`Transformer`] (0 on and below the
 /// diagonal, -inf above).
 fn is_causal_mask(mask: &Tensor, l: usize) -> Result<bool> {
@@ -382,20 +417,16 @@ impl Block {
     /// mask the composed scores-mask-softmax path.
     fn attn(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
-        let (h, dh) = (self.n_heads, d / self.n_heads);
-        let qkv = self
-            .qkv
-            .forward(x)? // [B, L, 3D]
-            .reshape((b, l, 3, h, dh))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?; // [3, B, H, L, dh]
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?); // [B, H, L, dh]
+        let qkv = self.qkv.forward(x)?; // [B, L, 3D]
         let y = match mask {
-            None => attention(&q, &k, &v, false)?,
-            Some(m) if is_causal_mask(m, l)? => attention(&q, &k, &v, true)?,
-            Some(m) => masked_attention_composed(&q, &k, &v, Some(m))?,
-        }; // [B, H, L, dh]
-        let y = y.transpose(1, 2)?.reshape((b, l, d))?; // [B, L, D]
+            None => attention_qkv(&qkv, self.n_heads, false)?,
+            Some(m) if is_causal_mask(m, l)? => attention_qkv(&qkv, self.n_heads, true)?,
+            Some(m) => {
+                let [q, k, v] = split_heads(&qkv, self.n_heads)?; // [B, H, L, dh]
+                let y = masked_attention_composed(&q, &k, &v, Some(m))?; // [B, H, L, dh]
+                y.transpose(1, 2)?.reshape((b, l, d))? // [B, L, D]
+            }
+        }; // [B, L, D]
         self.proj.forward(&y)
     }
 

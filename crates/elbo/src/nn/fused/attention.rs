@@ -15,16 +15,17 @@
 //! over `B H` heads (and the query tiles of each head in the forward pass) on rayon's pool when
 //! large enough; every tile's arithmetic is fixed by the sizes, so results do not depend on the
 //! number of threads. The tile products go through the `gemm` crate ([`super::tile`]).
+//!
+//! Two layouts: split `q, k, v: [B, H, L, dh]` tensors, or one packed `qkv: [B, L, 3, H, dh]`
+//! tensor (the output of a fused QKV projection) with output `[B, L, H, dh]`, read and written
+//! in place through row strides so that no head permutation is ever copied. The custom ops
+//! around these kernels are in [`super::attention_op`].
 
-use std::sync::Mutex;
-
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::bail;
 use rayon::prelude::*;
 
 use super::kernels::exp_shift;
-use super::linear::f32_slice;
 use super::tile::{matmul, MatMut, MatRef};
-use super::with_f32;
 
 /// Query rows per tile.
 const BR: usize = 64;
@@ -33,31 +34,36 @@ const BC: usize = 64;
 /// Heads x Lq x Lk x dh below which everything runs on the calling thread.
 const PAR_WORK: usize = 1 << 20;
 
-/// The problem sizes shared by the forward and backward passes.
+/// Where the heads live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Packing {
+    /// `q: [B H, Lq, dh]`, `k, v: [B H, Lk, dh]` and the output `[B H, Lq, dh]`, contiguous.
+    Split,
+    /// One `qkv: [B, L, 3, h, dh]` buffer and the output `[B, L, h, dh]`.
+    Packed { h: usize },
+}
+
+/// The problem sizes and layout shared by the forward and backward passes.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
-    heads: usize,
-    lq: usize,
-    lk: usize,
-    dh: usize,
-    scale: f32,
-    causal: bool,
+pub(crate) struct Dims {
+    /// `B H`.
+    pub heads: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub dh: usize,
+    pub scale: f32,
+    pub causal: bool,
+    pub packing: Packing,
 }
 
 impl Dims {
-    /// From the layouts of `q: [B, H, Lq, dh]`, `k, v: [B, H, Lk, dh]`.
-    fn new(ql: &Layout, kl: &Layout, vl: &Layout, causal: bool) -> candle_core::Result<Self> {
-        let (b, h, lq, dh) = ql.shape().dims4()?;
-        let (kb, kh, lk, kd) = kl.shape().dims4()?;
-        if (kb, kh, kd) != (b, h, dh) || vl.dims() != kl.dims() {
-            bail!(
-                "attention: q {:?}, k {:?} and v {:?} must be [B, H, Lq, dh], [B, H, Lk, dh], \
-                 [B, H, Lk, dh]",
-                ql.dims(),
-                kl.dims(),
-                vl.dims()
-            )
-        }
+    /// Checks and completes the sizes (`scale = 1 / sqrt(dh)`).
+    pub fn new(
+        heads: usize,
+        (lq, lk, dh): (usize, usize, usize),
+        causal: bool,
+        packing: Packing,
+    ) -> candle_core::Result<Self> {
         if lq > 0 && lk == 0 {
             bail!("attention: {lq} queries but no keys")
         }
@@ -65,12 +71,13 @@ impl Dims {
             bail!("causal attention: more queries ({lq}) than keys ({lk})")
         }
         Ok(Self {
-            heads: b * h,
+            heads,
             lq,
             lk,
             dh,
             scale: 1.0 / (dh.max(1) as f32).sqrt(),
             causal,
+            packing,
         })
     }
 
@@ -86,30 +93,70 @@ impl Dims {
     fn parallel(&self) -> bool {
         self.heads * self.lq * self.lk * self.dh >= PAR_WORK
     }
+
+    /// Elements of the output (and of `q`).
+    pub fn q_len(&self) -> usize {
+        self.heads * self.lq * self.dh
+    }
+
+    /// Elements of `k` (and of `v`).
+    pub fn k_len(&self) -> usize {
+        self.heads * self.lk * self.dh
+    }
+
+    /// Offsets of head `i`'s first query, key and value rows in their buffers, and the row
+    /// stride of the three.
+    fn qkv_at(&self, i: usize) -> ([usize; 3], usize) {
+        let dh = self.dh;
+        match self.packing {
+            Packing::Split => ([i * self.lq * dh, i * self.lk * dh, i * self.lk * dh], dh),
+            Packing::Packed { h } => {
+                let d = h * dh;
+                let base = (i / h) * self.lq * 3 * d + (i % h) * dh;
+                ([base, base + d, base + 2 * d], 3 * d)
+            }
+        }
+    }
+
+    /// Offset of head `i`'s first output row, and the output row stride.
+    fn o_at(&self, i: usize) -> (usize, usize) {
+        let dh = self.dh;
+        match self.packing {
+            Packing::Split => (i * self.lq * dh, dh),
+            Packing::Packed { h } => ((i / h) * self.lq * h * dh + (i % h) * dh, h * dh),
+        }
+    }
 }
 
-/// One head's inputs, row-major.
+/// One head's inputs: rows at stride `rs` from the start of each slice.
 #[derive(Clone, Copy)]
 struct Head<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
+    rs: usize,
 }
 
 impl<'a> Head<'a> {
-    fn of(q: &'a [f32], k: &'a [f32], v: &'a [f32], d: &Dims, h: usize) -> Self {
-        let (nq, nk) = (d.lq * d.dh, d.lk * d.dh);
+    /// Head `i` of the buffers (the same buffer three times when packed).
+    fn of(src: [&'a [f32]; 3], d: &Dims, i: usize) -> Self {
+        let ([oq, ok, ov], rs) = d.qkv_at(i);
         Self {
-            q: &q[h * nq..(h + 1) * nq],
-            k: &k[h * nk..(h + 1) * nk],
-            v: &v[h * nk..(h + 1) * nk],
+            q: &src[0][oq..],
+            k: &src[1][ok..],
+            v: &src[2][ov..],
+            rs,
         }
+    }
+
+    /// Rows `start..start + n` of `x` (one of `self.q`, `self.k`, `self.v`).
+    fn rows(&self, x: &'a [f32], start: usize, n: usize, dh: usize) -> MatRef<'a> {
+        MatRef::strided(&x[start * self.rs..], n, dh, self.rs)
     }
 }
 
-/// `s <- scale Q_t K_t^T` for the query tile at `qs` (`br` rows) and the key tile at `ks`
-/// (`bc` keys), then each row `r` becomes `exp(s - shift(r))` on its visible keys and 0
-/// beyond. Returns nothing; `shift` may also update per-row state (the online softmax).
+/// `s <- scale Q_t K_t^T` (`[br, bc]`) for the query tile at `qs` (`br` rows) and the key tile
+/// at `ks` (`bc` keys).
 fn tile_scores(
     s: &mut [f32],
     hd: Head<'_>,
@@ -117,17 +164,12 @@ fn tile_scores(
     (qs, br): (usize, usize),
     (ks, bc): (usize, usize),
 ) -> candle_core::Result<()> {
-    let dh = d.dh;
-    matmul(
-        MatMut::rows(s, br, bc),
-        MatRef::rows(&hd.q[qs * dh..], br, dh),
-        MatRef::rows(&hd.k[ks * dh..], bc, dh).t(),
-        d.scale,
-        false,
-    )
+    let (q, k) = (hd.rows(hd.q, qs, br, d.dh), hd.rows(hd.k, ks, bc, d.dh));
+    matmul(MatMut::rows(s, br, bc), q, k.t(), d.scale, false)
 }
 
-/// Forward pass for one query tile of one head: `o: [br, dh]` and `lse: [br]`.
+/// Forward pass for one query tile of one head (Dao et al. 2022, Algorithm 1, lines 6-13):
+/// `o: [br, dh]` and `lse: [br]`.
 fn forward_tile(
     hd: Head<'_>,
     d: &Dims,
@@ -155,6 +197,7 @@ fn forward_tile(
                 row.fill(0.0);
                 continue;
             }
+            // online softmax: P = exp(S - m_new), rescale the running sum and output
             exp_shift(&mut row[..valid], m_new);
             row[valid..].fill(0.0);
             let sum: f32 = row[..valid].iter().sum();
@@ -166,14 +209,14 @@ fn forward_tile(
             l[r] += sum;
             m[r] = m_new;
         }
-        // O_t += P V_t
+        let v = hd.rows(hd.v, ks, bc, dh);
         matmul(
             MatMut::rows(o, br, dh),
             MatRef::rows(&s, br, bc),
-            MatRef::rows(&hd.v[ks * dh..], bc, dh),
+            v,
             1.0,
             true,
-        )?;
+        )?; // O += P V
     }
     for r in 0..br {
         let inv = 1.0 / l[r];
@@ -183,7 +226,7 @@ fn forward_tile(
     Ok(())
 }
 
-/// Forward pass of one head: `o: [Lq, dh]`, `lse: [Lq]`.
+/// Forward pass of one head into `o: [Lq, dh]` (contiguous) and `lse: [Lq]`.
 fn forward_head(
     hd: Head<'_>,
     d: &Dims,
@@ -204,14 +247,54 @@ fn forward_head(
     }
 }
 
-/// Backward pass of one head: from `o, go: [Lq, dh]` and `lse: [Lq]`, the gradients
-/// `gq: [Lq, dh]`, `gk, gv: [Lk, dh]` (overwritten).
+/// The forward pass over all heads: the output `[B H, Lq, dh]` (head-major, whatever the
+/// packing) and `lse: [B H, Lq]`. `src` holds `q`, `k`, `v` (the packed buffer three times).
+pub(crate) fn forward(src: [&[f32]; 3], d: &Dims) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    let mut o = vec![0f32; d.q_len()];
+    let mut lse = vec![0f32; d.heads * d.lq];
+    if o.is_empty() {
+        return Ok((o, lse));
+    }
+    let heads = o.chunks_mut(d.lq * d.dh).zip(lse.chunks_mut(d.lq));
+    if d.parallel() {
+        let heads: Vec<_> = heads.enumerate().collect();
+        heads
+            .into_par_iter()
+            .try_for_each(|(i, (oh, lh))| forward_head(Head::of(src, d, i), d, oh, lh, true))?;
+    } else {
+        heads
+            .enumerate()
+            .try_for_each(|(i, (oh, lh))| forward_head(Head::of(src, d, i), d, oh, lh, false))?;
+    }
+    Ok((o, lse))
+}
+
+/// Head-major `[B H, L, dh]` rows into their places in `dst` (`[B, L, 3, h, dh]` at `slot`
+/// 0, 1, 2 when `qkv`, else `[B, L, h, dh]`); the identity layout when split.
+pub(crate) fn scatter(src: &[f32], d: &Dims, l: usize, slot: usize, qkv: bool, dst: &mut [f32]) {
+    let Packing::Packed { h } = d.packing else {
+        dst[..src.len()].copy_from_slice(src);
+        return;
+    };
+    let dh = d.dh;
+    let width = if qkv { 3 * h * dh } else { h * dh };
+    for (i, head) in src.chunks_exact((l * dh).max(1)).enumerate() {
+        let base = (i / h) * l * width + slot * h * dh + (i % h) * dh;
+        for (r, row) in head.chunks_exact(dh.max(1)).enumerate() {
+            let at = base + r * width;
+            dst[at..at + dh].copy_from_slice(row);
+        }
+    }
+}
+
+/// The backward pass of one head (Dao et al. 2022, Algorithm 4 without dropout): from the
+/// output `o` and its gradient `go` (rows at stride `ors`) and `lse: [Lq]`, the gradients
+/// `gq: [Lq, dh]`, `gk, gv: [Lk, dh]` (contiguous, overwritten).
 #[allow(clippy::too_many_arguments)]
 fn backward_head(
     hd: Head<'_>,
     d: &Dims,
-    o: &[f32],
-    go: &[f32],
+    (o, go, ors): (&[f32], &[f32], usize),
     lse: &[f32],
     gq: &mut [f32],
     gk: &mut [f32],
@@ -219,10 +302,11 @@ fn backward_head(
 ) -> candle_core::Result<()> {
     let dh = d.dh;
     // D_i = sum_d dO_id O_id, [Lq]
-    let dd: Vec<f32> = go
-        .chunks_exact(dh.max(1))
-        .zip(o.chunks_exact(dh.max(1)))
-        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum())
+    let dd: Vec<f32> = (0..d.lq)
+        .map(|i| {
+            let (a, b) = (&go[i * ors..i * ors + dh], &o[i * ors..i * ors + dh]);
+            a.iter().zip(b).map(|(x, y)| x * y).sum()
+        })
         .collect();
     gq.fill(0.0);
     gk.fill(0.0);
@@ -243,26 +327,24 @@ fn backward_head(
                 exp_shift(&mut row[..valid], lse[qs + r]);
                 row[valid..].fill(0.0);
             }
-            let (p_t, go_t) = (
-                MatRef::rows(&p, br, bc),
-                MatRef::rows(&go[qs * dh..], br, dh),
-            );
+            let p_t = MatRef::rows(&p, br, bc);
+            let go_t = MatRef::strided(&go[qs * ors..], br, dh, ors);
             let gv_t = MatMut::rows(&mut gv[ks * dh..], bc, dh);
             matmul(gv_t, p_t.t(), go_t, 1.0, true)?; // dV_t += P^T dO_t
-            let v_t = MatRef::rows(&hd.v[ks * dh..], bc, dh);
+            let v_t = hd.rows(hd.v, ks, bc, dh);
             matmul(MatMut::rows(&mut ds, br, bc), go_t, v_t.t(), 1.0, false)?; // dP
             for r in 0..br {
                 let di = dd[qs + r];
                 let (dsr, pr) = (&mut ds[r * bc..(r + 1) * bc], &p[r * bc..(r + 1) * bc]);
                 dsr.iter_mut()
                     .zip(pr)
-                    .for_each(|(x, &pv)| *x = pv * (*x - di));
+                    .for_each(|(x, &pv)| *x = pv * (*x - di)); // dS = P (dP - D)
             }
             let ds_t = MatRef::rows(&ds, br, bc);
-            let k_t = MatRef::rows(&hd.k[ks * dh..], bc, dh);
+            let k_t = hd.rows(hd.k, ks, bc, dh);
             let gq_t = MatMut::rows(&mut gq[qs * dh..], br, dh);
             matmul(gq_t, ds_t, k_t, d.scale, true)?; // dQ_t += scale dS K_t
-            let q_t = MatRef::rows(&hd.q[qs * dh..], br, dh);
+            let q_t = hd.rows(hd.q, qs, br, dh);
             let gk_t = MatMut::rows(&mut gk[ks * dh..], bc, dh);
             matmul(gk_t, ds_t.t(), q_t, d.scale, true)?; // dK_t += scale dS^T Q_t
         }
@@ -270,157 +352,40 @@ fn backward_head(
     Ok(())
 }
 
-/// The attention custom op; the forward pass saves the per-row log-sum-exp when `save`.
-pub(crate) struct FlashAttention {
-    causal: bool,
-    save: bool,
-    /// `lse: [B H Lq]` from the forward pass.
-    lse: Mutex<Option<Vec<f32>>>,
-}
-
-impl FlashAttention {
-    pub(crate) fn new(causal: bool, save: bool) -> Self {
-        Self {
-            causal,
-            save,
-            lse: Mutex::new(None),
-        }
-    }
-}
-
-impl CustomOp3 for FlashAttention {
-    fn name(&self) -> &'static str {
-        "elbo-flash-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = Dims::new(ql, kl, vl, self.causal)?;
-        let q = f32_slice(qs, ql, "attention q")?;
-        let k = f32_slice(ks, kl, "attention k")?;
-        let v = f32_slice(vs, vl, "attention v")?;
-        let mut o = vec![0f32; d.heads * d.lq * d.dh];
-        let mut lse = vec![0f32; d.heads * d.lq];
-        if !o.is_empty() {
-            let heads = o.chunks_mut(d.lq * d.dh).zip(lse.chunks_mut(d.lq));
-            if d.parallel() {
-                let heads: Vec<_> = heads.enumerate().collect();
-                heads.into_par_iter().try_for_each(|(h, (oh, lh))| {
-                    forward_head(Head::of(q, k, v, &d, h), &d, oh, lh, true)
-                })?;
-            } else {
-                heads.enumerate().try_for_each(|(h, (oh, lh))| {
-                    forward_head(Head::of(q, k, v, &d, h), &d, oh, lh, false)
-                })?;
-            }
-        }
-        if self.save {
-            match self.lse.lock() {
-                Ok(mut g) => *g = Some(lse),
-                Err(_) => bail!("{}: saved-lse lock poisoned", self.name()),
-            }
-        }
-        Ok((CpuStorage::F32(o), ql.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let guard = match self.lse.lock() {
-            Ok(g) => g,
-            Err(_) => bail!("{}: saved-lse lock poisoned", self.name()),
-        };
-        let Some(lse) = guard.as_deref() else {
-            bail!("{}: backward without a saved forward pass", self.name())
-        };
-        let grad = grad.contiguous()?;
-        let op = FlashAttentionBackward {
-            causal: self.causal,
-            o: res,
-            go: &grad,
-            lse,
-        };
-        let all = q.apply_op3_no_bwd(k, v, &op)?; // [dq | dk | dv], flat
-        let (nq, nk) = (q.elem_count(), k.elem_count());
-        let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
-        let dk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
-        let dv = all.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
-        Ok((Some(dq), Some(dk), Some(dv)))
-    }
-}
-
-/// One head's index and its `(dq, dk)` and `dv` output slices.
+/// One head's index and its `dq`, `dk` and `dv` output slices.
 type HeadGrads<'a> = (usize, ((&'a mut [f32], &'a mut [f32]), &'a mut [f32]));
 
-/// The backward pass as an op on `(q, k, v)`, returning `dq`, `dk`, `dv` one after the other
-/// in one flat buffer.
-struct FlashAttentionBackward<'a> {
-    causal: bool,
-    o: &'a Tensor,
-    go: &'a Tensor,
-    lse: &'a [f32],
-}
-
-impl CustomOp3 for FlashAttentionBackward<'_> {
-    fn name(&self) -> &'static str {
-        "elbo-flash-attention-backward"
+/// The backward pass over all heads into head-major `gq: [B H, Lq, dh]` and
+/// `gk, gv: [B H, Lk, dh]`. `o`, `go` are laid out as the forward output (see [`Packing`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    src: [&[f32]; 3],
+    d: &Dims,
+    o: &[f32],
+    go: &[f32],
+    lse: &[f32],
+    gq: &mut [f32],
+    gk: &mut [f32],
+    gv: &mut [f32],
+) -> candle_core::Result<()> {
+    if d.q_len() == 0 || d.k_len() == 0 {
+        return Ok(());
     }
-
-    fn cpu_fwd(
-        &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = Dims::new(ql, kl, vl, self.causal)?;
-        let q = f32_slice(qs, ql, "attention q")?;
-        let k = f32_slice(ks, kl, "attention k")?;
-        let v = f32_slice(vs, vl, "attention v")?;
-        let (nq, nk) = (d.heads * d.lq * d.dh, d.heads * d.lk * d.dh);
-        if self.lse.len() != d.heads * d.lq || self.o.elem_count() != nq {
-            bail!("{}: saved state does not match the inputs", self.name())
-        }
-        let mut out = vec![0f32; nq + 2 * nk];
-        with_f32(self.o, "attention output", |o| {
-            with_f32(self.go, "attention output gradient", |go| {
-                if nq == 0 || nk == 0 {
-                    return Ok(());
-                }
-                let (gq, rest) = out.split_at_mut(nq);
-                let (gk, gv) = rest.split_at_mut(nk);
-                let (sq, sk) = (d.lq * d.dh, d.lk * d.dh);
-                let heads = gq
-                    .chunks_mut(sq)
-                    .zip(gk.chunks_mut(sk))
-                    .zip(gv.chunks_mut(sk))
-                    .enumerate();
-                let run = |(h, ((gqh, gkh), gvh)): HeadGrads<'_>| {
-                    let (oh, goh) = (&o[h * sq..(h + 1) * sq], &go[h * sq..(h + 1) * sq]);
-                    let lh = &self.lse[h * d.lq..(h + 1) * d.lq];
-                    backward_head(Head::of(q, k, v, &d, h), &d, oh, goh, lh, gqh, gkh, gvh)
-                };
-                if d.parallel() {
-                    heads.collect::<Vec<_>>().into_par_iter().try_for_each(run)
-                } else {
-                    heads.into_iter().try_for_each(run)
-                }
-            })
-        })?;
-        Ok((CpuStorage::F32(out), Shape::from(nq + 2 * nk)))
+    let (sq, sk) = (d.lq * d.dh, d.lk * d.dh);
+    let heads = gq
+        .chunks_mut(sq)
+        .zip(gk.chunks_mut(sk))
+        .zip(gv.chunks_mut(sk))
+        .enumerate();
+    let run = |(i, ((gqh, gkh), gvh)): HeadGrads<'_>| {
+        let (oo, ors) = d.o_at(i);
+        let lh = &lse[i * d.lq..(i + 1) * d.lq];
+        let out = (&o[oo..], &go[oo..], ors);
+        backward_head(Head::of(src, d, i), d, out, lh, gqh, gkh, gvh)
+    };
+    if d.parallel() {
+        heads.collect::<Vec<_>>().into_par_iter().try_for_each(run)
+    } else {
+        heads.into_iter().try_for_each(run)
     }
 }

@@ -17,6 +17,7 @@
 //! SiLU uses [`exp_f32`], a branch-free `exp` with relative error below 3e-7, in place of libm.
 
 mod attention;
+mod attention_op;
 mod cross_entropy;
 mod inplace;
 mod kernels;
@@ -155,8 +156,19 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 /// keys `j <= i + Lk - Lq`. See [`attention`](self::attention) for the algorithm.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let op = attention::FlashAttention::new(causal, tracks(&[&q, &k, &v]));
+    let op = attention_op::FlashAttention::new(causal, tracks(&[&q, &k, &v]));
     Ok(q.apply_op3(&k, &v, op)?)
+}
+
+/// [`attention`] on a packed `qkv: [B, L, 3 D]` (the output of one `D -> 3 D` projection: `q`,
+/// `k`, `v` one after the other, each `heads` heads of `D / heads`), giving `[B, L, D]` with the
+/// heads side by side. The heads are read and written in place through strides: no permuted
+/// copy of `q`, `k`, `v` or of the output exists, and the backward pass gives `dqkv` in the same
+/// layout (CPU `f32` only).
+pub fn attention_packed(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    let qkv = qkv.contiguous()?;
+    let op = attention_op::PackedAttention::new(heads, causal, qkv.track_op());
+    Ok(qkv.apply_op1(op)?)
 }
 
 /// Per-row cross-entropy `w_i (logsumexp(z_i) - z_{i, t_i})` for `logits: [N, V]` (CPU `f32`),

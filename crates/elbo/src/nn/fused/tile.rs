@@ -27,6 +27,17 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// `rows x cols` with row stride `rs` (contiguous rows) at the start of `data`.
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
+    }
+
     /// The transpose (a view: no copy).
     pub fn t(self) -> Self {
         Self {
