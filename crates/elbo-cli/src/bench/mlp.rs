@@ -250,7 +250,11 @@ impl DetachedMlp {
         let last = self.layers.len() - 1;
         for (i, (w, b)) in self.layers.iter().enumerate() {
             // one fused GEMM + bias (+ SiLU) op, no graph
-            let act = if i < last { FusedAct::Silu } else { FusedAct::Identity };
+            let act = if i < last {
+                FusedAct::Silu
+            } else {
+                FusedAct::Identity
+            };
             h = linear_act_inference(&h, w, b, act)?; // [B, out]
         }
         Ok(h)

@@ -23,6 +23,7 @@ mod inplace;
 mod kernels;
 mod layer_norm;
 mod linear;
+pub mod reference;
 mod softmax;
 mod tile;
 
@@ -153,7 +154,7 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 
 /// Flash attention `softmax(Q K^T / sqrt(dh) + mask) V` for `q: [B, H, Lq, dh]`,
 /// `k, v: [B, H, Lk, dh]` -> `[B, H, Lq, dh]` (CPU `f32` only); with `causal`, query `i` sees
-/// keys `j <= i + Lk - Lq`. See [`attention`](self::attention) for the algorithm.
+/// keys `j <= i + Lk - Lq`. The algorithm (Dao et al. 2022) is described in `fused/attention.rs`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let op = attention_op::FlashAttention::new(causal, tracks(&[&q, &k, &v]));
