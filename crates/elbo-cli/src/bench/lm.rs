@@ -7,7 +7,9 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
-use elbo::nn::transformer::{cross_entropy_rows, Transformer, TransformerConfig};
+use elbo::nn::transformer::{
+    cross_entropy_rows, cross_entropy_weighted, Transformer, TransformerConfig,
+};
 use elbo::nn::ParamInit;
 use elbo::train::optim::named_vars;
 use elbo::Rng;
@@ -117,8 +119,9 @@ pub fn run(causal: bool, steps: (usize, usize), corpus: Option<&Path>) -> Result
             let logits = net.forward(&Tensor::from_vec(xt, (b, l), &dev)?)?; // [B, L, V]
             let x0 = Tensor::from_vec(x0, b * l, &dev)?; // [B L]
             let w = Tensor::from_vec(w, b * l, &dev)?; // [B L]
-            let ce = cross_entropy_rows(&logits.reshape((b * l, V))?, &x0)?; // [B L]
-            (ce * w)?.sum_all()?.affine(1.0 / (b * l) as f64, 0.0)?
+                                                       // w_i CE_i in one fused op (weight 0 on unmasked positions: no loss, no gradient)
+            let ce = cross_entropy_weighted(&logits.reshape((b * l, V))?, &x0, Some(&w))?; // [B L]
+            ce.sum_all()?.affine(1.0 / (b * l) as f64, 0.0)?
         };
         let grads = loss.backward()?;
         opt.step(&params, &grads, 1e-3)?;

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use elbo::config::ModelConfig;
 use elbo::continuous::flow_matching::VelocityMlp;
-use elbo::continuous::VelocityField;
+use elbo::nn::fused::{linear_act_inference, FusedAct};
 use elbo::nn::{sinusoidal_embedding, Activation, Mlp, ParamInit};
 use elbo::train::optim::named_vars;
 use elbo::Rng;
@@ -80,8 +80,10 @@ pub fn s2(steps: (usize, usize)) -> Result<()> {
         let mut x = rng.normal_tensor(&[b, 2], &dev)?; // [B, 2]
         let dt = 1.0 / n_steps as f64;
         for i in 0..n_steps {
-            let v = net.velocity(&x, i as f64 * dt)?;
-            x = (x + (v * dt)?)?.detach();
+            // the inference path: no autograd graph, nothing saved for a backward pass
+            let tt = Tensor::full((i as f64 * dt) as f32, b, &dev)?; // [B]
+            let v = net.forward_inference(&x, &tt)?; // [B, 2]
+            x = (x + (v * dt)?)?;
         }
         std::hint::black_box(x);
         Ok(())
@@ -247,10 +249,13 @@ impl DetachedMlp {
         let mut h = x.clone();
         let last = self.layers.len() - 1;
         for (i, (w, b)) in self.layers.iter().enumerate() {
-            h = h.matmul(&w.t()?)?.broadcast_add(b)?; // [B, out]
-            if i < last {
-                h = h.silu()?;
-            }
+            // one fused GEMM + bias (+ SiLU) op, no graph
+            let act = if i < last {
+                FusedAct::Silu
+            } else {
+                FusedAct::Identity
+            };
+            h = linear_act_inference(&h, w, b, act)?; // [B, out]
         }
         Ok(h)
     }

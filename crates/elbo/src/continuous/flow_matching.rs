@@ -57,6 +57,15 @@ impl VelocityMlp {
         let h = Tensor::cat(&[&x.to_dtype(DType::F32)?, &temb], 1)?; // [B, D + E]
         self.mlp.forward(&h)
     }
+
+    /// [`VelocityMlp::forward`] without an autograd graph (weights treated as constants, nothing
+    /// saved for a backward pass): the sampling path. Same values.
+    pub fn forward_inference(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let t = (t.to_dtype(DType::F32)?.detach() * self.time_scale)?;
+        let temb = sinusoidal_embedding(&t, self.time_embed_dim, 10000.0)?; // [B, E]
+        let h = Tensor::cat(&[&x.to_dtype(DType::F32)?.detach(), &temb], 1)?; // [B, D + E]
+        self.mlp.forward_inference(&h)
+    }
 }
 
 impl VelocityField for VelocityMlp {
@@ -187,7 +196,12 @@ impl GenerativeModel for FlowMatching {
         let x = if opts.sampler == "auto" {
             let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
             let z0 = rng.normal_tensor(&[n, self.dim], &self.device)?;
-            cnf::sample(&self.net, &z0, &solver)?.0
+            // The ODE runs on the inference path: no step records an autograd graph.
+            let field = |x: &Tensor, t: f64| -> Result<Tensor> {
+                let tt = Tensor::full(t as f32, x.dim(0)?, x.device())?;
+                Ok(self.net.forward_inference(x, &tt)?.to_dtype(x.dtype())?)
+            };
+            cnf::sample(&field, &z0, &solver)?.0
         } else {
             // any diffusion sampler (DDIM, Heun, Euler-Maruyama, PC, ...) on the CondOT path
             let fd = super::diffusion::sampling::FlowAsDiffusion::new(&self.net, self.dim);

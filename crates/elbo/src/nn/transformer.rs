@@ -9,11 +9,20 @@
 //! bidirectional (masked diffusion). Initialisation follows PyTorch's defaults: linear layers
 //! U(-1/sqrt(in), 1/sqrt(in)), embeddings N(0, 1), layer norms weight 1 and bias 0.
 //!
-//! candle's fused `softmax_last_dim` and `layer_norm` record no gradient, so this module builds
-//! both from differentiable primitives ([`softmax_last_dim`], [`layer_norm`]).
+//! candle's fused `softmax_last_dim` and `layer_norm` record no gradient. This module's free
+//! functions ([`layer_norm`], [`softmax_last_dim`], [`log_softmax_last_dim`],
+//! [`cross_entropy_weighted`], [`attention`], [`attention_qkv`]) run elbo's own fused CPU `f32`
+//! custom ops, each with its backward pass ([`crate::nn::fused`]), and fall back elsewhere to
+//! the differentiable compositions (the `*_composed` functions, also the tests' references).
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 
+use super::fused::reference::{attention_check, ce_check, masked_attention_composed};
+pub use super::fused::reference::{
+    attention_composed, cross_entropy_weighted_composed, layer_norm_composed,
+    log_softmax_last_dim_composed, softmax_last_dim_composed,
+};
+use super::fused::{self, FusedAct};
 use super::ParamInit;
 use crate::{Error, Result};
 
@@ -66,51 +75,137 @@ impl TransformerConfig {
     }
 }
 
-/// Layer normalisation (Ba et al. 2016) over the last dimension, built from differentiable ops:
+/// Layer normalisation (Ba et al. 2016) over the last dimension:
 /// `(x - mean) / sqrt(var + eps) * weight + bias` with the biased variance, as
-/// `torch.nn.LayerNorm`. `x: [..., D]`, `weight`, `bias: [D]`.
+/// `torch.nn.LayerNorm`. `x: [..., D]`, `weight`, `bias: [D]`. On CPU `f32` one fused op with its
+/// own backward pass ([`fused::layer_norm`]); elsewhere [`layer_norm_composed`].
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?; // [..., 1]
-    let xc = x.broadcast_sub(&mean)?; // [..., D]
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?; // [..., 1]
-    let inv = (var + eps)?.sqrt()?.recip()?; // [..., 1]
-    Ok(xc
-        .broadcast_mul(&inv)?
-        .broadcast_mul(weight)?
-        .broadcast_add(bias)?)
+    let d = x.dims().last().copied();
+    if fused::cpu_f32(&[x, weight, bias])
+        && d.is_some_and(|d| weight.dims() == [d] && bias.dims() == [d])
+    {
+        return fused::layer_norm(x, weight, bias, eps);
+    }
+    layer_norm_composed(x, weight, bias, eps)
 }
 
-/// Softmax over the last dimension, `exp(x - max) / sum exp(x - max)`, differentiable (the
-/// maximum is a detached constant: the result does not depend on it).
+/// Softmax over the last dimension, `exp(x - max) / sum exp(x - max)`, differentiable: one
+/// fused op on CPU `f32` ([`fused::softmax`]), [`softmax_last_dim_composed`] elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach(); // [..., 1]
-    let e = x.broadcast_sub(&max)?.exp()?; // [..., V]
-    let s = e.sum_keepdim(D::Minus1)?; // [..., 1]
-    Ok(e.broadcast_div(&s)?)
+    if fused::cpu_f32(&[x]) && x.rank() >= 1 {
+        return fused::softmax(x);
+    }
+    softmax_last_dim_composed(x)
 }
 
-/// `log softmax` over the last dimension, differentiable (detached maximum).
+/// `log softmax` over the last dimension, differentiable: one fused op on CPU `f32`
+/// ([`fused::log_softmax`]), [`log_softmax_last_dim_composed`] elsewhere.
 pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach(); // [..., 1]
-    let z = x.broadcast_sub(&max)?; // [..., V]
-    let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?; // [..., 1]
-    Ok(z.broadcast_sub(&lse)?)
+    if fused::cpu_f32(&[x]) && x.rank() >= 1 {
+        return fused::log_softmax(x);
+    }
+    log_softmax_last_dim_composed(x)
 }
 
 /// Per-row cross-entropy `-log softmax(logits)[target]`: `logits: [N, V]`, `targets: [N]`
-/// (u32) -> `[N]`.
+/// (u32) -> `[N]`. Same as [`cross_entropy_weighted`] without weights.
 pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let n = logits.dim(0)?;
-    if targets.dims() != [n] {
-        return Err(Error::Shape(format!(
-            "cross-entropy: logits {:?} but targets {:?}",
-            logits.dims(),
-            targets.dims()
-        )));
+    cross_entropy_weighted(logits, targets, None)
+}
+
+/// Per-row weighted cross-entropy `w_i (-log softmax(logits_i)[t_i])`: `logits: [N, V]`,
+/// `targets: [N]` (u32; [`fused::IGNORE_INDEX`] marks a row to skip), optional `weights: [N]`
+/// (1 when absent) -> `[N]`. Rows with weight 0 or an ignored target give 0 and no gradient
+/// (e.g. MDLM's `1/t`-weighted loss on the masked positions only, Sahoo et al. 2024, eq. 10).
+/// On CPU `f32` one fused op that never materialises the `[N, V]` probabilities
+/// ([`fused::cross_entropy`]); elsewhere [`cross_entropy_weighted_composed`].
+pub fn cross_entropy_weighted(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    let n = ce_check(logits, targets, weights)?;
+    let cpu = fused::cpu_f32(&[logits]) && weights.is_none_or(|w| fused::cpu_f32(&[w]));
+    if !cpu || !targets.device().is_cpu() {
+        return cross_entropy_weighted_composed(logits, targets, weights);
     }
-    let logp = log_softmax_last_dim(logits)?; // [N, V]
-    let picked = logp.gather(&targets.reshape((n, 1))?, 1)?; // [N, 1]
-    Ok(picked.reshape(n)?.neg()?)
+    let t = match targets.dtype() {
+        DType::U32 => targets.clone(),
+        _ => targets.to_dtype(DType::U32)?,
+    };
+    let ones;
+    let w = match weights {
+        Some(w) => w,
+        None => {
+            ones = Tensor::ones(n, DType::F32, logits.device())?;
+            &ones
+        }
+    };
+    fused::cross_entropy(logits, &t, w)
+}
+
+/// Scaled dot-product attention (Vaswani et al. 2017, eq. 1) `softmax(Q K^T / sqrt(dh)) V`
+/// per head: `q: [B, H, Lq, dh]`, `k, v: [B, H, Lk, dh]` -> `[B, H, Lq, dh]`. With `causal`,
+/// query `i` attends to keys `j <= i + Lk - Lq` (`j <= i` when `Lq = Lk`). On CPU `f32` the
+/// flash-attention op ([`fused::attention`]: no `Lq x Lk` matrix in the forward or backward
+/// pass); elsewhere [`attention_composed`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
+    attention_check(q, k, v, causal)?;
+    if fused::cpu_f32(&[q, k, v]) {
+        return fused::attention(q, k, v, causal);
+    }
+    attention_composed(q, k, v, causal)
+}
+
+/// Checks `qkv: [B, L, 3D]` with `D` a multiple of `heads`.
+fn qkv_check(qkv: &Tensor, heads: usize) -> Result<(usize, usize, usize)> {
+    match qkv.dims() {
+        &[b, l, d3] if heads > 0 && d3 % (3 * heads) == 0 => Ok((b, l, d3)),
+        dims => Err(Error::Shape(format!(
+            "attention: qkv {dims:?} must be [B, L, 3 D] with D a multiple of {heads} heads"
+        ))),
+    }
+}
+
+/// `qkv: [B, L, 3D]` (q, k, v one after the other) as three `[B, H, L, D / H]` tensors.
+fn split_heads(qkv: &Tensor, heads: usize) -> Result<[Tensor; 3]> {
+    let (b, l, d3) = qkv_check(qkv, heads)?;
+    let qkv = qkv
+        .reshape((b, l, 3, heads, d3 / (3 * heads)))?
+        .permute((2, 0, 3, 1, 4))?
+        .contiguous()?; // [3, B, H, L, dh]
+    Ok([qkv.get(0)?, qkv.get(1)?, qkv.get(2)?])
+}
+
+/// Multi-head [`attention`] on the packed output of a `D -> 3D` projection: `qkv: [B, L, 3D]`
+/// holds `q`, `k`, `v` one after the other, each `heads` heads of `D / heads`; returns
+/// `[B, L, D]` (heads side by side, ready for the output projection). On CPU `f32` one flash
+/// op reading and writing the heads in place ([`fused::attention_packed`]: no permuted copies,
+/// no `L x L` matrix); elsewhere the heads are split and [`attention`] composed.
+pub fn attention_qkv(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    let (b, l, d3) = qkv_check(qkv, heads)?;
+    if fused::cpu_f32(&[qkv]) {
+        return fused::attention_packed(qkv, heads, causal);
+    }
+    let [q, k, v] = split_heads(qkv, heads)?; // [B, H, L, dh]
+    let y = attention(&q, &k, &v, causal)?; // [B, H, L, dh]
+    Ok(y.transpose(1, 2)?.reshape((b, l, d3 / 3))?) // [B, L, D]
+}
+
+/// True when `mask` is the `[L, L]` causal mask of [`Transformer`] (0 on and below the
+/// diagonal, -inf above).
+fn is_causal_mask(mask: &Tensor, l: usize) -> Result<bool> {
+    if mask.dims() != [l, l] || mask.dtype() != DType::F32 {
+        return Ok(false);
+    }
+    let m = mask.flatten_all()?.to_vec1::<f32>()?;
+    Ok(m.iter().enumerate().all(|(ij, &x)| {
+        if ij % l > ij / l {
+            x == f32::NEG_INFINITY
+        } else {
+            x == 0.0
+        }
+    }))
 }
 
 /// A layer norm with learned weight (init 1) and bias (init 0), eps 1e-5.
@@ -155,10 +250,17 @@ impl Dense {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
-        let y = x
-            .reshape((b * l, d))? // [B L, in]
-            .matmul(&self.weight.as_tensor().t()?)? // [B L, out]
-            .broadcast_add(self.bias.as_tensor())?;
+        let (w, bias) = (self.weight.as_tensor(), self.bias.as_tensor());
+        let x = x.reshape((b * l, d))?; // [B L, in]
+        let y = fused::linear_act(&x, w, bias, FusedAct::Identity)?; // [B L, out]
+        Ok(y.reshape((b, l, ()))?) // [B, L, out]
+    }
+
+    /// `GELU(x W^T + b)` (exact erf GELU), fused on CPU `f32`.
+    fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, d) = x.dims3()?;
+        let (w, bias) = (self.weight.as_tensor(), self.bias.as_tensor());
+        let y = fused::linear_gelu_erf(&x.reshape((b * l, d))?, w, bias)?; // [B L, out]
         Ok(y.reshape((b, l, ()))?) // [B, L, out]
     }
 }
@@ -189,30 +291,27 @@ impl Block {
     }
 
     /// Scaled dot-product attention (Vaswani et al. 2017, eq. 1) over `n_heads` heads;
-    /// `mask: [L, L]` is added to the scores (0 or -inf).
+    /// `mask: [L, L]` is added to the scores (0 or -inf). No mask, or the causal mask of
+    /// [`Transformer::causal_mask`], runs [`attention`] (flash attention on CPU `f32`); any other
+    /// mask the composed scores-mask-softmax path.
     fn attn(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
-        let (h, dh) = (self.n_heads, d / self.n_heads);
-        let qkv = self
-            .qkv
-            .forward(x)? // [B, L, 3D]
-            .reshape((b, l, 3, h, dh))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?; // [3, B, H, L, dh]
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?); // [B, H, L, dh]
-        let s = q.matmul(&k.t()?)?.affine(1.0 / (dh as f64).sqrt(), 0.0)?; // [B, H, L, L]
-        let s = match mask {
-            Some(m) => s.broadcast_add(m)?,
-            None => s,
-        };
-        let y = softmax_last_dim(&s)?.matmul(&v)?; // [B, H, L, dh]
-        let y = y.transpose(1, 2)?.reshape((b, l, d))?; // [B, L, D]
+        let qkv = self.qkv.forward(x)?; // [B, L, 3D]
+        let y = match mask {
+            None => attention_qkv(&qkv, self.n_heads, false)?,
+            Some(m) if is_causal_mask(m, l)? => attention_qkv(&qkv, self.n_heads, true)?,
+            Some(m) => {
+                let [q, k, v] = split_heads(&qkv, self.n_heads)?; // [B, H, L, dh]
+                let y = masked_attention_composed(&q, &k, &v, Some(m))?; // [B, H, L, dh]
+                y.transpose(1, 2)?.reshape((b, l, d))? // [B, L, D]
+            }
+        }; // [B, L, D]
         self.proj.forward(&y)
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let x = (x + self.attn(&self.ln1.forward(x)?, mask)?)?; // [B, L, D]
-        let m = self.fc1.forward(&self.ln2.forward(&x)?)?.gelu_erf()?; // [B, L, 4D]
+        let m = self.fc1.forward_gelu(&self.ln2.forward(&x)?)?; // [B, L, 4D]
         Ok((x + self.fc2.forward(&m)?)?)
     }
 }

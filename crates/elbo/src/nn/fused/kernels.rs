@@ -17,7 +17,7 @@ use rayon::prelude::*;
 /// `$public`, which calls it when the running CPU supports those features and `$base`
 /// otherwise.
 macro_rules! multiversion {
-    ($(#[$m:meta])* fn $public:ident / $name:ident => $base:ident ($($p:ident : $t:ty),*)) => {
+    ($(#[$m:meta])* $vis:vis fn $public:ident / $name:ident => $base:ident ($($p:ident : $t:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn $name($($p: $t),*) {
@@ -25,7 +25,7 @@ macro_rules! multiversion {
         }
 
         $(#[$m])*
-        fn $public($($p: $t),*) {
+        $vis fn $public($($p: $t),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -85,6 +85,87 @@ pub fn silu_f32(z: f32) -> f32 {
     z * sigmoid(z)
 }
 
+/// `x <- exp(x - shift)` element by element, through [`exp_f32`], flushed to exactly 0 below
+/// `exp(-87)` (about 1.6e-38) so that masked (-inf) entries give probability 0.
+#[inline(always)]
+fn exp_shift_base(x: &mut [f32], shift: f32) {
+    for v in x.iter_mut() {
+        let y = *v - shift;
+        let e = exp_f32(y);
+        *v = if y < -87.0 { 0.0 } else { e };
+    }
+}
+
+multiversion!(
+    /// [`exp_shift_base`], vectorised for the running CPU.
+    pub(crate) fn exp_shift / exp_shift_avx2 => exp_shift_base(x: &mut [f32], shift: f32)
+);
+
+/// `(gelu(z), gelu'(z))` for the exact GELU `gelu(z) = z Phi(z)` (Hendrycks & Gimpel 2016),
+/// `Phi` the standard normal CDF, `gelu'(z) = Phi(z) + z phi(z)`.
+///
+/// `Phi(z) = 1 - erfc(z / sqrt 2) / 2` for `z >= 0` and `erfc(|z| / sqrt 2) / 2` below, with
+/// the Chebyshev fit of `erfc` from Numerical Recipes (`erfcc`, fractional error below 1.2e-7
+/// everywhere, so both tails keep their relative accuracy), all through [`exp_f32`].
+#[inline(always)]
+pub fn gelu_erf_f32(z: f32) -> (f32, f32) {
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+    let u = z.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / (1.0 + 0.5 * u);
+    let poly = -1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_204
+                                + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
+    let erfc = t * exp_f32(poly - u * u);
+    let half = 0.5 * erfc;
+    let cdf = if z < 0.0 { half } else { 1.0 - half };
+    let pdf = FRAC_1_SQRT_2PI * exp_f32(-0.5 * z * z);
+    (z * cdf, cdf + z * pdf)
+}
+
+/// Rows of `y` ([rows, b.len()]) become `gelu(y + b)`; `d`, when given, receives `gelu'(y + b)`.
+#[inline(always)]
+fn bias_gelu_base(y: &mut [f32], d: Option<&mut [f32]>, b: &[f32]) {
+    let cols = b.len();
+    match d {
+        Some(d) => {
+            for (yr, dr) in y.chunks_exact_mut(cols).zip(d.chunks_exact_mut(cols)) {
+                for ((yv, dv), &bv) in yr.iter_mut().zip(dr.iter_mut()).zip(b) {
+                    (*yv, *dv) = gelu_erf_f32(*yv + bv);
+                }
+            }
+        }
+        None => {
+            for yr in y.chunks_exact_mut(cols) {
+                for (yv, &bv) in yr.iter_mut().zip(b) {
+                    *yv = gelu_erf_f32(*yv + bv).0;
+                }
+            }
+        }
+    }
+}
+
+multiversion!(
+    /// [`bias_gelu_base`], vectorised for the running CPU.
+    fn bias_gelu_serial / bias_gelu_avx2 => bias_gelu_base(
+        y: &mut [f32],
+        d: Option<&mut [f32]>,
+        b: &[f32]
+    )
+);
+
+/// The element-wise activation fused after an affine map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RowAct {
+    Identity,
+    Silu,
+    GeluErf,
+}
+
 /// Rows of `y` ([rows, b.len()]) become `silu(y + b)`; `d`, when given, receives
 /// `silu'(y + b) = s (1 + z (1 - s))`.
 #[inline(always)]
@@ -134,27 +215,34 @@ fn rows_per_chunk(cols: usize) -> usize {
     (CHUNK / cols.max(1)).max(1)
 }
 
-/// In place on `y: [rows, b.len()]`: `y <- act(y + b)` with `act` SiLU when `silu` is true and
-/// the identity otherwise. With SiLU, `deriv` (same length as `y`) receives `silu'(y + b)`.
-/// `b` must be non-empty and divide `y`'s length.
-pub(crate) fn bias_act_rows(y: &mut [f32], deriv: Option<&mut [f32]>, b: &[f32], silu: bool) {
+/// In place on `y: [rows, b.len()]`: `y <- act(y + b)`. With SiLU or GELU, `deriv` (same
+/// length as `y`) receives `act'(y + b)`. `b` must be non-empty and divide `y`'s length.
+pub(crate) fn bias_act_rows(y: &mut [f32], deriv: Option<&mut [f32]>, b: &[f32], act: RowAct) {
     let cols = b.len();
     if cols == 0 {
         return;
     }
     let step = rows_per_chunk(cols) * cols;
     let par = y.len() >= PAR_MIN;
-    match (silu, deriv) {
-        (false, _) if par => y.par_chunks_mut(step).for_each(|c| bias_serial(c, b)),
-        (false, _) => bias_serial(y, b),
-        (true, Some(d)) if par => y
+    let kernel: fn(&mut [f32], Option<&mut [f32]>, &[f32]) = match act {
+        RowAct::Identity => {
+            if par {
+                y.par_chunks_mut(step).for_each(|c| bias_serial(c, b));
+            } else {
+                bias_serial(y, b);
+            }
+            return;
+        }
+        RowAct::Silu => bias_silu_serial,
+        RowAct::GeluErf => bias_gelu_serial,
+    };
+    match deriv {
+        Some(d) if par => y
             .par_chunks_mut(step)
             .zip(d.par_chunks_mut(step))
-            .for_each(|(yc, dc)| bias_silu_serial(yc, Some(dc), b)),
-        (true, d) if !par => bias_silu_serial(y, d, b),
-        (true, _) => y
-            .par_chunks_mut(step)
-            .for_each(|c| bias_silu_serial(c, None, b)),
+            .for_each(|(yc, dc)| kernel(yc, Some(dc), b)),
+        d if !par => kernel(y, d, b),
+        _ => y.par_chunks_mut(step).for_each(|c| kernel(c, None, b)),
     }
 }
 

@@ -11,8 +11,7 @@ use std::sync::Mutex;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 
-use super::kernels;
-use super::FusedAct;
+use super::kernels::{self, RowAct};
 
 /// A contiguous `f32` view of `s` under layout `l`.
 pub(crate) fn f32_slice<'a>(
@@ -47,7 +46,7 @@ pub(crate) fn f32_slice_mut<'a>(
 
 /// `act(x W^T + b)` for `x: [B, in]`, `W: [out, in]`, `b: [out]`.
 pub(crate) struct LinearAct {
-    act: FusedAct,
+    act: RowAct,
     /// `silu'(z)` from the forward pass, `[B, out]` row-major; `None` inside when not recorded
     /// (identity activation, or no input tracks a gradient).
     deriv: Mutex<Option<Vec<f32>>>,
@@ -57,7 +56,7 @@ pub(crate) struct LinearAct {
 
 impl LinearAct {
     /// The op; `save` asks the forward pass to keep what the backward pass needs.
-    pub(crate) fn new(act: FusedAct, save: bool) -> Self {
+    pub(crate) fn new(act: RowAct, save: bool) -> Self {
         Self {
             act,
             deriv: Mutex::new(None),
@@ -69,8 +68,9 @@ impl LinearAct {
 impl CustomOp3 for LinearAct {
     fn name(&self) -> &'static str {
         match self.act {
-            FusedAct::Identity => "elbo-linear",
-            FusedAct::Silu => "elbo-linear-silu",
+            RowAct::Identity => "elbo-linear",
+            RowAct::Silu => "elbo-linear-silu",
+            RowAct::GeluErf => "elbo-linear-gelu",
         }
     }
 
@@ -100,16 +100,15 @@ impl CustomOp3 for LinearAct {
         let CpuStorage::F32(mut y) = z else {
             bail!("{}: expected f32 inputs, got {:?}", self.name(), xs.dtype())
         };
-        let silu = self.act == FusedAct::Silu;
-        if silu && self.save {
+        if self.act != RowAct::Identity && self.save {
             let mut d = vec![0f32; y.len()];
-            kernels::bias_act_rows(&mut y, Some(&mut d), b, true);
+            kernels::bias_act_rows(&mut y, Some(&mut d), b, self.act);
             match self.deriv.lock() {
                 Ok(mut g) => *g = Some(d),
                 Err(_) => bail!("{}: saved-derivative lock poisoned", self.name()),
             }
         } else {
-            kernels::bias_act_rows(&mut y, None, b, silu);
+            kernels::bias_act_rows(&mut y, None, b, self.act);
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, d_out))))
     }
@@ -124,8 +123,8 @@ impl CustomOp3 for LinearAct {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (gz, bias_grad) = match self.act {
-            FusedAct::Identity => (grad.clone(), grad.apply_op1_no_bwd(&ColumnSums)?),
-            FusedAct::Silu => {
+            RowAct::Identity => (grad.clone(), grad.apply_op1_no_bwd(&ColumnSums)?),
+            RowAct::Silu | RowAct::GeluErf => {
                 let guard = match self.deriv.lock() {
                     Ok(g) => g,
                     Err(_) => bail!("{}: saved-derivative lock poisoned", self.name()),

@@ -4,6 +4,11 @@
 //!   bias add and SiLU and their gradients fused around candle's GEMM), used by
 //!   [`crate::nn::Linear`] and [`crate::nn::Mlp`];
 //! - [`linear_act_inference`]: the same without recording an autograd graph;
+//! - [`layer_norm`], [`softmax`], [`log_softmax`], [`attention`] (flash attention, causal or
+//!   not) and [`cross_entropy`] (per-row, weighted, with an ignore index): the transformer's hot
+//!   paths, each one custom op whose backward pass saves and materialises as little as possible
+//!   (no `L x L` attention matrix, no `[N, V]` probabilities); called by
+//!   [`crate::nn::transformer`]'s free functions, which also hold the composed references;
 //! - in-place AdamW and EMA updates (crate-internal; used by [`crate::train::optim::AdamW`] and
 //!   [`crate::train::ema::Ema`]).
 //!
@@ -11,15 +16,24 @@
 //! the equivalent composition of candle ops elsewhere, so results agree up to float rounding.
 //! SiLU uses [`exp_f32`], a branch-free `exp` with relative error below 3e-7, in place of libm.
 
+mod attention;
+mod attention_op;
+mod cross_entropy;
 mod inplace;
 mod kernels;
+mod layer_norm;
 mod linear;
+pub mod reference;
+mod softmax;
+mod tile;
 
-use candle_core::{DType, Tensor};
+use candle_core::{bail, DType, Storage, Tensor};
 
+pub use cross_entropy::IGNORE_INDEX;
 pub(crate) use inplace::{adamw_inplace, ema_inplace};
 pub(crate) use kernels::AdamWScalars;
-pub use kernels::{exp_f32, silu_f32};
+use kernels::RowAct;
+pub use kernels::{exp_f32, gelu_erf_f32, silu_f32};
 
 use crate::Result;
 
@@ -67,7 +81,7 @@ pub fn linear_act(x: &Tensor, w: &Tensor, b: &Tensor, act: FusedAct) -> Result<T
         return composed(x, w, b, act);
     }
     let save = x.track_op() || w.track_op() || b.track_op();
-    Ok(x.apply_op3(w, b, linear::LinearAct::new(act, save))?)
+    Ok(x.apply_op3(w, b, linear::LinearAct::new(act.into(), save))?)
 }
 
 /// [`linear_act`] without an autograd graph (the result never tracks gradients), for sampling
@@ -76,5 +90,97 @@ pub fn linear_act_inference(x: &Tensor, w: &Tensor, b: &Tensor, act: FusedAct) -
     if !fusable(x, w, b) {
         return composed(&x.detach(), &w.detach(), &b.detach(), act);
     }
-    Ok(x.apply_op3_no_bwd(w, b, &linear::LinearAct::new(act, false))?)
+    Ok(x.apply_op3_no_bwd(w, b, &linear::LinearAct::new(act.into(), false))?)
+}
+
+impl From<FusedAct> for RowAct {
+    fn from(a: FusedAct) -> Self {
+        match a {
+            FusedAct::Identity => RowAct::Identity,
+            FusedAct::Silu => RowAct::Silu,
+        }
+    }
+}
+
+/// `gelu(x W^T + b)` with the exact (erf) GELU, for `x: [B, in]`, `w: [out, in]`, `b: [out]`,
+/// recording gradients: on CPU `f32` one fused op saving only `gelu'(z)` (through
+/// [`gelu_erf_f32`], within 2e-7 of libm's `erf`); elsewhere candle's `gelu_erf` after the
+/// affine map.
+pub fn linear_gelu_erf(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !fusable(x, w, b) {
+        return Ok(composed(x, w, b, FusedAct::Identity)?.gelu_erf()?);
+    }
+    let save = x.track_op() || w.track_op() || b.track_op();
+    Ok(x.apply_op3(w, b, linear::LinearAct::new(RowAct::GeluErf, save))?)
+}
+
+/// Runs `f` on the contiguous `f32` data of a CPU tensor (an error otherwise).
+pub(crate) fn with_f32<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(cs) = &*s else {
+        bail!("{what}: expected a CPU tensor")
+    };
+    f(linear::f32_slice(cs, l, what)?)
+}
+
+/// True when some input records gradients, so the forward pass must save its state.
+fn tracks(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
+/// Layer norm over the last dimension, `(x - mean) / sqrt(var + eps) * w + b` (biased
+/// variance), as one custom op with its backward pass. CPU `f32` only: callers dispatch (see
+/// [`crate::nn::transformer::layer_norm`]). `x: [..., D]`, `w`, `b: [D]`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+    let op = layer_norm::LayerNormOp::new(eps as f32, tracks(&[&x, &w, &b]));
+    Ok(x.apply_op3(&w, &b, op)?)
+}
+
+/// Softmax over the last dimension as one custom op with its backward pass (CPU `f32` only).
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(softmax::Softmax { log: false })?)
+}
+
+/// Log-softmax over the last dimension as one custom op with its backward pass (CPU `f32`
+/// only).
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(softmax::Softmax { log: true })?)
+}
+
+/// Flash attention `softmax(Q K^T / sqrt(dh) + mask) V` for `q: [B, H, Lq, dh]`,
+/// `k, v: [B, H, Lk, dh]` -> `[B, H, Lq, dh]` (CPU `f32` only); with `causal`, query `i` sees
+/// keys `j <= i + Lk - Lq`. The algorithm (Dao et al. 2022) is described in `fused/attention.rs`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let op = attention_op::FlashAttention::new(causal, tracks(&[&q, &k, &v]));
+    Ok(q.apply_op3(&k, &v, op)?)
+}
+
+/// [`attention`] on a packed `qkv: [B, L, 3 D]` (the output of one `D -> 3 D` projection: `q`,
+/// `k`, `v` one after the other, each `heads` heads of `D / heads`), giving `[B, L, D]` with the
+/// heads side by side. The heads are read and written in place through strides: no permuted
+/// copy of `q`, `k`, `v` or of the output exists, and the backward pass gives `dqkv` in the same
+/// layout (CPU `f32` only).
+pub fn attention_packed(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    let qkv = qkv.contiguous()?;
+    let op = attention_op::PackedAttention::new(heads, causal, qkv.track_op());
+    Ok(qkv.apply_op1(op)?)
+}
+
+/// Per-row cross-entropy `w_i (logsumexp(z_i) - z_{i, t_i})` for `logits: [N, V]` (CPU `f32`),
+/// `targets: [N]` (u32; [`IGNORE_INDEX`] marks a row to skip) and `weights: [N]` -> `[N]`.
+/// Rows with weight 0 or an ignored target give 0 and no gradient.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let (z, t, w) = (
+        logits.contiguous()?,
+        targets.contiguous()?,
+        weights.contiguous()?,
+    );
+    let op = cross_entropy::CrossEntropy::new(tracks(&[&z, &w]));
+    Ok(z.apply_op3(&t, &w, op)?)
 }
