@@ -220,17 +220,24 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let out = a.out.unwrap_or_else(|| a.run.join("samples.npy"));
     elbo::data::npy::write_npy(&out, &flat, &[n, d])?;
     let png = out.with_extension("png");
-    write_sample_plot(&run, &flat, &png)?;
+    let wrote_png = write_sample_plot(&run, &flat, &png)?;
+    let method = match run.model.family() {
+        "ar" | "ao-ar" => format!(
+            "temperature {}, top-k {}, top-p {}",
+            opts.temperature, opts.top_k, opts.top_p
+        ),
+        "mdlm" => format!("sampler {}, {} steps", opts.lm_sampler, opts.steps),
+        _ if opts.sampler == "auto" => opts.solver.clone(),
+        _ => format!("sampler {}, {} steps", opts.sampler, opts.steps),
+    };
+    let files = if wrote_png {
+        format!("{} and {}", out.display(), png.display())
+    } else {
+        out.display().to_string()
+    };
     eprintln!(
-        "{n} samples ({}; {}) in {secs:.2} s -> {} and {}",
-        run.label,
-        if opts.sampler == "auto" {
-            opts.solver.clone()
-        } else {
-            format!("sampler {}, {} steps", opts.sampler, opts.steps)
-        },
-        out.display(),
-        png.display()
+        "{n} samples ({}; {method}) in {secs:.2} s -> {files}",
+        run.label
     );
     Ok(())
 }
@@ -259,8 +266,9 @@ pub fn prompt_template(
     Ok(t)
 }
 
-/// Data vs samples (2-D) or an image grid (image data) as PNG.
-pub fn write_sample_plot(run: &LoadedRun, samples: &[f32], png: &Path) -> Result<()> {
+/// Data vs samples (2-D) or an image grid (image data) as PNG; returns whether a PNG was
+/// written (other data, e.g. text, gets none).
+pub fn write_sample_plot(run: &LoadedRun, samples: &[f32], png: &Path) -> Result<bool> {
     let dev = Device::Cpu;
     let d = run.data.dim();
     if d == 2 {
@@ -271,15 +279,18 @@ pub fn write_sample_plot(run: &LoadedRun, samples: &[f32], png: &Path) -> Result
             run.data.name()
         );
         plot::scatter_compare(png, &data, samples, &title)?;
-    } else if let Some((h, w)) = run.data.image_shape() {
+        return Ok(true);
+    }
+    if let Some((h, w)) = run.data.image_shape() {
         let n = (samples.len() / (h * w)).min(64);
         let vmax = match run.data.kind() {
             DataKind::Discrete { levels } => (levels - 1) as f32,
             DataKind::Continuous => 1.0,
         };
         plot::image_grid(png, &samples[..n * h * w], h, w, 8, 0.0, vmax, 4)?;
+        return Ok(true);
     }
-    Ok(())
+    Ok(false)
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
