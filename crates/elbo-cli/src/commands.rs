@@ -319,6 +319,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if let Some(v) = a.lm_samples {
         opts.lm_samples = v;
     }
+    if let Some(v) = a.prompt_len {
+        opts.prompt_len = v;
+    }
     let choices: Vec<String> = match &a.likelihood {
         Some(l) => l.split(',').map(|s| s.trim().to_string()).collect(),
         None => vec![opts.likelihood.clone()],

@@ -180,10 +180,15 @@ pub struct EvalArgs {
     /// Seed for Monte-Carlo parts (probes, dequantization noise, orders, diffusion times).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Diffusion likelihoods to report, comma-separated, one row each: auto, vlb (DDPM's
-    /// bound), pf-ode (probability-flow ODE).
+    /// Likelihoods to report, comma-separated, one row each: auto (the family's default);
+    /// diffusion: vlb (DDPM's bound), pf-ode (probability-flow ODE); mdlm: nelbo (its bound),
+    /// llada (LLaDA's Monte-Carlo estimator of the bound, also conditional: --prompt-len).
     #[arg(long)]
     pub likelihood: Option<String>,
+    /// Language models: score each held-out window given its first N tokens,
+    /// -log p(rest | first N) (ar: exact; mdlm: with --likelihood llada).
+    #[arg(long)]
+    pub prompt_len: Option<usize>,
     /// Steps of fixed-step ODE solvers.
     #[arg(long)]
     pub ode_steps: Option<usize>,

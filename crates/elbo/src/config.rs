@@ -57,6 +57,9 @@ pub struct ModelConfig {
     pub n_heads: usize,
     /// Transformer blocks (language models; `layers` is the MLP depth of other families).
     pub n_layers: usize,
+    /// How the transformer sees positions: "rope" (rotary angles on queries and keys, Su et al.
+    /// 2021) or "learned" (a learned table added to the input, as GPT-2).
+    pub positions: String,
     /// MDLM: number of discrete time steps of the training ELBO (0: continuous time).
     pub diffusion_steps: usize,
     /// MDLM: antithetic (stratified) sampling of the training times (Kingma et al. 2021).
@@ -77,6 +80,7 @@ impl Default for ModelConfig {
             d_model: 128,
             n_heads: 4,
             n_layers: 4,
+            positions: "rope".into(),
             diffusion_steps: 0,
             antithetic: true,
         }
@@ -338,12 +342,18 @@ pub struct EvalOptions {
     pub exact_max_dim: usize,
     /// Examples per likelihood batch.
     pub batch_size: usize,
-    /// Which likelihood a diffusion model reports: "auto" (the family's default), "vlb" (DDPM's
-    /// bound) or "pf-ode" (probability-flow ODE, dequantized on discrete data).
+    /// Which likelihood a model reports: "auto" (the family's default); diffusion: "vlb" (DDPM's
+    /// bound) or "pf-ode" (probability-flow ODE, dequantized on discrete data); MDLM: "nelbo"
+    /// (its continuous-time bound) or "llada" (LLaDA's Monte-Carlo estimator of the same bound,
+    /// Nie et al. 2025 eq. 6, also conditional with `prompt_len`).
     pub likelihood: String,
     // --- language models ---
     /// Monte-Carlo samples per example of the any-order (orders) and MDLM (times) bounds.
     pub lm_samples: usize,
+    /// Condition on the first `prompt_len` tokens of each held-out example and score only the
+    /// rest: -log p(rest | prompt). Autoregressive models (exact) and MDLM with LLaDA's
+    /// estimator (`likelihood = "llada"`); 0 scores the whole example.
+    pub prompt_len: usize,
 }
 
 impl Default for EvalOptions {
@@ -359,6 +369,7 @@ impl Default for EvalOptions {
             batch_size: 2500,
             likelihood: "auto".into(),
             lm_samples: 4,
+            prompt_len: 0,
         }
     }
 }

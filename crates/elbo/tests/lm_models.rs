@@ -7,8 +7,8 @@ use elbo::config::{Config, EvalOptions, ModelConfig, SampleOptions};
 use elbo::data::text::{TextSource, Tokenizer};
 use elbo::data::{DataKind, DataSource};
 use elbo::discrete::filter::TokenFilter;
-use elbo::model::{build, DataInfo};
-use elbo::nn::transformer::{Transformer, TransformerConfig};
+use elbo::model::{build, DataInfo, GenerativeModel};
+use elbo::nn::transformer::{Positions, Transformer, TransformerConfig};
 use elbo::nn::ParamInit;
 use elbo::train::optim::named_vars;
 use elbo::Rng;
@@ -59,6 +59,12 @@ fn every_parameter_gets_a_gradient() {
 
 #[test]
 fn kv_cache_matches_the_full_forward_pass() {
+    for positions in [Positions::Learned, Positions::Rotary] {
+        kv_cache_matches_with(positions);
+    }
+}
+
+fn kv_cache_matches_with(positions: Positions) {
     let dev = Device::Cpu;
     let varmap = candle_nn::VarMap::new();
     let mut rng = Rng::new(3);
@@ -70,6 +76,7 @@ fn kv_cache_matches_the_full_forward_pass() {
         n_layers: 2,
         n_heads: 4,
         causal: true,
+        positions,
     };
     let net = Transformer::new(&mut ParamInit::new(&varmap, &mut rng, &dev), cfg).unwrap();
     let ids: Vec<u32> = (0..2 * 9).map(|_| rng.below(7) as u32).collect();
@@ -106,7 +113,7 @@ fn kv_cache_matches_the_full_forward_pass() {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    assert!(d < 1e-4, "cached logits differ by {d}");
+    assert!(d < 1e-4, "cached logits differ by {d} ({positions:?})");
 }
 
 #[test]
@@ -232,6 +239,19 @@ fn markov_corpus(n: usize, seed: u64) -> Vec<u32> {
 }
 
 fn train_bpc(name: &str, steps: usize) -> f64 {
+    let (m, test, mut rng) = train_markov(name, steps);
+    let opts = EvalOptions {
+        lm_samples: 2,
+        ..EvalOptions::default()
+    };
+    m.log_likelihood(&test, &opts, &mut rng)
+        .unwrap()
+        .summary()
+        .bits_per_dim
+}
+
+/// A `name` model trained `steps` steps on the Markov corpus, its held-out windows and an RNG.
+fn train_markov(name: &str, steps: usize) -> (Box<dyn GenerativeModel>, Tensor, Rng) {
     let tok = Tokenizer::Chars("abcd".chars().collect());
     let mut data = TextSource::new(
         "markov",
@@ -272,14 +292,7 @@ fn train_bpc(name: &str, steps: usize) -> f64 {
         opt.step(&params, &g, 3e-3).unwrap();
     }
     let test = data.test_set(&dev).unwrap();
-    let opts = EvalOptions {
-        lm_samples: 2,
-        ..EvalOptions::default()
-    };
-    m.log_likelihood(&test, &opts, &mut rng)
-        .unwrap()
-        .summary()
-        .bits_per_dim
+    (m, test, rng)
 }
 
 #[test]
@@ -290,4 +303,70 @@ fn short_training_reaches_the_stated_bits_per_char() {
     let md = train_bpc("mdlm", 150);
     assert!(md < 1.3, "MDLM {md} bits/char");
     eprintln!("AR {ar:.3}  MDLM {md:.3} bits/char");
+}
+
+#[test]
+fn conditional_and_llada_likelihoods() {
+    let opts = |likelihood: &str, prompt_len: usize| EvalOptions {
+        lm_samples: 4,
+        likelihood: likelihood.into(),
+        prompt_len,
+        ..EvalOptions::default()
+    };
+    // AR: -log p(rest | prompt) drops exactly the prompt's (positive) token NLLs
+    let (ar, test, mut rng) = train_markov("ar", 60);
+    let full = ar
+        .log_likelihood(&test, &opts("auto", 0), &mut rng)
+        .unwrap();
+    let cond = ar
+        .log_likelihood(&test, &opts("exact", 4), &mut rng)
+        .unwrap();
+    assert_eq!((full.dims, cond.dims), (16, 12));
+    for (f, c) in full.nats.iter().zip(&cond.nats) {
+        assert!(*c < *f && *c > 0.0, "conditional {c} vs full {f}");
+    }
+    assert!(ar.log_likelihood(&test, &opts("vlb", 0), &mut rng).is_err());
+    assert!(ar
+        .log_likelihood(&test, &opts("auto", 16), &mut rng)
+        .is_err());
+    // MDLM: LLaDA's estimator and the NELBO estimate the same bound
+    let (md, test, mut rng) = train_markov("mdlm", 60);
+    let nelbo = md
+        .log_likelihood(&test, &opts("nelbo", 0), &mut rng)
+        .unwrap()
+        .summary();
+    let llada = md
+        .log_likelihood(&test, &opts("llada", 0), &mut rng)
+        .unwrap()
+        .summary();
+    let se = (nelbo.stderr_nats.powi(2) + llada.stderr_nats.powi(2)).sqrt();
+    assert!(
+        (nelbo.nats - llada.nats).abs() < 4.0 * se,
+        "NELBO {} vs LLaDA {} (se {se})",
+        nelbo.nats,
+        llada.nats
+    );
+    let cond = md
+        .log_likelihood(&test, &opts("llada", 8), &mut rng)
+        .unwrap();
+    assert_eq!(cond.dims, 8);
+    let bpc = cond.summary().bits_per_dim;
+    assert!(
+        bpc > 0.0 && bpc < 2.0,
+        "conditional {bpc} bits/char (uniform is 2)"
+    );
+    assert!(md
+        .log_likelihood(&test, &opts("nelbo", 8), &mut rng)
+        .is_err());
+    assert!(md
+        .log_likelihood(&test, &opts("exact", 0), &mut rng)
+        .is_err());
+    let info = DataInfo {
+        dim: 16,
+        kind: DataKind::Discrete { levels: 4 },
+    };
+    let ao = build(&small_cfg("ao-ar"), info, &Device::Cpu, &mut rng).unwrap();
+    assert!(ao
+        .log_likelihood(&test, &opts("auto", 8), &mut rng)
+        .is_err());
 }

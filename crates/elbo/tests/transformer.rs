@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use elbo::nn::transformer::{
-    cross_entropy_rows, layer_norm, softmax_last_dim, Transformer, TransformerConfig,
+    cross_entropy_rows, layer_norm, softmax_last_dim, Positions, Transformer, TransformerConfig,
 };
 use elbo::nn::ParamInit;
 use elbo::train::optim::named_vars;
@@ -14,6 +14,10 @@ use elbo::Rng;
 const CPU: Device = Device::Cpu;
 
 fn small(causal: bool) -> TransformerConfig {
+    small_with(causal, Positions::Learned)
+}
+
+fn small_with(causal: bool, positions: Positions) -> TransformerConfig {
     TransformerConfig {
         vocab_in: 11,
         vocab_out: 10,
@@ -22,6 +26,7 @@ fn small(causal: bool) -> TransformerConfig {
         n_layers: 2,
         n_heads: 2,
         causal,
+        positions,
     }
 }
 
@@ -50,8 +55,13 @@ fn vals(t: &Tensor) -> Vec<f64> {
 
 #[test]
 fn every_parameter_gets_a_gradient() {
-    for causal in [true, false] {
-        let cfg = small(causal);
+    for (causal, positions) in [
+        (true, Positions::Learned),
+        (false, Positions::Learned),
+        (true, Positions::Rotary),
+        (false, Positions::Rotary),
+    ] {
+        let cfg = small_with(causal, positions);
         let (vm, net) = build(cfg.clone(), 3);
         let mut rng = Rng::new(4);
         let (b, l) = (3, 8);
@@ -69,11 +79,14 @@ fn every_parameter_gets_a_gradient() {
         .unwrap();
         let grads = ce.mean_all().unwrap().backward().unwrap();
         let params = named_vars(&vm).unwrap();
-        assert_eq!(params.len(), 6 + 12 * cfg.n_layers);
+        let tables = usize::from(positions == Positions::Learned);
+        assert_eq!(params.len(), 5 + tables + 12 * cfg.n_layers);
+        let count: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+        assert_eq!(count, cfg.num_params());
         for (name, v) in &params {
             let g = grads
                 .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {name} (causal {causal})"));
+                .unwrap_or_else(|| panic!("no gradient for {name} ({causal}, {positions:?})"));
             let norm: f64 = vals(g).iter().map(|x| x * x).sum::<f64>().sqrt();
             assert!(
                 norm > 0.0 && norm.is_finite(),
@@ -85,7 +98,13 @@ fn every_parameter_gets_a_gradient() {
 
 #[test]
 fn causal_logits_ignore_later_tokens() {
-    let cfg = small(true);
+    for positions in [Positions::Learned, Positions::Rotary] {
+        causal_logits_ignore_later_tokens_with(positions);
+    }
+}
+
+fn causal_logits_ignore_later_tokens_with(positions: Positions) {
+    let cfg = small_with(true, positions);
     let (_vm, net) = build(cfg.clone(), 5);
     let l = cfg.max_len;
     let base: Vec<u32> = (0..l as u32).map(|i| (3 * i + 1) % 11).collect();
@@ -111,7 +130,7 @@ fn causal_logits_ignore_later_tokens() {
         assert!(d_at > 1e-4, "token {j} did not change its own logits");
     }
     // bidirectional: a later token does change earlier logits
-    let (_vm, bi) = build(small(false), 5);
+    let (_vm, bi) = build(small_with(false, positions), 5);
     let mut alt = base.clone();
     alt[l - 1] = (alt[l - 1] + 5) % 11;
     let a = vals(
@@ -247,6 +266,7 @@ fn parameter_count_of_the_benchmark_shapes() {
             n_layers: 4,
             n_heads: 4,
             causal,
+            positions: Positions::Learned,
         };
         assert_eq!(cfg.num_params(), expected);
         let (vm, _net) = build(cfg, 0);

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use elbo::nn::transformer::{
-    cross_entropy_rows, cross_entropy_weighted, Transformer, TransformerConfig,
+    cross_entropy_rows, cross_entropy_weighted, Positions, Transformer, TransformerConfig,
 };
 use elbo::nn::ParamInit;
 use elbo::train::optim::named_vars;
@@ -76,6 +76,7 @@ pub fn run(causal: bool, steps: (usize, usize), corpus: Option<&Path>) -> Result
         n_layers: 4,
         n_heads: 4,
         causal,
+        positions: Positions::Learned,
     };
     let vm = VarMap::new();
     let net = {

@@ -13,7 +13,9 @@ use candle_nn::VarMap;
 
 use super::filter::TokenFilter;
 use super::masked_diffusion::MaskDenoiser;
-use super::{backbone_config, gather_nll, to_ids, vocab_of};
+use super::{
+    backbone_config, check_prompt_len, gather_nll, lm_likelihood_choice, to_ids, vocab_of,
+};
 use crate::config::{EvalOptions, ModelConfig, SampleOptions};
 use crate::model::{DataInfo, GenerativeModel};
 use crate::nn::transformer::{log_softmax_last_dim, Transformer};
@@ -153,7 +155,7 @@ impl AnyOrder {
         let varmap = VarMap::new();
         let (net, src_pos, tgt_pos) = {
             let mut p = ParamInit::new(&varmap, rng, device);
-            let tc = backbone_config(cfg, vocab + 1, vocab, len, true);
+            let tc = backbone_config(cfg, vocab + 1, vocab, len, true)?;
             let net = Transformer::new(&mut p.push("net"), tc)?;
             let src = p
                 .push("src_pos")
@@ -333,6 +335,8 @@ impl GenerativeModel for AnyOrder {
     }
 
     fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
+        lm_likelihood_choice(opts, "ao-ar", &["bound"])?;
+        check_prompt_len(opts, self.len, "the ao-ar Jensen bound", false)?;
         let ids = to_ids(batch, self.len, self.vocab)?;
         Ok(Nll {
             nats: super::per_chunk(&ids, |c| jensen_bound(self, c, opts.lm_samples, rng))?,

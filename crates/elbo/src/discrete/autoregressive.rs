@@ -9,7 +9,9 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 
 use super::filter::TokenFilter;
-use super::{backbone_config, gather_nll, to_ids, vocab_of};
+use super::{
+    backbone_config, check_prompt_len, gather_nll, lm_likelihood_choice, to_ids, vocab_of,
+};
 use crate::config::{EvalOptions, ModelConfig, SampleOptions};
 use crate::model::{DataInfo, GenerativeModel};
 use crate::nn::transformer::{log_softmax_last_dim, Transformer};
@@ -32,7 +34,7 @@ impl Autoregressive {
         let varmap = VarMap::new();
         let net = {
             let mut p = ParamInit::new(&varmap, rng, device);
-            let tc = backbone_config(cfg, vocab + 1, vocab, data.dim, true);
+            let tc = backbone_config(cfg, vocab + 1, vocab, data.dim, true)?;
             Transformer::new(&mut p.push("net"), tc)?
         };
         Ok(Self {
@@ -163,20 +165,29 @@ impl GenerativeModel for Autoregressive {
         self.rows_to_tensor(&rows)
     }
 
-    fn log_likelihood(&self, batch: &Tensor, _opts: &EvalOptions, _rng: &mut Rng) -> Result<Nll> {
+    /// Exact `-log p(x)`, or `-log p(x_{P..} | x_{..P})` with `opts.prompt_len = P`.
+    fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, _rng: &mut Rng) -> Result<Nll> {
+        lm_likelihood_choice(opts, "ar", &["exact"])?;
+        check_prompt_len(opts, self.len, "the ar family", true)?;
         let ids = to_ids(batch, self.len, self.vocab)?;
+        let p = opts.prompt_len;
         let nats = super::per_chunk(&ids, |c| {
-            let v: Vec<f32> = self.token_nll(c)?.sum(1)?.to_vec1()?;
+            let scored = self.token_nll(c)?.narrow(1, p, self.len - p)?; // [B, L - P]
+            let v: Vec<f32> = scored.sum(1)?.to_vec1()?;
             Ok(v.into_iter().map(f64::from).collect())
         })?;
         Ok(Nll {
             nats,
-            dims: self.len,
+            dims: self.len - p,
             kind: NllKind::Exact,
         })
     }
 
-    fn likelihood_method(&self, _opts: &EvalOptions) -> String {
-        "exact NLL by the chain rule (causal transformer, teacher forcing)".into()
+    fn likelihood_method(&self, opts: &EvalOptions) -> String {
+        let given = match opts.prompt_len {
+            0 => String::new(),
+            p => format!(", of the tokens after the first {p} given them"),
+        };
+        format!("exact NLL by the chain rule (causal transformer, teacher forcing){given}")
     }
 }

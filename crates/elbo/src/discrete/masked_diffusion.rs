@@ -21,7 +21,10 @@ use candle_nn::VarMap;
 
 use super::filter::TokenFilter;
 use super::sampler::{self, MaskedSampleConfig, MaskedSampler};
-use super::{backbone_config, gather_nll, ids_tensor, to_ids, vocab_of};
+use super::{
+    backbone_config, check_prompt_len, gather_nll, ids_tensor, lm_likelihood_choice, to_ids,
+    vocab_of,
+};
 use crate::config::{EvalOptions, ModelConfig, SampleOptions};
 use crate::likelihood::mean_stderr;
 use crate::model::{DataInfo, GenerativeModel};
@@ -234,7 +237,7 @@ impl Mdlm {
         let varmap = VarMap::new();
         let net = {
             let mut p = ParamInit::new(&varmap, rng, device);
-            let tc = backbone_config(cfg, vocab + 1, vocab, data.dim, false);
+            let tc = backbone_config(cfg, vocab + 1, vocab, data.dim, false)?;
             Transformer::new(&mut p.push("net"), tc)?
         };
         Ok(Self {
@@ -318,16 +321,45 @@ impl GenerativeModel for Mdlm {
         Ok(Tensor::from_vec(flat, (n, self.len), &self.device)?.to_dtype(DType::F32)?)
     }
 
+    /// The NELBO (`likelihood = "nelbo"`, the default) or LLaDA's estimator of it
+    /// (`"llada"`), which with `opts.prompt_len = P` bounds `-log p(x_{P..} | x_{..P})`.
     fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
+        let choice = lm_likelihood_choice(opts, "mdlm", &["nelbo", "llada"])?;
+        check_prompt_len(opts, self.len, "the MDLM NELBO", choice == "llada")?;
         let ids = to_ids(batch, self.len, self.vocab)?;
+        let p = opts.prompt_len;
+        let nats = if choice == "llada" {
+            let answer: Vec<bool> = (0..self.len).map(|i| i >= p).collect();
+            super::per_chunk(&ids, |c| {
+                let draws = llada_conditional_nll(self, c, &answer, opts.lm_samples, rng)?;
+                Ok(draws.into_iter().map(|(mean, _)| mean).collect())
+            })?
+        } else {
+            super::per_chunk(&ids, |c| nelbo(self, c, opts.lm_samples, self.steps, rng))?
+        };
         Ok(Nll {
-            nats: super::per_chunk(&ids, |c| nelbo(self, c, opts.lm_samples, self.steps, rng))?,
-            dims: self.len,
+            nats,
+            dims: self.len - p,
             kind: NllKind::Bound,
         })
     }
 
     fn likelihood_method(&self, opts: &EvalOptions) -> String {
+        if matches!(
+            lm_likelihood_choice(opts, "mdlm", &["nelbo", "llada"]),
+            Ok("llada")
+        ) {
+            let given = match opts.prompt_len {
+                0 => String::new(),
+                p => format!(" of the tokens after the first {p} given them"),
+            };
+            return format!(
+                "LLaDA Monte-Carlo bound{given}: l ~ U{{1..A}} of the A scored tokens masked, \
+                 (A / l)-weighted cross-entropy, {} draw(s) per example (standard error over \
+                 examples includes the draws)",
+                opts.lm_samples
+            );
+        }
         let time = if self.steps == 0 {
             "continuous time".to_string()
         } else {

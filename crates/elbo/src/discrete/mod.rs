@@ -8,10 +8,10 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::ModelConfig;
+use crate::config::{EvalOptions, ModelConfig};
 use crate::data::DataKind;
 use crate::model::DataInfo;
-use crate::nn::transformer::TransformerConfig;
+use crate::nn::transformer::{Positions, TransformerConfig};
 use crate::{Error, Result};
 
 pub mod any_order;
@@ -41,8 +41,8 @@ pub fn backbone_config(
     vocab_out: usize,
     max_len: usize,
     causal: bool,
-) -> TransformerConfig {
-    TransformerConfig {
+) -> Result<TransformerConfig> {
+    Ok(TransformerConfig {
         vocab_in,
         vocab_out,
         max_len,
@@ -50,7 +50,8 @@ pub fn backbone_config(
         n_layers: cfg.n_layers,
         n_heads: cfg.n_heads,
         causal,
-    }
+        positions: Positions::parse(&cfg.positions)?,
+    })
 }
 
 /// A batch `[B, L]` of levels (f32 or integer) as u32 token ids, checking the shape and that
@@ -95,6 +96,48 @@ pub fn gather_nll(logp: &Tensor, targets: &Tensor) -> Result<Tensor> {
         .gather(&targets.reshape((b, l, 1))?, 2)? // [B, L, 1]
         .reshape((b, l))?
         .neg()?)
+}
+
+/// The likelihood a language-model family reports: `opts.likelihood` is "auto" (the first of
+/// `choices`) or one of `choices`; anything else is an error naming the options.
+pub fn lm_likelihood_choice(
+    opts: &EvalOptions,
+    family: &str,
+    choices: &[&'static str],
+) -> Result<&'static str> {
+    let want = opts.likelihood.trim().to_ascii_lowercase();
+    if want == "auto" {
+        if let Some(first) = choices.first() {
+            return Ok(first);
+        }
+    }
+    choices
+        .iter()
+        .find(|c| **c == want)
+        .copied()
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "the {family} family reports no likelihood '{want}'; use auto or {}",
+                choices.join(", ")
+            ))
+        })
+}
+
+/// Checks `opts.prompt_len` leaves at least one scored token of `len`; `supported` is false for
+/// families or estimators that cannot condition.
+pub fn check_prompt_len(opts: &EvalOptions, len: usize, what: &str, supported: bool) -> Result<()> {
+    match opts.prompt_len {
+        0 => Ok(()),
+        _ if !supported => Err(Error::Config(format!(
+            "{what} cannot score conditionally on a prompt (prompt_len {}); use 0, or an \
+             autoregressive model, or MDLM with likelihood = \"llada\"",
+            opts.prompt_len
+        ))),
+        p if p >= len => Err(Error::Config(format!(
+            "prompt_len {p} leaves nothing to score in examples of {len} tokens"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Rows per network call when scoring a held-out set (bounds the attention memory).

@@ -10,6 +10,7 @@ pub mod group_norm;
 pub mod init;
 pub mod linear;
 pub mod mlp;
+pub mod rotary;
 pub mod transformer;
 pub mod unet;
 

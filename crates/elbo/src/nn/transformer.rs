@@ -3,7 +3,8 @@
 //! Transformer Architecture").
 //!
 //! The architecture is exactly the `CharTransformer` of the PyTorch reference workloads: token
-//! embedding plus learned absolute positions, `n_layers` blocks of
+//! embedding plus learned absolute positions ([`Positions::Learned`]; or rotary angles on the
+//! queries and keys, [`Positions::Rotary`], see [`super::rotary`]), `n_layers` blocks of
 //! `x + proj(attn(LN(x)))` and `x + fc2(GELU(fc1(LN(x))))` with a 4x MLP and exact (erf) GELU,
 //! a final layer norm and an untied linear head. Attention is causal (autoregressive models) or
 //! bidirectional (masked diffusion). Initialisation follows PyTorch's defaults: linear layers
@@ -23,6 +24,7 @@ pub use super::fused::reference::{
     log_softmax_last_dim_composed, softmax_last_dim_composed,
 };
 use super::fused::{self, FusedAct};
+use super::rotary::Rotary;
 use super::ParamInit;
 use crate::{Error, Result};
 
@@ -43,6 +45,32 @@ pub struct TransformerConfig {
     pub n_heads: usize,
     /// Causal (position i attends to j <= i) or bidirectional attention.
     pub causal: bool,
+    /// How positions enter: a learned table added to the input, or rotary angles.
+    pub positions: Positions,
+}
+
+/// How a [`Transformer`] sees token positions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Positions {
+    /// A learned `[max_len, D]` table added to the token embeddings (GPT-2; the benchmark
+    /// workloads).
+    #[default]
+    Learned,
+    /// Rotary angles on each head's queries and keys (Su et al. 2021); no position parameters.
+    Rotary,
+}
+
+impl Positions {
+    /// `"learned"` or `"rope"` (also `"rotary"`).
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "learned" => Ok(Self::Learned),
+            "rope" | "rotary" => Ok(Self::Rotary),
+            other => Err(Error::Config(format!(
+                "unknown positions '{other}' (expected learned or rope)"
+            ))),
+        }
+    }
 }
 
 impl TransformerConfig {
@@ -58,16 +86,26 @@ impl TransformerConfig {
                 self.d_model, self.n_heads
             ));
         }
+        if self.positions == Positions::Rotary && (self.d_model / self.n_heads) % 2 != 0 {
+            return bad(format!(
+                "rotary positions need an even head width, got d_model {} / {} heads",
+                self.d_model, self.n_heads
+            ));
+        }
         Ok(())
     }
 
-    /// The number of parameters, from the formula: embeddings `(V_in + L) d`, per block two
-    /// layer norms `4d`, qkv `3d^2 + 3d`, proj `d^2 + d`, MLP `8d^2 + 5d`; final norm `2d`;
-    /// head `d V_out + V_out`.
+    /// The number of parameters, from the formula: embeddings `(V_in + L) d` (`V_in d` with
+    /// rotary positions), per block two layer norms `4d`, qkv `3d^2 + 3d`, proj `d^2 + d`, MLP
+    /// `8d^2 + 5d`; final norm `2d`; head `d V_out + V_out`.
     pub fn num_params(&self) -> usize {
         let d = self.d_model;
         let block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (8 * d * d + 5 * d);
-        (self.vocab_in + self.max_len) * d
+        let table = match self.positions {
+            Positions::Learned => self.max_len,
+            Positions::Rotary => 0,
+        };
+        (self.vocab_in + table) * d
             + self.n_layers * block
             + 2 * d
             + d * self.vocab_out
@@ -294,9 +332,13 @@ impl Block {
     /// `mask: [L, L]` is added to the scores (0 or -inf). No mask, or the causal mask of
     /// [`Transformer::causal_mask`], runs [`attention`] (flash attention on CPU `f32`); any other
     /// mask the composed scores-mask-softmax path.
-    fn attn(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn attn(&self, x: &Tensor, mask: Option<&Tensor>, rotary: Option<&Rotary>) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         let qkv = self.qkv.forward(x)?; // [B, L, 3D]
+        let qkv = match rotary {
+            Some(r) => r.apply_qkv(&qkv, 0)?, // [B, L, 3D]
+            None => qkv,
+        };
         let y = match mask {
             None => attention_qkv(&qkv, self.n_heads, false)?,
             Some(m) if is_causal_mask(m, l)? => attention_qkv(&qkv, self.n_heads, true)?,
@@ -309,21 +351,29 @@ impl Block {
         self.proj.forward(&y)
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let x = (x + self.attn(&self.ln1.forward(x)?, mask)?)?; // [B, L, D]
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        rotary: Option<&Rotary>,
+    ) -> Result<Tensor> {
+        let x = (x + self.attn(&self.ln1.forward(x)?, mask, rotary)?)?; // [B, L, D]
         let m = self.fc1.forward_gelu(&self.ln2.forward(&x)?)?; // [B, L, 4D]
         Ok((x + self.fc2.forward(&m)?)?)
     }
 }
 
 /// The pre-LN transformer of the module documentation. Parameter names follow PyTorch's
-/// `CharTransformer`: `tok.weight`, `pos.weight`, `blocks.{i}.{ln1,qkv,proj,ln2,fc1,fc2}.*`,
-/// `lnf.*`, `head.*`.
+/// `CharTransformer`: `tok.weight`, `pos.weight` (learned positions only),
+/// `blocks.{i}.{ln1,qkv,proj,ln2,fc1,fc2}.*`, `lnf.*`, `head.*`.
 #[derive(Clone, Debug)]
 pub struct Transformer {
     cfg: TransformerConfig,
     tok: Var,
-    pos: Var,
+    /// The learned position table, or `None` with rotary positions.
+    pos: Option<Var>,
+    /// Rotary tables, with rotary positions.
+    rotary: Option<Rotary>,
     blocks: Vec<Block>,
     lnf: LayerNorm,
     head: Dense,
@@ -335,7 +385,16 @@ impl Transformer {
         cfg.validate()?;
         let d = cfg.d_model;
         let tok = p.push("tok").normal("weight", &[cfg.vocab_in, d], 1.0)?;
-        let pos = p.push("pos").normal("weight", &[cfg.max_len, d], 1.0)?;
+        let (pos, rotary) = match cfg.positions {
+            Positions::Learned => (
+                Some(p.push("pos").normal("weight", &[cfg.max_len, d], 1.0)?),
+                None,
+            ),
+            Positions::Rotary => (
+                None,
+                Some(Rotary::new(cfg.max_len, d, cfg.n_heads, p.device())?),
+            ),
+        };
         let blocks = (0..cfg.n_layers)
             .map(|i| Block::new(&mut p.push(&format!("blocks.{i}")), d, cfg.n_heads))
             .collect::<Result<Vec<_>>>()?;
@@ -345,6 +404,7 @@ impl Transformer {
             cfg,
             tok,
             pos,
+            rotary,
             blocks,
             lnf,
             head,
@@ -373,7 +433,7 @@ impl Transformer {
     /// Logits `[B, L, vocab_out]` for token ids `ids: [B, L]` (u32, each `< vocab_in`,
     /// `L <= max_len`).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, l) = ids.dims2()?;
+        let (_, l) = ids.dims2()?;
         if l > self.cfg.max_len {
             return Err(Error::Shape(format!(
                 "transformer: sequence length {l} exceeds max_len {}",
@@ -386,20 +446,7 @@ impl Transformer {
                 ids.dtype()
             )));
         }
-        let d = self.cfg.d_model;
-        // candle's index_select rejects ids >= vocab_in with an error.
-        let tok = self.tok.as_tensor().index_select(&ids.flatten_all()?, 0)?; // [B L, D]
-        let pos = self.pos.as_tensor().narrow(0, 0, l)?; // [L, D]
-        let mut x = tok.reshape((b, l, d))?.broadcast_add(&pos)?; // [B, L, D]
-        let mask = if self.cfg.causal {
-            Some(Self::causal_mask(l, ids.device())?)
-        } else {
-            None
-        };
-        for blk in &self.blocks {
-            x = blk.forward(&x, mask.as_ref())?;
-        }
-        self.head.forward(&self.lnf.forward(&x)?) // [B, L, V_out]
+        self.forward_with(ids, None)
     }
 }
 
@@ -448,9 +495,13 @@ impl Transformer {
             )));
         }
         let d = self.cfg.d_model;
+        // candle's index_select rejects ids >= vocab_in with an error.
         let tok = self.tok.as_tensor().index_select(&ids.flatten_all()?, 0)?; // [B T, D]
-        let pos = self.pos.as_tensor().narrow(0, start, l)?; // [T, D]
-        let x = tok.reshape((b, l, d))?.broadcast_add(&pos)?; // [B, T, D]
+        let tok = tok.reshape((b, l, d))?; // [B, T, D]
+        let x = match &self.pos {
+            Some(pos) => tok.broadcast_add(&pos.as_tensor().narrow(0, start, l)?)?, // [B, T, D]
+            None => tok,
+        };
         match extra {
             None => Ok(x),
             Some(e) if e.dims() == [b, l, d] => Ok((x + e)?),
@@ -472,7 +523,7 @@ impl Transformer {
             None
         };
         for blk in &self.blocks {
-            x = blk.forward(&x, mask.as_ref())?;
+            x = blk.forward(&x, mask.as_ref(), self.rotary.as_ref())?;
         }
         self.head.forward(&self.lnf.forward(&x)?) // [B, L, V_out]
     }
@@ -520,9 +571,12 @@ impl Transformer {
         let mask = Tensor::from_vec(mask, (t, total), ids.device())?; // [T, T_total]
         for (blk, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             let (h, dh) = (blk.n_heads, d / blk.n_heads);
-            let qkv = blk
-                .qkv
-                .forward(&blk.ln1.forward(&x)?)? // [B, T, 3D]
+            let qkv = blk.qkv.forward(&blk.ln1.forward(&x)?)?; // [B, T, 3D]
+            let qkv = match &self.rotary {
+                Some(r) => r.apply_qkv(&qkv, start)?, // [B, T, 3D]
+                None => qkv,
+            };
+            let qkv = qkv
                 .reshape((b, t, 3, h, dh))?
                 .permute((2, 0, 3, 1, 4))?
                 .contiguous()?; // [3, B, H, T, dh]
