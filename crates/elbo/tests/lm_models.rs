@@ -8,6 +8,7 @@ use elbo::data::text::{TextSource, Tokenizer};
 use elbo::data::{DataKind, DataSource};
 use elbo::discrete::filter::TokenFilter;
 use elbo::model::{build, DataInfo, GenerativeModel};
+use elbo::nn::rotary::RotaryAt;
 use elbo::nn::transformer::{Positions, Transformer, TransformerConfig};
 use elbo::nn::ParamInit;
 use elbo::train::optim::named_vars;
@@ -114,6 +115,73 @@ fn kv_cache_matches_with(positions: Positions) {
         .to_scalar::<f32>()
         .unwrap();
     assert!(d < 1e-4, "cached logits differ by {d} ({positions:?})");
+    if positions != Positions::Rotary {
+        assert!(net
+            .forward_at(
+                &ids,
+                None,
+                Some(RotaryAt::Rows {
+                    q: &[0; 18],
+                    k: &[0; 18]
+                })
+            )
+            .is_err());
+        return;
+    }
+    // per-token rotary positions (an any-order model's targets and sources), full vs cached
+    let q: Vec<u32> = (0..18).map(|_| rng.below(10) as u32).collect();
+    let k: Vec<u32> = (0..18).map(|_| rng.below(10) as u32).collect();
+    let at = |v: &[u32], s: usize, len: usize| -> Vec<u32> {
+        (0..2)
+            .flat_map(|b| v[b * 9 + s..b * 9 + s + len].to_vec())
+            .collect()
+    };
+    let full = net
+        .forward_at(&ids, Some(&extra), Some(RotaryAt::Rows { q: &q, k: &k }))
+        .unwrap();
+    let mut cache = net.new_cache();
+    let mut parts = Vec::new();
+    for (s, len) in [(0, 2), (2, 1), (3, 6)] {
+        let e = extra.narrow(1, s, len).unwrap();
+        let (qs, ks) = (at(&q, s, len), at(&k, s, len));
+        let rows = RotaryAt::Rows { q: &qs, k: &ks };
+        let ids_s = ids.narrow(1, s, len).unwrap();
+        parts.push(
+            net.forward_cached_at(&ids_s, Some(&e), Some(rows), &mut cache)
+                .unwrap(),
+        );
+    }
+    let cached = Tensor::cat(&parts, 1).unwrap();
+    let d = (&full - cached)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        d < 1e-4,
+        "cached logits with per-token positions differ by {d}"
+    );
+    // and the positions matter
+    let shifted: Vec<u32> = q.iter().map(|p| (p + 1) % 10).collect();
+    let other = net
+        .forward_at(
+            &ids,
+            Some(&extra),
+            Some(RotaryAt::Rows { q: &shifted, k: &k }),
+        )
+        .unwrap();
+    let moved = (full - other)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(moved > 1e-4, "query positions had no effect");
 }
 
 #[test]

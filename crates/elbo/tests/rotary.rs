@@ -3,7 +3,7 @@
 //! `[B, T, 3D]` form leaving the values alone.
 
 use candle_core::{Device, Tensor, Var};
-use elbo::nn::rotary::{Rotary, ROPE_BASE};
+use elbo::nn::rotary::{Rotary, RotaryAt, ROPE_BASE};
 use elbo::Rng;
 
 const CPU: Device = Device::Cpu;
@@ -132,7 +132,7 @@ fn packed_qkv_rotates_queries_and_keys_only() {
     let mut rng = Rng::new(4);
     let qkv = rng.normal_tensor(&[b, t, 3 * d], &CPU).unwrap();
     let start = 4;
-    let out = rope.apply_qkv(&qkv, start).unwrap();
+    let out = rope.apply_qkv(&qkv, RotaryAt::From(start)).unwrap();
     assert_eq!(out.dims(), &[b, t, 3 * d]);
     let (x, y) = (vals(&qkv), vals(&out));
     for bi in 0..b {
@@ -157,33 +157,58 @@ fn packed_qkv_rotates_queries_and_keys_only() {
     assert!(rope
         .apply_qkv(
             &Tensor::zeros((1, 2, 3 * d + 3), candle_core::DType::F32, &CPU).unwrap(),
-            0
+            RotaryAt::From(0)
         )
         .is_err());
     assert!(Rotary::new(8, 6, 2, &CPU).is_err(), "odd head width");
+    let (q, k) = (vec![0u32; b * t], vec![16u32; b * t]);
+    let rows = RotaryAt::Rows { q: &q, k: &k };
+    assert!(
+        rope.apply_qkv(&qkv, rows).is_err(),
+        "a key position past the table"
+    );
+    let rows = RotaryAt::Rows { q: &q[1..], k: &k };
+    assert!(rope.apply_qkv(&qkv, rows).is_err(), "too few positions");
 }
 
 #[test]
 fn fused_packed_op_matches_the_composition_in_values_and_gradients() {
-    // small (serial) and large (parallel, >= 2^15 elements) inputs, odd shapes, offsets
-    for (b, t, h, dh, start) in [(1, 1, 1, 2, 0), (3, 7, 3, 4, 5), (4, 45, 2, 30, 3)] {
+    // small (serial) and large (parallel, >= 2^15 elements) inputs, odd shapes, offsets, and
+    // per-token query / key positions
+    let cases = [(1, 1, 1, 2, 0), (3, 7, 3, 4, 5), (4, 45, 2, 30, 3)];
+    for ((b, t, h, dh, start), rows) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
         let d = h * dh;
         let rope = Rotary::new(64, d, h, &CPU).unwrap();
         let mut rng = Rng::new(5 + t as u64);
         let x = Var::from_tensor(&rng.normal_tensor(&[b, t, 3 * d], &CPU).unwrap()).unwrap();
         let w = rng.normal_tensor(&[b, t, 3 * d], &CPU).unwrap();
-        let fused = rope.apply_qkv(x.as_tensor(), start).unwrap();
-        let composed = rope.apply_qkv_composed(x.as_tensor(), start).unwrap();
+        let q: Vec<u32> = (0..b * t).map(|_| rng.below(64) as u32).collect();
+        let k: Vec<u32> = (0..b * t).map(|_| rng.below(64) as u32).collect();
+        let at = if rows {
+            RotaryAt::Rows { q: &q, k: &k }
+        } else {
+            RotaryAt::From(start)
+        };
+        let fused = rope.apply_qkv(x.as_tensor(), at).unwrap();
+        let composed = rope.apply_qkv_composed(x.as_tensor(), at).unwrap();
         let diff = |a: &Tensor, c: &Tensor| {
             vals(a)
                 .iter()
                 .zip(vals(c))
                 .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()))
         };
-        assert!(diff(&fused, &composed) < 1e-5, "values, t {t}");
+        assert!(diff(&fused, &composed) < 1e-5, "values, t {t} rows {rows}");
         let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gc = (composed * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let (gf, gc) = (gf.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap());
-        assert!(diff(gf, gc) < 1e-5, "gradients, t {t}");
+        let gc = (composed * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (gf, gc) = (
+            gf.get(x.as_tensor()).unwrap(),
+            gc.get(x.as_tensor()).unwrap(),
+        );
+        assert!(diff(gf, gc) < 1e-5, "gradients, t {t} rows {rows}");
     }
 }

@@ -6,7 +6,11 @@
 //! Network: a causal transformer reads `[BOS, x_sigma(0), ..., x_sigma(L-2)]`; input step t
 //! carries the embedding of the position of its token (`src_pos`, a "no position" row for BOS)
 //! and of the position to predict next (`tgt_pos[sigma(t)]`), so one forward pass gives
-//! -log p(x | sigma) exactly, and sampling in any order runs with the KV cache.
+//! -log p(x | sigma) exactly, and sampling in any order runs with the KV cache. With rotary
+//! positions (the default) step t's query is rotated by the position it predicts and its key by
+//! its token's position (BOS at 0), so attention sees the offset between the two in the text,
+//! not in the random order: with rotary angles on the step index instead, the bound was still
+//! 4.58 bits/char after 1500 Shakespeare steps, as with learned positions.
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -18,7 +22,8 @@ use super::{
 };
 use crate::config::{EvalOptions, ModelConfig, SampleOptions};
 use crate::model::{DataInfo, GenerativeModel};
-use crate::nn::transformer::{log_softmax_last_dim, Transformer};
+use crate::nn::rotary::RotaryAt;
+use crate::nn::transformer::{log_softmax_last_dim, Positions, Transformer};
 use crate::nn::ParamInit;
 use crate::{Error, Nll, NllKind, Result, Rng};
 
@@ -190,6 +195,29 @@ impl AnyOrder {
         Ok((s + g)?.reshape((b, t, ()))?)
     }
 
+    /// Rotary positions of each step: the query at the position it predicts (`tgt`), the key
+    /// at its token's position (`src`; the start token, `src = L`, at 0). Empty with learned
+    /// positions.
+    fn rotary_rows(&self, tgt: &Tensor, src: &Tensor) -> Result<(Vec<u32>, Vec<u32>)> {
+        if self.net.config().positions != Positions::Rotary {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let q: Vec<u32> = tgt.flatten_all()?.to_vec1()?;
+        let k: Vec<u32> = src.flatten_all()?.to_vec1()?;
+        let bos = self.len as u32;
+        Ok((
+            q,
+            k.into_iter()
+                .map(|p| if p == bos { 0 } else { p })
+                .collect(),
+        ))
+    }
+
+    /// [`RotaryAt::Rows`] over the vectors of [`AnyOrder::rotary_rows`], `None` when empty.
+    fn rotary_at<'a>(&self, q: &'a [u32], k: &'a [u32]) -> Option<RotaryAt<'a>> {
+        (!q.is_empty()).then_some(RotaryAt::Rows { q, k })
+    }
+
     /// Sample `n` sequences; positions given in `template` are read first (teacher forced, in
     /// position order), the rest are generated in a uniformly random order per sequence.
     pub fn generate(
@@ -248,7 +276,11 @@ impl AnyOrder {
             let src_t = Tensor::from_vec(std::mem::take(&mut src), shape, &self.device)?;
             let tgt_t = Tensor::from_vec(std::mem::take(&mut tgt), shape, &self.device)?;
             let extra = self.order_embedding(&src_t, &tgt_t)?;
-            let logits = self.net.forward_cached(&ids_t, Some(&extra), &mut cache)?;
+            let (q, k) = self.rotary_rows(&tgt_t, &src_t)?;
+            let at = self.rotary_at(&q, &k);
+            let logits = self
+                .net
+                .forward_cached_at(&ids_t, Some(&extra), at, &mut cache)?;
             let last: Vec<Vec<f32>> = logits.narrow(1, shape.1 - 1, 1)?.squeeze(1)?.to_vec2()?;
             for ((r, o), row_logits) in rows.iter_mut().zip(&orders).zip(&last) {
                 let tok = filter.sample(row_logits, rng);
@@ -287,7 +319,9 @@ impl OrderConditionals for AnyOrder {
         let none = Tensor::full(self.len as u32, (b, 1), &self.device)?;
         let src = Tensor::cat(&[&none, &orders.narrow(1, 0, l - 1)?], 1)?; // [B, L]
         let extra = self.order_embedding(&src, orders)?; // [B, L, D]
-        log_softmax_last_dim(&self.net.forward_with(&input, Some(&extra))?)
+        let (q, k) = self.rotary_rows(orders, &src)?;
+        let at = self.rotary_at(&q, &k);
+        log_softmax_last_dim(&self.net.forward_at(&input, Some(&extra), at)?)
     }
 }
 

@@ -24,7 +24,7 @@ pub use super::fused::reference::{
     log_softmax_last_dim_composed, softmax_last_dim_composed,
 };
 use super::fused::{self, FusedAct};
-use super::rotary::Rotary;
+use super::rotary::{Rotary, RotaryAt};
 use super::ParamInit;
 use crate::{Error, Result};
 
@@ -304,6 +304,9 @@ impl Dense {
 }
 
 /// One pre-LN block: `x + proj(MHA(LN1 x))`, then `x + fc2(GELU(fc1(LN2 x)))`.
+/// The rotary tables and where the tokens sit, with rotary positions.
+type Rope<'a> = Option<(&'a Rotary, RotaryAt<'a>)>;
+
 #[derive(Clone, Debug)]
 struct Block {
     ln1: LayerNorm,
@@ -332,11 +335,11 @@ impl Block {
     /// `mask: [L, L]` is added to the scores (0 or -inf). No mask, or the causal mask of
     /// [`Transformer::causal_mask`], runs [`attention`] (flash attention on CPU `f32`); any other
     /// mask the composed scores-mask-softmax path.
-    fn attn(&self, x: &Tensor, mask: Option<&Tensor>, rotary: Option<&Rotary>) -> Result<Tensor> {
+    fn attn(&self, x: &Tensor, mask: Option<&Tensor>, rotary: Rope) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         let qkv = self.qkv.forward(x)?; // [B, L, 3D]
         let qkv = match rotary {
-            Some(r) => r.apply_qkv(&qkv, 0)?, // [B, L, 3D]
+            Some((r, at)) => r.apply_qkv(&qkv, at)?, // [B, L, 3D]
             None => qkv,
         };
         let y = match mask {
@@ -351,12 +354,7 @@ impl Block {
         self.proj.forward(&y)
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        rotary: Option<&Rotary>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, rotary: Rope) -> Result<Tensor> {
         let x = (x + self.attn(&self.ln1.forward(x)?, mask, rotary)?)?; // [B, L, D]
         let m = self.fc1.forward_gelu(&self.ln2.forward(&x)?)?; // [B, L, 4D]
         Ok((x + self.fc2.forward(&m)?)?)
@@ -515,6 +513,30 @@ impl Transformer {
     /// Like [`Transformer::forward`], with `extra: [B, L, D]` added to the input embeddings
     /// (e.g. the target-position embeddings of an any-order model). Differentiable.
     pub fn forward_with(&self, ids: &Tensor, extra: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_at(ids, extra, None)
+    }
+
+    /// The rotary tables with the tokens at `at` (default: positions `start..`), or `None`
+    /// with learned positions (where `at` must be `None`).
+    fn rope<'a>(&'a self, at: Option<RotaryAt<'a>>, start: usize) -> Result<Rope<'a>> {
+        match (&self.rotary, at) {
+            (Some(r), at) => Ok(Some((r, at.unwrap_or(RotaryAt::From(start))))),
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(Error::Config(
+                "per-token rotary positions need a transformer with positions = \"rope\"".into(),
+            )),
+        }
+    }
+
+    /// Like [`Transformer::forward_with`], with the rotary positions of every query and key
+    /// given (`at`; `None`: `0..L`). An any-order model rotates each query by the position it
+    /// predicts and each key by its token's position. Rotary positions only.
+    pub fn forward_at(
+        &self,
+        ids: &Tensor,
+        extra: Option<&Tensor>,
+        at: Option<RotaryAt>,
+    ) -> Result<Tensor> {
         let mut x = self.embed_at(ids, 0, extra)?; // [B, L, D]
         let l = x.dim(1)?;
         let mask = if self.cfg.causal {
@@ -522,8 +544,9 @@ impl Transformer {
         } else {
             None
         };
+        let rope = self.rope(at, 0)?;
         for blk in &self.blocks {
-            x = blk.forward(&x, mask.as_ref(), self.rotary.as_ref())?;
+            x = blk.forward(&x, mask.as_ref(), rope)?;
         }
         self.head.forward(&self.lnf.forward(&x)?) // [B, L, V_out]
     }
@@ -544,6 +567,18 @@ impl Transformer {
         &self,
         ids: &Tensor,
         extra: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.forward_cached_at(ids, extra, None, cache)
+    }
+
+    /// [`Transformer::forward_cached`] with the rotary positions of the new queries and keys
+    /// given (`None`: `cache.len()..`), as [`Transformer::forward_at`].
+    pub fn forward_cached_at(
+        &self,
+        ids: &Tensor,
+        extra: Option<&Tensor>,
+        at: Option<RotaryAt>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         if !self.cfg.causal {
@@ -569,11 +604,12 @@ impl Transformer {
             })
             .collect();
         let mask = Tensor::from_vec(mask, (t, total), ids.device())?; // [T, T_total]
+        let rope = self.rope(at, start)?;
         for (blk, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             let (h, dh) = (blk.n_heads, d / blk.n_heads);
             let qkv = blk.qkv.forward(&blk.ln1.forward(&x)?)?; // [B, T, 3D]
-            let qkv = match &self.rotary {
-                Some(r) => r.apply_qkv(&qkv, start)?, // [B, T, 3D]
+            let qkv = match rope {
+                Some((r, at)) => r.apply_qkv(&qkv, at)?, // [B, T, 3D]
                 None => qkv,
             };
             let qkv = qkv
