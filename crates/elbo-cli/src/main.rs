@@ -223,7 +223,7 @@ pub struct QuickstartArgs {
 /// `elbo bench`
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Workload: gemm, w1, w2, w3, w4, s1 or s2 (see bench-ref/README.md).
+    /// Workload: gemm, w1, w2, w3, w4, s1 or s2 (see bench-ref/README.md), or unet.
     pub workload: String,
     /// Untimed warm-up steps (default: the reference's; 0 means the default for w1-w4, as in
     /// torch_bench.py).
