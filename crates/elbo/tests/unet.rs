@@ -1,9 +1,7 @@
 //! Tests of the U-Net backbone: output shapes (8x8, 28x28, odd sizes and channel counts), bad
 //! inputs, zero initialisation, gradients reaching every parameter, time conditioning, seeded
-//! determinism (dropout from the rng), a short training, and step timings (ignored). The
+//! determinism (dropout from the rng) and a short training (step timings: `elbo bench unet`). The
 //! layer-level tests (group norm, convolution, im2col, upsampling) are in `unet/ops.rs`.
-
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -13,7 +11,7 @@ use elbo::train::optim::{named_vars, AdamW, AdamWConfig};
 use elbo::Rng;
 
 /// As in the `elbo` binary: glibc's allocator returns large tensor buffers to the kernel, and
-/// the page faults of re-allocating them would dominate the timings below.
+/// the page faults of re-allocating them would slow the short training below.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -242,93 +240,4 @@ fn short_training_lowers_the_loss() {
     }
     assert!((losses[0] - 1.0).abs() < 0.2, "{}", losses[0]);
     assert!(losses[29] < 0.6 * losses[0], "{losses:?}");
-}
-
-/// CPU time of this process (all threads) in ms, from `/proc/self/stat` (Linux; 0 elsewhere).
-fn cpu_ms() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let tail = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<f64> = tail
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    f.iter().sum::<f64>() * 10.0 // utime + stime in 1/100 s
-}
-
-/// (best wall ms, mean CPU ms) per training step: forward with dropout, MSE, backward, AdamW.
-fn time_steps(cfg: UNetConfig, b: usize, hw: usize, steps: usize) -> (f64, f64) {
-    let (vm, net) = build(cfg, 40);
-    let params = named_vars(&vm).unwrap();
-    let mut opt = AdamW::new(AdamWConfig::default());
-    let mut rng = Rng::new(41);
-    let x = randn(&mut rng, &[b, 1, hw, hw]);
-    let t = rng.uniform_tensor(&[b], &CPU).unwrap();
-    let mut best = f64::INFINITY;
-    let mut cpu = 0.0;
-    for i in 0..=steps {
-        let (start, c0) = (Instant::now(), cpu_ms());
-        let loss = (net.forward_train(&x, &t, &mut rng).unwrap() - &x)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap();
-        let g = loss.backward().unwrap();
-        opt.step(&params, &g, 1e-4).unwrap();
-        if i > 0 {
-            // the first step warms up the allocator and thread pools
-            best = best.min(start.elapsed().as_secs_f64() * 1e3);
-            cpu += cpu_ms() - c0;
-        }
-    }
-    (best, cpu / steps as f64)
-}
-
-/// Best wall ms of a forward pass (as in sampling).
-fn time_forward(cfg: UNetConfig, b: usize, hw: usize, reps: usize) -> f64 {
-    let (_vm, net) = build(cfg, 40);
-    let mut rng = Rng::new(42);
-    let x = randn(&mut rng, &[b, 1, hw, hw]);
-    let t = rng.uniform_tensor(&[b], &CPU).unwrap();
-    (0..=reps)
-        .map(|_| {
-            let start = Instant::now();
-            let _y = net.forward(&x, &t).unwrap();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .skip(1)
-        .fold(f64::INFINITY, f64::min)
-}
-
-fn n_params(cfg: &UNetConfig) -> usize {
-    let (vm, _) = build(cfg.clone(), 0);
-    named_vars(&vm)
-        .unwrap()
-        .iter()
-        .map(|(_, v)| v.as_tensor().elem_count())
-        .sum()
-}
-
-/// Training-step timings (forward, backward, AdamW) of the preset configs; run with
-/// `cargo test --release -p elbo --test unet timing_training_steps -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn timing_training_steps() {
-    let cases = [
-        ("digits()", UNetConfig::digits(), 128, 8),
-        ("digits_small()", UNetConfig::digits_small(), 128, 8),
-        ("mnist()", UNetConfig::mnist(), 64, 28),
-        ("mnist_small()", UNetConfig::mnist_small(), 64, 28),
-    ];
-    for (name, cfg, b, hw) in cases {
-        let np = n_params(&cfg);
-        let fwd = time_forward(cfg.clone(), b, hw, 4);
-        let (wall, cpu) = time_steps(cfg, b, hw, 4);
-        println!(
-            "{name}: {np} params, batch {b} {hw}x{hw}: {wall:.0} ms/step wall (best), \
-             {cpu:.0} ms CPU; forward only {fwd:.0} ms"
-        );
-    }
 }

@@ -6,9 +6,11 @@
 //! - `gemm`: fp32 matmul GFLOP/s at 1024^3 and 2048^3.
 //! - `w1`, `w2`, `s1`, `s2`: the MLP workloads ([`mlp`]).
 //! - `w3`, `w4`: the character transformer workloads ([`lm`]).
+//! - `unet`: training steps of the U-Net presets ([`unet`]; not in bench-ref).
 
 mod lm;
 mod mlp;
+mod unet;
 
 use std::time::Instant;
 
@@ -21,7 +23,7 @@ use serde_json::{json, Map, Value};
 use crate::BenchArgs;
 
 /// The workloads, in the order of torch_bench.py.
-const WORKLOADS: &str = "gemm, w1, w2, w3, w4, s1, s2";
+const WORKLOADS: &str = "gemm, w1, w2, w3, w4, s1, s2, unet";
 
 pub fn run(a: BenchArgs) -> Result<()> {
     // torch_bench.py: training workloads take `args.warmup or N` (so 0 means the default),
@@ -36,6 +38,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "w4" => lm::run(true, train(3, 10), a.corpus.as_deref()),
         "s1" => mlp::s1(sample()),
         "s2" => mlp::s2(sample()),
+        "unet" => unet::run(train(1, 5)),
         other => bail!("unknown workload '{other}'; available: {WORKLOADS}"),
     }
 }

@@ -1,0 +1,96 @@
+//! `elbo bench unet`: training-step timings of the U-Net presets (`elbo::nn::UNetConfig`'s
+//! `digits`, `digits_small`, `mnist`, `mnist_small`), one JSON line per preset. A step is a
+//! forward pass with dropout on a fixed batch of standard normal images, the mean squared error
+//! against the input, the backward pass and one AdamW update (default settings, lr 1e-4); the
+//! median of the timed steps is reported beside the median of plain forward passes (as in
+//! sampling, no autograd graph kept). There is no PyTorch counterpart in bench-ref.
+
+use anyhow::Result;
+use candle_core::Device;
+use candle_nn::VarMap;
+use elbo::nn::{ParamInit, UNet, UNetConfig};
+use elbo::train::optim::{named_vars, AdamW, AdamWConfig};
+use elbo::Rng;
+use serde_json::json;
+
+use super::{emit, extend, median_ms, summarize, time_steps};
+
+/// The presets: name, config, batch, image side.
+fn presets() -> Vec<(&'static str, UNetConfig, usize, usize)> {
+    vec![
+        ("digits", UNetConfig::digits(), 128, 8),
+        ("digits_small", UNetConfig::digits_small(), 128, 8),
+        ("mnist", UNetConfig::mnist(), 64, 28),
+        ("mnist_small", UNetConfig::mnist_small(), 64, 28),
+    ]
+}
+
+/// Times every preset: `steps` = (warm-up, timed) training steps, and as many forward passes.
+pub fn run(steps: (usize, usize)) -> Result<()> {
+    let dev = Device::Cpu;
+    for (name, cfg, b, hw) in presets() {
+        let vm = VarMap::new();
+        let net = {
+            let mut rng = Rng::new(40);
+            let mut p = ParamInit::new(&vm, &mut rng, &dev);
+            UNet::new(&mut p, cfg)?
+        };
+        let params = named_vars(&vm)?;
+        let nparams: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+        let mut opt = AdamW::new(AdamWConfig::default());
+        let mut rng = Rng::new(41);
+        let x = rng.normal_tensor(&[b, 1, hw, hw], &dev)?; // [B, 1, H, W]
+        let t = rng.uniform_tensor(&[b], &dev)?; // [B]
+        let fwd = time_steps(steps, || {
+            std::hint::black_box(net.forward(&x, &t)?);
+            Ok(())
+        })?;
+        let mut loss_last = f64::NAN;
+        let ts = time_steps(steps, || {
+            let loss = (net.forward_train(&x, &t, &mut rng)? - &x)?
+                .sqr()?
+                .mean_all()?;
+            let grads = loss.backward()?;
+            opt.step(&params, &grads, 1e-4)?;
+            loss_last = loss.to_scalar::<f32>()? as f64;
+            Ok(())
+        })?;
+        let mut s = summarize(ts)?;
+        let fwd_median = median_ms(&summarize(fwd)?);
+        extend(
+            &mut s,
+            vec![
+                ("bench", json!("unet_train")),
+                ("preset", json!(name)),
+                ("params", json!(nparams)),
+                ("batch", json!(b)),
+                ("image", json!([1, hw, hw])),
+                ("forward_median_ms", json!(fwd_median)),
+                ("loss_last", json!(loss_last)),
+            ],
+        );
+        emit(s);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Tensor;
+
+    #[test]
+    fn presets_build_and_take_a_step() {
+        // the smallest preset on a batch of 2: one training step gives a finite loss
+        let (_, cfg, _, hw) = presets().swap_remove(1);
+        let vm = VarMap::new();
+        let mut rng = Rng::new(0);
+        let net = UNet::new(&mut ParamInit::new(&vm, &mut rng, &Device::Cpu), cfg).unwrap();
+        let x = rng.normal_tensor(&[2, 1, hw, hw], &Device::Cpu).unwrap();
+        let t = Tensor::new(&[0.3f32, 0.7], &Device::Cpu).unwrap();
+        let y = net.forward_train(&x, &t, &mut rng).unwrap();
+        assert_eq!(y.dims(), x.dims());
+        let loss = (y - &x).unwrap().sqr().unwrap().mean_all().unwrap();
+        assert!(loss.to_scalar::<f32>().unwrap().is_finite());
+    }
+}
