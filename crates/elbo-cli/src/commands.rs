@@ -332,14 +332,20 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         let row = evaluate(&run, &opts, a.examples, a.seed)?;
         if run.data.tokenizer().is_some() {
             let s = &row.summary;
+            let scored = match opts.prompt_len {
+                0 => format!("windows of {} characters", s.dims),
+                p => format!(
+                    "windows: the last {} characters given the first {p}",
+                    s.dims
+                ),
+            };
             println!(
-                "{}: {:.4} ± {:.4} bits/char ({}) on {} held-out windows of {} characters",
+                "{}: {:.4} ± {:.4} bits/char ({}) on {} held-out {scored}",
                 row.model,
                 s.bits_per_dim,
                 s.stderr_bits_per_dim,
                 s.kind.label(),
                 s.n,
-                s.dims
             );
         }
         rows.push(row);
