@@ -254,8 +254,10 @@ fn mlp_paths_agree_with_each_other_and_with_composed_ops() {
             h = act.apply(&z).unwrap();
         }
         let y_ref = composed(&h, &get("out.weight"), &get("out.bias"), FusedAct::Identity);
-        let err = max_rel(&vals(&y), &vals(&y_ref), 1e-3);
-        assert!(err < 1e-5, "{act:?}: value error {err:e}");
+        // the fused forward pass sums in the packed GEMM's order, not candle's: agreement to
+        // float rounding relative to the output's scale
+        let err = scaled_err(&vals(&y), &vals(&y_ref));
+        assert!(err < 2e-6, "{act:?}: value error {err:e}");
         let gy = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let gr = y_ref.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         for (name, v) in data.iter() {

@@ -7,8 +7,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use elbo::config::ModelConfig;
 use elbo::continuous::flow_matching::VelocityMlp;
-use elbo::nn::fused::{linear_act_inference, FusedAct};
-use elbo::nn::{sinusoidal_embedding, Activation, Mlp, ParamInit};
+use elbo::nn::{sinusoidal_embedding, sinusoidal_row, Activation, Mlp, PackedMlp, ParamInit};
 use elbo::train::optim::named_vars;
 use elbo::Rng;
 use serde_json::json;
@@ -79,10 +78,14 @@ pub fn s2(steps: (usize, usize)) -> Result<()> {
     let ts = time_steps(steps, || {
         let mut x = rng.normal_tensor(&[b, 2], &dev)?; // [B, 2]
         let dt = 1.0 / n_steps as f64;
+        // the library's sampling path: weights packed once, no autograd graph, the time
+        // embedding's share of the first layer computed once per step
+        let packed = match net.packed()? {
+            Some(p) => p,
+            None => bail!("W1's network has no packed path"),
+        };
         for i in 0..n_steps {
-            // the inference path: no autograd graph, nothing saved for a backward pass
-            let tt = Tensor::full((i as f64 * dt) as f32, b, &dev)?; // [B]
-            let v = net.forward_inference(&x, &tt)?; // [B, 2]
+            let v = net.forward_packed(&packed, &x, i as f64 * dt)?; // [B, 2]
             x = (x + (v * dt)?)?;
         }
         std::hint::black_box(x);
@@ -221,50 +224,14 @@ fn emit_train_step(
     Ok(())
 }
 
-/// W2's network on detached weights (no autograd graph is recorded), `x: [B, 192]`.
-struct DetachedMlp {
-    /// `(W [out, in], b [out])` per layer, the read-out last.
-    layers: Vec<(Tensor, Tensor)>,
-}
-
-impl DetachedMlp {
-    fn from_varmap(vm: &VarMap, n_hidden: usize) -> Result<Self> {
-        let vars = named_vars(vm)?;
-        let get = |name: String| -> Result<Tensor> {
-            match vars.iter().find(|(n, _)| *n == name) {
-                Some((_, v)) => Ok(v.as_tensor().detach()),
-                None => bail!("parameter '{name}' not found"),
-            }
-        };
-        let mut names: Vec<String> = (0..n_hidden).map(|i| format!("net.hidden.{i}")).collect();
-        names.push("net.out".into());
-        let layers = names
-            .into_iter()
-            .map(|p| Ok((get(format!("{p}.weight"))?, get(format!("{p}.bias"))?)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        let last = self.layers.len() - 1;
-        for (i, (w, b)) in self.layers.iter().enumerate() {
-            // one fused GEMM + bias (+ SiLU) op, no graph
-            let act = if i < last {
-                FusedAct::Silu
-            } else {
-                FusedAct::Identity
-            };
-            h = linear_act_inference(&h, w, b, act)?; // [B, out]
-        }
-        Ok(h)
-    }
-}
-
 pub fn s1(steps: (usize, usize)) -> Result<()> {
     let dev = Device::Cpu;
-    let (vm, _) = w2_model(&dev)?;
-    let net = DetachedMlp::from_varmap(&vm, 3)?;
+    let (_vm, mlp) = w2_model(&dev)?;
+    // the library's sampling path (see s2)
+    let net = match PackedMlp::new(&mlp, TEMB)? {
+        Some(p) => p,
+        None => bail!("W2's network has no packed path"),
+    };
     let (betas, alphas, abar) = ddpm_schedule();
     // In f32 as torch: coef1 = 1 / sqrt(alpha), coef2 = beta / sqrt(1 - abar), sigma = sqrt(beta).
     let coef1: Vec<f32> = alphas.iter().map(|a| 1.0 / a.sqrt()).collect();
@@ -277,14 +244,18 @@ pub fn s1(steps: (usize, usize)) -> Result<()> {
     let mut rng = Rng::new(2);
     let b = 256;
     let ts = time_steps(steps, || {
-        let mut x = rng.normal_tensor(&[b, 64], &dev)?; // [B, 64]
+        let mut x = rng.normal_vec(b * 64); // [B, 64]
         for i in (0..T).rev() {
-            let tt = Tensor::full(i as f32, b, &dev)?; // [B]
-            let eps = net.forward(&w2_input(&x, &tt)?)?; // [B, 64]
-            x = ((x - (eps * coef2[i] as f64)?)? * coef1[i] as f64)?;
-            if i > 0 {
-                let z = rng.normal_tensor(&[b, 64], &dev)?;
-                x = (x + (z * sigma[i] as f64)?)?;
+            let temb = sinusoidal_row(i as f64, TEMB, 10000.0)?;
+            let eps = net.forward(&x, &temb)?; // [B, 64]
+            let z = if i > 0 {
+                rng.normal_vec(b * 64)
+            } else {
+                vec![0.0; b * 64]
+            };
+            let (c1, c2, s) = (coef1[i], coef2[i], sigma[i]);
+            for ((xv, e), zv) in x.iter_mut().zip(&eps).zip(&z) {
+                *xv = (*xv - e * c2) * c1 + s * zv;
             }
         }
         std::hint::black_box(x);

@@ -21,7 +21,7 @@ use super::VelocityField;
 use crate::config::{EvalOptions, ModelConfig, SampleOptions};
 use crate::data::DataKind;
 use crate::model::{DataInfo, GenerativeModel};
-use crate::nn::{sinusoidal_embedding, Mlp, ParamInit};
+use crate::nn::{sinusoidal_embedding, sinusoidal_row, Mlp, PackedMlp, ParamInit};
 use crate::{Error, Nll, NllKind, Result, Rng};
 
 /// A time-conditioned MLP velocity field: `concat(x, sinusoidal(time_scale * t)) -> MLP -> D`.
@@ -65,6 +65,21 @@ impl VelocityMlp {
         let temb = sinusoidal_embedding(&t, self.time_embed_dim, 10000.0)?; // [B, E]
         let h = Tensor::cat(&[&x.to_dtype(DType::F32)?.detach(), &temb], 1)?; // [B, D + E]
         self.mlp.forward_inference(&h)
+    }
+}
+
+impl VelocityMlp {
+    /// The network's weights packed for sampling ([`PackedMlp`]; the time embedding is the
+    /// shared input), or `None` when the activation has no fused kernel.
+    pub fn packed(&self) -> Result<Option<PackedMlp>> {
+        PackedMlp::new(&self.mlp, self.time_embed_dim)
+    }
+
+    /// v(x, t) for one time `t` shared by every row of `x: [B, D]`, through `packed` (from
+    /// [`VelocityMlp::packed`] on the current weights); a CPU `f32` `[B, D]`.
+    pub fn forward_packed(&self, packed: &PackedMlp, x: &Tensor, t: f64) -> Result<Tensor> {
+        let s = sinusoidal_row(t * self.time_scale, self.time_embed_dim, 10000.0)?;
+        packed.forward_tensor(x, &s)
     }
 }
 
@@ -196,8 +211,17 @@ impl GenerativeModel for FlowMatching {
         let x = if opts.sampler == "auto" {
             let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
             let z0 = rng.normal_tensor(&[n, self.dim], &self.device)?;
-            // The ODE runs on the inference path: no step records an autograd graph.
+            // The ODE runs on the inference path: no step records an autograd graph. On the
+            // CPU the weights are packed once for the whole solve.
+            let packed = if self.device.is_cpu() {
+                self.net.packed()?
+            } else {
+                None
+            };
             let field = |x: &Tensor, t: f64| -> Result<Tensor> {
+                if let Some(p) = &packed {
+                    return Ok(self.net.forward_packed(p, x, t)?.to_dtype(x.dtype())?);
+                }
                 let tt = Tensor::full(t as f32, x.dim(0)?, x.device())?;
                 Ok(self.net.forward_inference(x, &tt)?.to_dtype(x.dtype())?)
             };

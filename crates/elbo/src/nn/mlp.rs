@@ -86,6 +86,16 @@ impl Mlp {
         Ok(Self { hidden, out, act })
     }
 
+    /// The hidden layers and the read-out.
+    pub fn layers(&self) -> (&[Linear], &Linear) {
+        (&self.hidden, &self.out)
+    }
+
+    /// The hidden-layer activation.
+    pub fn activation(&self) -> Activation {
+        self.act
+    }
+
     /// Forward-mode Jacobian-vector products: returns `(f(x), J_f(x) u_k)` for `x: [B, d_in]`
     /// and tangents `u: [K, B, k]` that are non-zero only in the first `k <= d_in` inputs
     /// (e.g. the data coordinates, not the time embedding). Computed on detached weights.

@@ -112,14 +112,18 @@ pub fn gelu_erf_f32(z: f32) -> (f32, f32) {
     const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
     let u = z.abs() * std::f32::consts::FRAC_1_SQRT_2;
     let t = 1.0 / (1.0 + 0.5 * u);
-    let poly = -1.265_512_2
-        + t * (1.000_023_7
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_204
-                                + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
+    // erfcc's degree-9 polynomial in `t`, by Estrin's scheme (a dependency chain of depth 5
+    // instead of Horner's 18, so consecutive elements overlap in the pipeline)
+    let (t2, p01, p23, p45, p67, p89) = (
+        t * t,
+        -1.265_512_2 + t * 1.000_023_7,
+        0.374_091_96 + t * 0.096_784_18,
+        -0.186_288_06 + t * 0.278_868_07,
+        -1.135_204 + t * 1.488_515_9,
+        -0.822_152_2 + t * 0.170_872_77,
+    );
+    let t4 = t2 * t2;
+    let poly = (p01 + t2 * p23) + t4 * ((p45 + t2 * p67) + t4 * p89);
     let erfc = t * exp_f32(poly - u * u);
     let half = 0.5 * erfc;
     let cdf = if z < 0.0 { half } else { 1.0 - half };
@@ -160,9 +164,12 @@ multiversion!(
 
 /// The element-wise activation fused after an affine map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum RowAct {
+pub enum RowAct {
+    /// `z`.
     Identity,
+    /// `silu(z) = z sigmoid(z)`, through [`silu_f32`].
     Silu,
+    /// The exact GELU `z Phi(z)`, through [`gelu_erf_f32`].
     GeluErf,
 }
 
@@ -207,6 +214,16 @@ fn bias_serial(y: &mut [f32], b: &[f32]) {
         for (yv, &bv) in yr.iter_mut().zip(b) {
             *yv += bv;
         }
+    }
+}
+
+/// In place on `y: [rows, b.len()]`, on the calling thread: `y <- act(y + b)`.
+/// With SiLU or GELU, `d` (same length as `y`) receives `act'(y + b)`.
+pub(crate) fn bias_act_rows_serial(y: &mut [f32], d: Option<&mut [f32]>, b: &[f32], act: RowAct) {
+    match act {
+        RowAct::Identity => bias_serial(y, b),
+        RowAct::Silu => bias_silu_serial(y, d, b),
+        RowAct::GeluErf => bias_gelu_serial(y, d, b),
     }
 }
 

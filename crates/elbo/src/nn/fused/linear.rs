@@ -1,10 +1,13 @@
 //! The fused `act(x W^T + b)` custom op (CPU, f32) and its backward pass.
 //!
-//! Forward: one GEMM through candle's own CPU matmul (the `gemm` crate), then a single pass
-//! that adds the bias and applies the activation in place, saving `silu'(z)` for the backward
-//! pass when a graph is recorded. Backward: one pass computes `dz = dy * silu'(z)` and the bias
-//! gradient (the column sums of `dz`) together, then two GEMMs give `dx = dz W` and
-//! `dW = dz^T x`; a gradient is computed only for the inputs that track one.
+//! Forward: the packed GEMM of [`super::packed`] (W packed once per call, the rows of `x` read
+//! per cache block), which adds the bias and applies the activation to each block of rows while
+//! it is in cache, saving `act'(z)` for the backward pass when a graph is recorded; candle's
+//! matmul and a separate pass when an operand is not contiguous. Backward: one pass computes
+//! `dz = dy * act'(z)` and the bias gradient (the column sums of `dz`) together, then two GEMMs
+//! through candle's matmul (the `gemm` crate, which measured faster than the packed GEMM for
+//! these shapes) give `dx = dz W` and `dW = dz^T x`; a gradient is computed only for the inputs
+//! that track one.
 
 use std::sync::Mutex;
 
@@ -12,6 +15,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 
 use super::kernels::{self, RowAct};
+use super::packed::PackedLinear;
 
 /// A contiguous `f32` view of `s` under layout `l`.
 pub(crate) fn f32_slice<'a>(
@@ -96,6 +100,20 @@ impl CustomOp3 for LinearAct {
             )
         }
         let b = f32_slice(bs, bl, "fused linear bias")?;
+        let save = self.act != RowAct::Identity && self.save;
+        if let (Ok(x), Ok(w)) = (f32_slice(xs, xl, "x"), f32_slice(ws, wl, "W")) {
+            // the packed GEMM with bias and activation applied in cache (see `packed`)
+            let (y, d) = PackedLinear::new(w, b, d_out, d_in)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                .forward_new(x, rows, self.act, save);
+            if let Some(d) = d {
+                match self.deriv.lock() {
+                    Ok(mut g) => *g = Some(d),
+                    Err(_) => bail!("{}: saved-derivative lock poisoned", self.name()),
+                }
+            }
+            return Ok((CpuStorage::F32(y), Shape::from((rows, d_out))));
+        }
         let z = xs.matmul(ws, (1, rows, d_out, d_in), xl, &wl.transpose(0, 1)?)?;
         let CpuStorage::F32(mut y) = z else {
             bail!("{}: expected f32 inputs, got {:?}", self.name(), xs.dtype())

@@ -1,9 +1,12 @@
 //! Fused CPU kernels for the hot paths of MLP training and sampling.
 //!
 //! - [`linear_act`]: `act(x W^T + b)` as one candle custom op with its own backward pass (the
-//!   bias add and SiLU and their gradients fused around candle's GEMM), used by
+//!   bias add and SiLU and their gradients fused around the GEMMs), used by
 //!   [`crate::nn::Linear`] and [`crate::nn::Mlp`];
 //! - [`linear_act_inference`]: the same without recording an autograd graph;
+//! - [`PackedLinear`]: `act(x W^T + b)` against weights packed once (a BLIS-style AVX2 GEMM with
+//!   the bias and activation applied in cache), the forward pass of [`linear_act`] and the
+//!   sampling path of [`crate::nn::PackedMlp`];
 //! - [`layer_norm`], [`softmax`], [`log_softmax`], [`attention`] (flash attention, causal or
 //!   not) and [`cross_entropy`] (per-row, weighted, with an ignore index): the transformer's hot
 //!   paths, each one custom op whose backward pass saves and materialises as little as possible
@@ -23,6 +26,7 @@ mod inplace;
 mod kernels;
 mod layer_norm;
 mod linear;
+mod packed;
 pub mod reference;
 mod softmax;
 mod tile;
@@ -32,8 +36,9 @@ use candle_core::{bail, DType, Storage, Tensor};
 pub use cross_entropy::IGNORE_INDEX;
 pub(crate) use inplace::{adamw_inplace, ema_inplace};
 pub(crate) use kernels::AdamWScalars;
-use kernels::RowAct;
+pub use kernels::RowAct;
 pub use kernels::{exp_f32, gelu_erf_f32, silu_f32};
+pub use packed::PackedLinear;
 
 use crate::Result;
 
