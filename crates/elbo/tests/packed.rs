@@ -248,3 +248,66 @@ fn sinusoidal_row_is_one_row_of_the_batch_embedding() {
     assert_eq!(sinusoidal_row(0.25, 9, 10000.0).unwrap(), want);
     assert!(silu_f32(0.0).abs() < 1e-12);
 }
+
+/// `DenoiserNet::with_packed`: inside the scope a no-grad forward whose rows share one time
+/// runs through the packed MLP and matches the unpacked values; rows at different times, and
+/// gradient passes, keep the unpacked path bit for bit; the scope ends with the call.
+#[test]
+fn denoiser_pack_scope_matches_and_ends() {
+    use elbo::continuous::diffusion::net::DenoiserNet;
+    use elbo::data::DataKind;
+    use elbo::model::DataInfo;
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(11);
+    let vm = VarMap::new();
+    let cfg = ModelConfig {
+        hidden: 40,
+        layers: 3,
+        time_embed_dim: 12,
+        time_scale: 0.7,
+        backbone: "mlp".into(),
+        ..ModelConfig::default()
+    };
+    let data = DataInfo {
+        dim: 5,
+        kind: DataKind::Continuous,
+    };
+    let net = {
+        let mut p = ParamInit::new(&vm, &mut rng, &dev);
+        DenoiserNet::new(&mut p, &data, 3, &cfg).unwrap()
+    };
+    let x = rng.normal_tensor(&[13, 5], &dev).unwrap();
+    let same = Tensor::full(417f32, 13, &dev).unwrap();
+    let mixed = Tensor::arange(0f32, 13f32, &dev).unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let plain = flat(&net.forward(&x, &same, false).unwrap());
+    let plain_mixed = flat(&net.forward(&x, &mixed, false).unwrap());
+    let plain_grad = flat(&net.forward(&x, &same, true).unwrap());
+    let (packed, mixed_in, grad_in) = net
+        .with_packed(|| {
+            Ok((
+                flat(&net.forward(&x, &same, false)?),
+                flat(&net.forward(&x, &mixed, false)?),
+                flat(&net.forward(&x, &same, true)?),
+            ))
+        })
+        .unwrap();
+    assert_eq!(packed.len(), 13 * 15);
+    let scale = plain.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = plain
+        .iter()
+        .zip(&packed)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err <= 1e-5 * scale.max(1.0), "packed vs unpacked: {err}");
+    assert_ne!(plain, packed, "the scope did not take the packed path");
+    assert_eq!(
+        mixed_in, plain_mixed,
+        "rows at different times must not use the pack"
+    );
+    assert_eq!(grad_in, plain_grad, "a gradient pass must not use the pack");
+    // after the scope, and after a scope that failed, the unpacked path again
+    assert_eq!(flat(&net.forward(&x, &same, false).unwrap()), plain);
+    let failed: elbo::Result<()> = net.with_packed(|| Err(elbo::Error::Config("inside".into())));
+    assert!(failed.is_err());
+    assert_eq!(flat(&net.forward(&x, &same, false).unwrap()), plain);
+}

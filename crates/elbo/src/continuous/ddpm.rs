@@ -278,7 +278,10 @@ impl GenerativeModel for Ddpm {
     }
 
     fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
-        let x = sampling::sample(self, self.default_sampler, n, opts, rng, &self.device)?;
+        // frozen weights: the MLP is packed once for all the sampler's calls
+        let x = self.net.with_packed(|| {
+            sampling::sample(self, self.default_sampler, n, opts, rng, &self.device)
+        })?;
         self.scale.to_data(&x)
     }
 
@@ -292,14 +295,16 @@ impl GenerativeModel for Ddpm {
                     None => Decoder::Gaussian,
                 };
                 let t = self.chain.steps() as f64;
-                let terms = vlb(
-                    &self.chain,
-                    self.variance,
-                    decoder,
-                    &x0,
-                    |x, i| self.predict_x0(x, i as f64 / t, false),
-                    rng,
-                )?;
+                let terms = self.net.with_packed(|| {
+                    vlb(
+                        &self.chain,
+                        self.variance,
+                        decoder,
+                        &x0,
+                        |x, i| self.predict_x0(x, i as f64 / t, false),
+                        rng,
+                    )
+                })?;
                 Ok(Nll {
                     nats: terms.total(),
                     dims: self.dim,

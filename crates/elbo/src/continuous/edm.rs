@@ -134,7 +134,9 @@ impl GenerativeModel for Edm {
     }
 
     fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
-        let x = sampling::sample(self, "edm", n, opts, rng, &self.device)?;
+        let x = self
+            .net
+            .with_packed(|| sampling::sample(self, "edm", n, opts, rng, &self.device))?;
         self.scale.to_data(&x)
     }
 

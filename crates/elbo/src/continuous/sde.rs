@@ -187,7 +187,9 @@ impl GenerativeModel for ScoreSde {
     }
 
     fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
-        let x = sampling::sample(self, "pc", n, opts, rng, &self.device)?;
+        let x = self
+            .net
+            .with_packed(|| sampling::sample(self, "pc", n, opts, rng, &self.device))?;
         self.scale.to_data(&x)
     }
 

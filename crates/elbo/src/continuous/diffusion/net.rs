@@ -13,12 +13,16 @@
 //! sec. 3.3 for L = 256); uniform dequantization spreads level k over its bin c_k ± 1/(L-1), so
 //! a density on x gives one on level units with log p_levels = log p_x + D log(2/(L-1)).
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Tensor};
 
 use crate::config::ModelConfig;
 use crate::data::DataKind;
 use crate::model::DataInfo;
-use crate::nn::{sinusoidal_embedding, Mlp, ParamInit, UNet, UNetConfig};
+use crate::nn::{
+    sinusoidal_embedding, sinusoidal_row, Mlp, PackedMlp, ParamInit, UNet, UNetConfig,
+};
 use crate::{Error, Result, Rng};
 
 /// Which backbone a config asks for.
@@ -72,6 +76,47 @@ enum Backbone {
     UNet { net: Box<UNet>, side: usize },
 }
 
+/// The MLP's weights packed for inference while a [`DenoiserNet::with_packed`] scope runs
+/// (a clone starts without one).
+#[derive(Default)]
+struct PackScope(Mutex<Option<Arc<PackedMlp>>>);
+
+impl PackScope {
+    fn get(&self) -> Option<Arc<PackedMlp>> {
+        self.0.lock().ok().and_then(|g| g.clone())
+    }
+    fn set(&self, p: Option<Arc<PackedMlp>>) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = p;
+        }
+    }
+}
+
+impl Clone for PackScope {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for PackScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.get().is_some() {
+            "PackScope(active)"
+        } else {
+            "PackScope(idle)"
+        })
+    }
+}
+
+/// Clears the scope when [`DenoiserNet::with_packed`] returns or unwinds.
+struct ScopeGuard<'a>(&'a PackScope);
+
+impl Drop for ScopeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set(None);
+    }
+}
+
 /// A time-conditioned network `([B, D], [B]) -> [B, D · out_per_dim]`.
 #[derive(Clone, Debug)]
 pub struct DenoiserNet {
@@ -80,6 +125,7 @@ pub struct DenoiserNet {
     time_scale: f64,
     dim: usize,
     out_per_dim: usize,
+    packed: PackScope,
 }
 
 impl DenoiserNet {
@@ -129,7 +175,32 @@ impl DenoiserNet {
             time_scale: cfg.time_scale,
             dim: data.dim,
             out_per_dim,
+            packed: PackScope::default(),
         })
+    }
+
+    /// Runs `f` with the MLP backbone's current weights packed once ([`PackedMlp`], the time
+    /// embedding as its shared input): inside `f`, every [`DenoiserNet::forward`] without
+    /// `grad` whose rows share one time runs through the packed GEMM instead of repacking the
+    /// weights at each call. Samplers and the VLB call the network hundreds of times on frozen
+    /// weights; on the digits MLP at batch 256 this halves a DDPM step. The values agree with
+    /// the unpacked path up to float rounding. A no-op on the U-Net, off the CPU, for
+    /// activations without a fused kernel, and inside an enclosing scope.
+    pub fn with_packed<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let Backbone::Mlp(mlp) = &self.backbone else {
+            return f();
+        };
+        let (hidden, out) = mlp.layers();
+        let w = hidden.first().unwrap_or(out).weight();
+        if !w.device().is_cpu() || w.dtype() != DType::F32 || self.packed.get().is_some() {
+            return f();
+        }
+        let Some(p) = PackedMlp::new(mlp, self.time_embed_dim)? else {
+            return f();
+        };
+        self.packed.set(Some(Arc::new(p)));
+        let _guard = ScopeGuard(&self.packed);
+        f()
     }
 
     /// Outputs per data dimension.
@@ -149,6 +220,20 @@ impl DenoiserNet {
             )));
         }
         let x = x.to_dtype(DType::F32)?;
+        match &self.backbone {
+            Backbone::Mlp(_) if !grad && self.packed.get().is_some() => {
+                if let (Some(p), Some(t)) = (self.packed.get(), shared_time(tau)?) {
+                    let s = sinusoidal_row(t * self.time_scale, self.time_embed_dim, 10000.0)?;
+                    return p.forward_tensor(&x, &s);
+                }
+                self.forward_unpacked(&x, tau, grad)
+            }
+            _ => self.forward_unpacked(&x, tau, grad),
+        }
+    }
+
+    fn forward_unpacked(&self, x: &Tensor, tau: &Tensor, grad: bool) -> Result<Tensor> {
+        let x = x.clone();
         match &self.backbone {
             Backbone::Mlp(mlp) => {
                 let tau = (tau.to_dtype(DType::F32)? * self.time_scale)?;
@@ -174,6 +259,15 @@ impl DenoiserNet {
             }
         }
     }
+}
+
+/// The one time every row of `tau: [B]` shares, if they share one (and B > 0).
+fn shared_time(tau: &Tensor) -> Result<Option<f64>> {
+    let v = tau.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(match v.first() {
+        Some(&t0) if v.iter().all(|&t| t == t0) => Some(t0 as f64),
+        _ => None,
+    })
 }
 
 /// Maps between the data's units and model space.
