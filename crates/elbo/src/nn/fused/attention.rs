@@ -14,7 +14,8 @@
 //! convention when `Lq < Lk` holds cached keys), which is `j <= i` when `Lq = Lk`. Work is split
 //! over `B H` heads (and the query tiles of each head in the forward pass) on rayon's pool when
 //! large enough; every tile's arithmetic is fixed by the sizes, so results do not depend on the
-//! number of threads. The tile products go through the `gemm` crate ([`super::tile`]).
+//! number of threads. The tile products run against each head's operands packed once
+//! ([`super::panels`]).
 //!
 //! Two layouts: split `q, k, v: [B, H, L, dh]` tensors, or one packed `qkv: [B, L, 3, H, dh]`
 //! tensor (the output of a fused QKV projection) with output `[B, L, H, dh]`, read and written
@@ -24,8 +25,9 @@
 use candle_core::bail;
 use rayon::prelude::*;
 
-use super::kernels::exp_shift;
-use super::tile::{matmul, MatMut, MatRef};
+use super::kernels::{exp_shift, exp_shift_sum, row_max};
+use super::panels::{matmul_panels, Panels};
+use super::tile::{MatMut, MatRef};
 
 /// Query rows per tile.
 const BR: usize = 64;
@@ -156,16 +158,30 @@ impl<'a> Head<'a> {
 }
 
 /// `s <- scale Q_t K_t^T` (`[br, bc]`) for the query tile at `qs` (`br` rows) and the key tile
-/// at `ks` (`bc` keys).
+/// at `ks` (`bc` keys), with `kt` the head's `scale K^T` packed.
 fn tile_scores(
     s: &mut [f32],
     hd: Head<'_>,
     d: &Dims,
+    kt: &Panels,
     (qs, br): (usize, usize),
     (ks, bc): (usize, usize),
 ) -> candle_core::Result<()> {
-    let (q, k) = (hd.rows(hd.q, qs, br, d.dh), hd.rows(hd.k, ks, bc, d.dh));
-    matmul(MatMut::rows(s, br, bc), q, k.t(), d.scale, false)
+    let q = hd.rows(hd.q, qs, br, d.dh);
+    matmul_panels(MatMut::rows(s, br, bc), q, kt, (0, ks), false)
+}
+
+/// One head's right-hand operands, packed once and shared by all its tiles.
+#[derive(Default)]
+struct HeadPanels {
+    /// `scale K^T`: `[dh, Lk]`.
+    kt: Panels,
+    /// `V`: `[Lk, dh]` (forward) or `V^T`: `[dh, Lk]` (backward).
+    v: Panels,
+    /// Backward only: `scale K`, `scale Q` and `dO`.
+    k: Panels,
+    q: Panels,
+    go: Panels,
 }
 
 /// Forward pass for one query tile of one head (Dao et al. 2022, Algorithm 1, lines 6-13):
@@ -173,6 +189,7 @@ fn tile_scores(
 fn forward_tile(
     hd: Head<'_>,
     d: &Dims,
+    pk: &HeadPanels,
     qs: usize,
     o: &mut [f32],
     lse: &mut [f32],
@@ -185,22 +202,19 @@ fn forward_tile(
     let kend = d.limit(qs + br - 1);
     for ks in (0..kend).step_by(BC) {
         let bc = BC.min(d.lk - ks);
-        tile_scores(&mut s, hd, d, (qs, br), (ks, bc))?;
+        tile_scores(&mut s, hd, d, &pk.kt, (qs, br), (ks, bc))?;
         for r in 0..br {
             let row = &mut s[r * bc..(r + 1) * bc];
             let valid = d.limit(qs + r).saturating_sub(ks).min(bc);
-            let mx = row[..valid]
-                .iter()
-                .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mx = row_max(&row[..valid]);
             let m_new = m[r].max(mx);
             if valid == 0 || m_new == f32::NEG_INFINITY {
                 row.fill(0.0);
                 continue;
             }
             // online softmax: P = exp(S - m_new), rescale the running sum and output
-            exp_shift(&mut row[..valid], m_new);
+            let sum = exp_shift_sum(&mut row[..valid], m_new);
             row[valid..].fill(0.0);
-            let sum: f32 = row[..valid].iter().sum();
             if m[r] > f32::NEG_INFINITY && m[r] != m_new {
                 let alpha = (m[r] - m_new).exp();
                 l[r] *= alpha;
@@ -209,12 +223,11 @@ fn forward_tile(
             l[r] += sum;
             m[r] = m_new;
         }
-        let v = hd.rows(hd.v, ks, bc, dh);
-        matmul(
+        matmul_panels(
             MatMut::rows(o, br, dh),
             MatRef::rows(&s, br, bc),
-            v,
-            1.0,
+            &pk.v,
+            (ks, 0),
             true,
         )?; // O += P V
     }
@@ -234,16 +247,20 @@ fn forward_head(
     lse: &mut [f32],
     par: bool,
 ) -> candle_core::Result<()> {
+    let mut pk = HeadPanels::default();
+    pk.kt.pack(hd.rows(hd.k, 0, d.lk, d.dh).t(), d.scale)?;
+    pk.v.pack(hd.rows(hd.v, 0, d.lk, d.dh), 1.0)?;
+    let pk = &pk;
     let tiles = o.chunks_mut(BR * d.dh).zip(lse.chunks_mut(BR));
     if par {
         let tiles: Vec<_> = tiles.enumerate().collect();
         tiles
             .into_par_iter()
-            .try_for_each(|(t, (ot, lt))| forward_tile(hd, d, t * BR, ot, lt))
+            .try_for_each(|(t, (ot, lt))| forward_tile(hd, d, pk, t * BR, ot, lt))
     } else {
         tiles
             .enumerate()
-            .try_for_each(|(t, (ot, lt))| forward_tile(hd, d, t * BR, ot, lt))
+            .try_for_each(|(t, (ot, lt))| forward_tile(hd, d, pk, t * BR, ot, lt))
     }
 }
 
@@ -311,6 +328,12 @@ fn backward_head(
     gq.fill(0.0);
     gk.fill(0.0);
     gv.fill(0.0);
+    let mut pk = HeadPanels::default();
+    pk.kt.pack(hd.rows(hd.k, 0, d.lk, dh).t(), d.scale)?;
+    pk.v.pack(hd.rows(hd.v, 0, d.lk, dh).t(), 1.0)?;
+    pk.k.pack(hd.rows(hd.k, 0, d.lk, dh), d.scale)?;
+    pk.q.pack(hd.rows(hd.q, 0, d.lq, dh), d.scale)?;
+    pk.go.pack(MatRef::strided(go, d.lq, dh, ors), 1.0)?;
     let mut p = vec![0f32; BR * BC];
     let mut ds = vec![0f32; BR * BC];
     for ks in (0..d.lk).step_by(BC) {
@@ -320,7 +343,7 @@ fn backward_head(
             if d.limit(qs + br - 1) <= ks {
                 continue; // every key of this tile is masked for every query of it
             }
-            tile_scores(&mut p, hd, d, (qs, br), (ks, bc))?;
+            tile_scores(&mut p, hd, d, &pk.kt, (qs, br), (ks, bc))?;
             for r in 0..br {
                 let row = &mut p[r * bc..(r + 1) * bc];
                 let valid = d.limit(qs + r).saturating_sub(ks).min(bc);
@@ -328,11 +351,11 @@ fn backward_head(
                 row[valid..].fill(0.0);
             }
             let p_t = MatRef::rows(&p, br, bc);
-            let go_t = MatRef::strided(&go[qs * ors..], br, dh, ors);
             let gv_t = MatMut::rows(&mut gv[ks * dh..], bc, dh);
-            matmul(gv_t, p_t.t(), go_t, 1.0, true)?; // dV_t += P^T dO_t
-            let v_t = hd.rows(hd.v, ks, bc, dh);
-            matmul(MatMut::rows(&mut ds, br, bc), go_t, v_t.t(), 1.0, false)?; // dP
+            matmul_panels(gv_t, p_t.t(), &pk.go, (qs, 0), true)?; // dV_t += P^T dO_t
+            let go_t = MatRef::strided(&go[qs * ors..], br, dh, ors);
+            let ds_m = MatMut::rows(&mut ds, br, bc);
+            matmul_panels(ds_m, go_t, &pk.v, (0, ks), false)?; // dP = dO_t V_t^T
             for r in 0..br {
                 let di = dd[qs + r];
                 let (dsr, pr) = (&mut ds[r * bc..(r + 1) * bc], &p[r * bc..(r + 1) * bc]);
@@ -341,12 +364,10 @@ fn backward_head(
                     .for_each(|(x, &pv)| *x = pv * (*x - di)); // dS = P (dP - D)
             }
             let ds_t = MatRef::rows(&ds, br, bc);
-            let k_t = hd.rows(hd.k, ks, bc, dh);
             let gq_t = MatMut::rows(&mut gq[qs * dh..], br, dh);
-            matmul(gq_t, ds_t, k_t, d.scale, true)?; // dQ_t += scale dS K_t
-            let q_t = hd.rows(hd.q, qs, br, dh);
+            matmul_panels(gq_t, ds_t, &pk.k, (ks, 0), true)?; // dQ_t += dS scale K_t
             let gk_t = MatMut::rows(&mut gk[ks * dh..], bc, dh);
-            matmul(gk_t, ds_t.t(), q_t, d.scale, true)?; // dK_t += scale dS^T Q_t
+            matmul_panels(gk_t, ds_t.t(), &pk.q, (qs, 0), true)?; // dK_t += dS^T scale Q_t
         }
     }
     Ok(())

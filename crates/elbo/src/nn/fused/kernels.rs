@@ -17,15 +17,15 @@ use rayon::prelude::*;
 /// `$public`, which calls it when the running CPU supports those features and `$base`
 /// otherwise.
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $public:ident / $name:ident => $base:ident ($($p:ident : $t:ty),*)) => {
+    ($(#[$m:meta])* $vis:vis fn $public:ident / $name:ident => $base:ident ($($p:ident : $t:ty),*) $(-> $ret:ty)?) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn $name($($p: $t),*) {
+        unsafe fn $name($($p: $t),*) $(-> $ret)? {
             $base($($p),*)
         }
 
         $(#[$m])*
-        $vis fn $public($($p: $t),*) {
+        $vis fn $public($($p: $t),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -99,6 +99,57 @@ fn exp_shift_base(x: &mut [f32], shift: f32) {
 multiversion!(
     /// [`exp_shift_base`], vectorised for the running CPU.
     pub(crate) fn exp_shift / exp_shift_avx2 => exp_shift_base(x: &mut [f32], shift: f32)
+);
+
+/// Lanes of the vectorised reductions (one AVX register).
+const LANES: usize = 8;
+
+/// [`exp_shift_base`] that also returns the sum of the results, accumulated in [`LANES`]
+/// interleaved partial sums (a fixed order, so the result depends on `x` alone).
+#[inline(always)]
+fn exp_shift_sum_base(x: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (v, a) in c.iter_mut().zip(acc.iter_mut()) {
+            let y = *v - shift;
+            let e = exp_f32(y);
+            *v = if y < -87.0 { 0.0 } else { e };
+            *a += *v;
+        }
+    }
+    let rem = chunks.into_remainder();
+    exp_shift_base(rem, shift);
+    acc.iter().sum::<f32>() + rem.iter().sum::<f32>()
+}
+
+multiversion!(
+    /// [`exp_shift_sum_base`], vectorised for the running CPU.
+    pub(crate) fn exp_shift_sum / exp_shift_sum_avx2 => exp_shift_sum_base(x: &mut [f32], shift: f32) -> f32
+);
+
+/// The largest element of `x` (`-inf` when empty; NaNs are skipped unless all are NaN), over
+/// [`LANES`] interleaved running maxima.
+#[inline(always)]
+fn max_base(x: &[f32]) -> f32 {
+    let pick = |a: f32, b: f32| if b > a { b } else { a };
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = pick(*a, v);
+        }
+    }
+    let m = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &v| pick(a, v));
+    acc.iter().fold(m, |a, &v| pick(a, v))
+}
+
+multiversion!(
+    /// [`max_base`], vectorised for the running CPU.
+    pub(crate) fn row_max / row_max_avx2 => max_base(x: &[f32]) -> f32
 );
 
 /// `(gelu(z), gelu'(z))` for the exact GELU `gelu(z) = z Phi(z)` (Hendrycks & Gimpel 2016),

@@ -27,6 +27,7 @@ mod kernels;
 mod layer_norm;
 mod linear;
 mod packed;
+mod panels;
 pub mod reference;
 mod softmax;
 mod tile;

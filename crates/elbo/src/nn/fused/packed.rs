@@ -21,11 +21,11 @@ use rayon::prelude::*;
 use super::kernels::{self, RowAct};
 
 /// Columns per packed panel (two AVX registers).
-const NR: usize = 16;
+pub(super) const NR: usize = 16;
 /// Rows per micro-kernel call.
-const MR: usize = 6;
+pub(super) const MR: usize = 6;
 /// Depth of one pass over `k` (a `KC x NR` panel slice is 16 KiB, resident in L1).
-const KC: usize = 256;
+pub(super) const KC: usize = 256;
 /// Most rows per cache block (a `MC x KC` slice of `x` is 144 KiB, resident in L2).
 const MC: usize = 144;
 /// Weights with at least this many entries are packed on all threads.
@@ -276,7 +276,7 @@ fn pack_rows(
 /// and `b` at least `kc * 16`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn tile(
+pub(super) unsafe fn tile(
     kc: usize,
     a: &[f32],
     b: &[f32],
