@@ -220,16 +220,14 @@ impl DenoiserNet {
             )));
         }
         let x = x.to_dtype(DType::F32)?;
-        match &self.backbone {
-            Backbone::Mlp(_) if !grad && self.packed.get().is_some() => {
-                if let (Some(p), Some(t)) = (self.packed.get(), shared_time(tau)?) {
-                    let s = sinusoidal_row(t * self.time_scale, self.time_embed_dim, 10000.0)?;
-                    return p.forward_tensor(&x, &s);
-                }
-                self.forward_unpacked(&x, tau, grad)
+        // inside a `with_packed` scope (MLP only), a no-grad call at one shared time
+        if let Some(p) = (!grad).then(|| self.packed.get()).flatten() {
+            if let Some(t) = shared_time(tau)? {
+                let s = sinusoidal_row(t * self.time_scale, self.time_embed_dim, 10000.0)?;
+                return p.forward_tensor(&x, &s);
             }
-            _ => self.forward_unpacked(&x, tau, grad),
         }
+        self.forward_unpacked(&x, tau, grad)
     }
 
     fn forward_unpacked(&self, x: &Tensor, tau: &Tensor, grad: bool) -> Result<Tensor> {

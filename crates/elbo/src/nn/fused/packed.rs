@@ -302,26 +302,45 @@ pub(super) unsafe fn tile(
                 };
             }
             // a partial panel: through a full-width scratch tile
-            let mut t = [0f32; MR * NR];
-            for r in 0..mr {
-                if !first {
-                    std::ptr::copy_nonoverlapping(c.add(r * ldc), t.as_mut_ptr().add(r * NR), cols);
-                }
-            }
-            tile(kc, a, b, t.as_mut_ptr(), NR, mr, NR, first);
-            for r in 0..mr {
-                std::ptr::copy_nonoverlapping(t.as_ptr().add(r * NR), c.add(r * ldc), cols);
-            }
-            return;
+            return via_scratch(c, ldc, mr, cols, first, |t| {
+                tile(kc, a, b, t, NR, mr, NR, first)
+            });
         }
     }
     tile_scalar(kc, a, b, c, ldc, mr, cols, first);
 }
 
-/// Whether the AVX2 + FMA micro-kernel can run here.
+/// Runs `full`, a kernel that writes a whole `mr x 16` tile at row stride 16, on a scratch
+/// tile standing in for the `mr x cols` block of `c` (the partial-panel path of the
+/// micro-kernels): `c`'s block is copied in unless `first`, and copied back out.
+///
+/// # Safety
+/// `c` is valid for `mr <= MR` rows of `cols <= 16` elements at stride `ldc`.
+#[inline(always)]
+pub(super) unsafe fn via_scratch(
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    cols: usize,
+    first: bool,
+    full: impl FnOnce(*mut f32),
+) {
+    let mut t = [0f32; MR * NR];
+    if !first {
+        for r in 0..mr {
+            std::ptr::copy_nonoverlapping(c.add(r * ldc), t.as_mut_ptr().add(r * NR), cols);
+        }
+    }
+    full(t.as_mut_ptr());
+    for r in 0..mr {
+        std::ptr::copy_nonoverlapping(t.as_ptr().add(r * NR), c.add(r * ldc), cols);
+    }
+}
+
+/// Whether the AVX2 + FMA micro-kernels can run here.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn avx2() -> bool {
+pub(super) fn avx2() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
 

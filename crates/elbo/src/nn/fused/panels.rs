@@ -12,6 +12,8 @@
 
 use candle_core::bail;
 
+#[cfg(target_arch = "x86_64")]
+use super::packed::{avx2, via_scratch};
 use super::packed::{MR, NR};
 use super::tile::{MatMut, MatRef};
 
@@ -139,7 +141,7 @@ unsafe fn strided_tile(
     debug_assert!(b.len() >= k * NR && mr <= MR && cols <= NR);
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if avx2() {
             if cols == NR {
                 let b = b.as_ptr();
                 return match mr {
@@ -152,17 +154,9 @@ unsafe fn strided_tile(
                 };
             }
             // a partial panel: through a full-width scratch tile
-            let mut t = [0f32; MR * NR];
-            for r in 0..mr {
-                if !first {
-                    std::ptr::copy_nonoverlapping(c.add(r * ldc), t.as_mut_ptr().add(r * NR), cols);
-                }
-            }
-            strided_tile(k, a, b, (t.as_mut_ptr(), NR), mr, NR, first);
-            for r in 0..mr {
-                std::ptr::copy_nonoverlapping(t.as_ptr().add(r * NR), c.add(r * ldc), cols);
-            }
-            return;
+            return via_scratch(c, ldc, mr, cols, first, |t| {
+                strided_tile(k, a, b, (t, NR), mr, NR, first)
+            });
         }
     }
     let (ap, rs, cs) = a;
