@@ -14,22 +14,28 @@ use elbo::Rng;
 
 use crate::{DiffusionSampleArgs, EvalArgs, SampleArgs, TrainArgs};
 
-/// Apply the diffusion sampler flags to sampling options.
-fn apply_sampler_flags(opts: &mut elbo::config::SampleOptions, a: &DiffusionSampleArgs) {
+/// The sampler flags as `--set` assignments: every family keeps its sampler and knobs in
+/// `[model.sampling]`, so a flag a family does not have is an error naming the ones it has.
+fn sampler_overrides(a: &DiffusionSampleArgs) -> Vec<String> {
+    let mut v = Vec::new();
     if let Some(s) = &a.sampler {
-        // one --sampler flag: diffusion families read `sampler`, MDLM reads `lm_sampler`
-        opts.sampler = s.clone();
-        opts.lm_sampler = s.clone();
+        v.push(format!("model.sampling.sampler={}", toml_string(s)));
     }
     if let Some(s) = a.sample_steps {
-        opts.steps = s;
+        v.push(format!("sample.steps={s}"));
     }
     if let Some(e) = a.eta {
-        opts.eta = e;
+        v.push(format!("model.sampling.eta={e:?}"));
     }
     if let Some(c) = a.churn {
-        opts.churn = c;
+        v.push(format!("model.sampling.churn={c:?}"));
     }
+    v
+}
+
+/// A string as a quoted TOML literal.
+fn toml_string(s: &str) -> String {
+    format!("{:?}", s)
 }
 
 /// The compute device: CPU, or the first CUDA GPU when built with `--features cuda`.
@@ -60,8 +66,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
         Some(p) => Config::from_toml_file(p)?,
         None => Config::default(),
     };
-    if let Some(m) = a.model {
-        cfg.model.name = m;
+    if let Some(m) = &a.model {
+        cfg.set(&format!("model.name={}", toml_string(m)))?;
     }
     if let Some(d) = a.data {
         cfg.data.name = d;
@@ -80,19 +86,20 @@ pub fn train(a: TrainArgs) -> Result<()> {
     if let Some(s) = a.seed {
         cfg.train.seed = s;
     }
-    apply_sampler_flags(&mut cfg.sample, &a.diffusion);
+    cfg.set_all(&sampler_overrides(&a.diffusion))?;
+    cfg.set_all(&a.set)?;
     cfg.validate()?;
     let dir = a.out.unwrap_or_else(|| {
         let data = Path::new(&cfg.data.name)
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| cfg.data.name.clone());
-        PathBuf::from("runs").join(format!("{}-{}", cfg.model.name, data))
+        PathBuf::from("runs").join(format!("{}-{}", cfg.model.name(), data))
     });
     let mut t = Trainer::create(cfg, &dir, &dev)?;
     eprintln!(
         "training {} on {} ({} dims) for {} steps -> {}",
-        t.config().model.name,
+        t.config().model.name(),
         t.config().data.name,
         t.data().dim(),
         t.config().train.steps,
@@ -103,7 +110,14 @@ pub fn train(a: TrainArgs) -> Result<()> {
 }
 
 fn finish_train(dir: &Path, out: &elbo::train::TrainOutcome) -> Result<()> {
-    let last = out.losses.last().map(|l| l.1).unwrap_or(f64::NAN);
+    let Some(last) = out.losses.last().map(|l| l.1) else {
+        eprintln!(
+            "nothing to do: the run in {} already has {} steps (extend it with --steps N)",
+            dir.display(),
+            out.steps
+        );
+        return Ok(());
+    };
     eprintln!(
         "done: step {}, last loss {:.4}, best held-out NLL {} ({:.1} s){}",
         out.steps,
@@ -164,32 +178,31 @@ pub fn plot_losses(dir: &Path) -> Result<()> {
 pub fn sample(a: SampleArgs) -> Result<()> {
     let dev = device()?;
     let which = CheckpointChoice::parse(&a.checkpoint)?;
-    let run = LoadedRun::open(&a.run, which, !a.no_ema, &dev)?;
+    let mut overrides = sampler_overrides(&a.diffusion);
+    for (key, v) in [("temperature", a.temperature), ("top_p", a.top_p)] {
+        if let Some(v) = v {
+            overrides.push(format!("model.sampling.{key}={v:?}"));
+        }
+    }
+    for (key, v) in [("top_k", a.top_k), ("block_len", a.block_len)] {
+        if let Some(v) = v {
+            overrides.push(format!("model.sampling.{key}={v}"));
+        }
+    }
+    if let Some(s) = &a.solver {
+        overrides.push(format!("sample.solver={}", toml_string(s)));
+    }
+    if let Some(s) = a.steps {
+        overrides.push(format!("sample.steps={s}"));
+    }
+    overrides.extend(a.set.iter().cloned());
+    let run = LoadedRun::open_with(&a.run, which, !a.no_ema, &dev, &overrides)?;
     let tokenizer = run.data.tokenizer().cloned();
     let n_samples = a.n.unwrap_or(if tokenizer.is_some() { 4 } else { 2000 });
     if n_samples == 0 {
         bail!("-n must be at least 1");
     }
-    let mut opts = run.config.sample.clone();
-    if let Some(s) = a.solver {
-        opts.solver = s;
-    }
-    if let Some(s) = a.steps {
-        opts.steps = s;
-    }
-    apply_sampler_flags(&mut opts, &a.diffusion);
-    if let Some(v) = a.temperature {
-        opts.temperature = v;
-    }
-    if let Some(v) = a.top_k {
-        opts.top_k = v;
-    }
-    if let Some(v) = a.top_p {
-        opts.top_p = v;
-    }
-    if let Some(v) = a.block_len {
-        opts.block_len = v;
-    }
+    let opts = run.config.sample.clone();
     let mut rng = Rng::new(a.seed);
     let t0 = std::time::Instant::now();
     let x = match (&a.prompt, &tokenizer) {
@@ -221,15 +234,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     elbo::data::npy::write_npy(&out, &flat, &[n, d])?;
     let png = out.with_extension("png");
     let wrote_png = write_sample_plot(&run, &flat, &png)?;
-    let method = match run.model.family() {
-        "ar" | "ao-ar" => format!(
-            "temperature {}, top-k {}, top-p {}",
-            opts.temperature, opts.top_k, opts.top_p
-        ),
-        "mdlm" => format!("sampler {}, {} steps", opts.lm_sampler, opts.steps),
-        _ if opts.sampler == "auto" => opts.solver.clone(),
-        _ => format!("sampler {}, {} steps", opts.sampler, opts.steps),
-    };
+    let method = run.model.sampling(&opts);
     let files = if wrote_png {
         format!("{} and {}", out.display(), png.display())
     } else {
@@ -275,7 +280,7 @@ pub fn write_sample_plot(run: &LoadedRun, samples: &[f32], png: &Path) -> Result
         let data: Vec<f32> = run.data.test_set(&dev)?.flatten_all()?.to_vec1()?;
         let title = format!(
             "{} on {}: data vs samples",
-            run.config.model.name,
+            run.config.model.name(),
             run.data.name()
         );
         plot::scatter_compare(png, &data, samples, &title)?;
@@ -383,7 +388,7 @@ pub fn evaluate(
         t0.elapsed().as_secs_f64()
     );
     Ok(ReportRow {
-        model: run.config.model.name.clone(),
+        model: run.config.model.name().to_string(),
         dataset: run.data.name().to_string(),
         split: "test".into(),
         checkpoint: run.label.clone(),

@@ -50,19 +50,26 @@ enum Command {
     /// The main demo: flow matching on 8gaussians and checkerboard, likelihood table vs the
     /// true entropy, PNGs of data vs samples and of the loss curves (about 4 minutes on 2 cores).
     Quickstart(QuickstartArgs),
-    /// Time a reference workload (see bench-ref): prints one JSON line per figure.
+    /// Time a reference workload (see scripts/bench_compare.sh): prints one JSON line per figure.
     Bench(BenchArgs),
+}
+
+/// The families and their likelihoods, from the registry.
+fn families_help() -> String {
+    format!(
+        "Families (--model NAME, or [model] name = \"NAME\" in a config):\n{}",
+        elbo::models::help_table()
+    )
 }
 
 /// `elbo train`
 #[derive(Args, Debug)]
+#[command(after_help = families_help())]
 pub struct TrainArgs {
     /// TOML config file; flags below override its values.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Model family: flow (flow matching / rectified flow), ddpm, ddim (DDPM sampled with
-    /// DDIM), sde (score SDE), edm, ar (autoregressive LM), ao-ar (any-order
-    /// autoregressive LM), mdlm (masked diffusion LM).
+    /// Model family (listed below), with its default settings.
     #[arg(long)]
     pub model: Option<String>,
     /// Data set: swissroll, circles, rings, moons, 8gaussians, pinwheel, 2spirals,
@@ -93,14 +100,19 @@ pub struct TrainArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub diffusion: DiffusionSampleArgs,
+    /// Override any config key by its dotted path, typed and validated like the config file
+    /// (repeatable): --set train.lr=3e-4 --set model.net.hidden=512.
+    #[arg(long, value_name = "KEY=VALUE", conflicts_with = "resume")]
+    pub set: Vec<String>,
 }
 
-/// Sampler flags of the diffusion families (saved as the run's sampling defaults by `train`).
+/// Sampler flags (shorthands of `--set model.sampling.*`; saved as the run's sampling defaults
+/// by `train`).
 #[derive(Args, Debug, Default)]
 pub struct DiffusionSampleArgs {
-    /// Sampler. Diffusion families: ddpm, ddim, euler, heun (edm), dpm++2m, euler-maruyama
-    /// (em), pc or ode (default: the family's own). MDLM: ancestral, cached, low-confidence or
-    /// random.
+    /// Sampler (model.sampling.sampler). Diffusion and flow matching: auto, ddpm, ddim, euler,
+    /// heun (edm), dpm++2m, euler-maruyama (em), pc or ode. MDLM: ancestral, cached,
+    /// low-confidence or random.
     #[arg(long)]
     pub sampler: Option<String>,
     /// Steps of the diffusion sampler (and of fixed-step ODE solvers).
@@ -159,6 +171,22 @@ pub struct SampleArgs {
     /// MDLM semi-autoregressive block length (0: one block).
     #[arg(long)]
     pub block_len: Option<usize>,
+    /// Override any sampling-time config key (repeatable), e.g. --set model.sampling.snr=0.2.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// `--likelihood`'s long help: every family's likelihoods from the registry.
+fn likelihood_help() -> String {
+    let rows: Vec<String> = elbo::models::FAMILIES
+        .iter()
+        .map(|f| format!("  {}: {}", f.name, f.likelihoods.join(", ")))
+        .collect();
+    format!(
+        "Likelihoods to report, comma-separated, one row each: auto (the family's default, \
+         listed first) or any of the family's:\n{}",
+        rows.join("\n")
+    )
 }
 
 /// `elbo eval`
@@ -194,10 +222,9 @@ pub struct EvalArgs {
     /// Seed for Monte-Carlo parts (probes, dequantization noise, orders, diffusion times).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Likelihoods to report, comma-separated, one row each: auto (the family's default);
-    /// diffusion: vlb (DDPM's bound), pf-ode (probability-flow ODE); mdlm: nelbo (its bound),
-    /// llada (LLaDA's Monte-Carlo estimator of the bound, also conditional: --prompt-len).
-    #[arg(long)]
+    /// Likelihoods to report, comma-separated, one row each: auto (the family's default, the
+    /// first it lists below) or any the family lists.
+    #[arg(long, long_help = likelihood_help())]
     pub likelihood: Option<String>,
     /// Language models: score each held-out window given its first N tokens,
     /// -log p(rest | first N) (ar: exact; mdlm: with --likelihood llada).
@@ -228,7 +255,8 @@ pub struct QuickstartArgs {
 /// `elbo bench`
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Workload: gemm, w1, w2, w3, w4, s1 or s2 (see bench-ref/README.md), or unet.
+    /// Workload: gemm, w1, w2, w3, w4, s1 or s2 (the PyTorch reference workloads that
+    /// scripts/bench_compare.sh times side by side), or unet.
     pub workload: String,
     /// Untimed warm-up steps (default: the reference's; 0 means the default for w1-w4, as in
     /// torch_bench.py).

@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use elbo::config::Config;
+use elbo::config::{Config, ModelConfig};
+use elbo::continuous::diffusion::net::NetConfig;
+use elbo::models::flow_matching;
 use elbo::eval::report::LikelihoodReport;
 use elbo::train::{CheckpointChoice, LoadedRun, Trainer};
 use elbo::Rng;
@@ -18,8 +20,11 @@ use crate::QuickstartArgs;
 pub fn quickstart_config(data: &str) -> Config {
     let mut cfg = Config::default();
     cfg.data.name = data.to_string();
-    cfg.model.hidden = 128;
-    cfg.model.time_scale = 1.0;
+    let mut net = NetConfig {
+        hidden: 128,
+        time_scale: 1.0,
+        ..NetConfig::default()
+    };
     cfg.train.batch_size = 1024;
     cfg.train.warmup_steps = 200;
     cfg.train.ema_decay = 0.999;
@@ -29,14 +34,18 @@ pub fn quickstart_config(data: &str) -> Config {
     // Checkerboard's sharp edges need a deeper net and more steps than the smooth mixture
     // (measured: 128x4 for 8000 steps left a 0.145-nat gap, 128x5 0.127).
     if data == "checkerboard" {
-        cfg.model.layers = 5;
+        net.layers = 5;
         cfg.train.steps = 9000;
         cfg.train.lr = 3e-3;
     } else {
-        cfg.model.layers = 3;
+        net.layers = 3;
         cfg.train.steps = 5000;
         cfg.train.lr = 2e-3;
     }
+    cfg.model = ModelConfig::FlowMatching(flow_matching::Config {
+        net,
+        ..Default::default()
+    });
     cfg
 }
 

@@ -3,16 +3,20 @@
 //! Generative models of every major family, trained, sampled and evaluated under one idea: each
 //! one fits the data by maximum likelihood, exactly or through a bound (the evidence lower bound).
 //!
-//! Layout (see `DESIGN.md` in the repository for the full picture):
+//! Layout (`docs/architecture.md` in the repository has the full picture):
+//! - [`model`]: the `GenerativeModel` trait every family implements, and its training-step hook.
+//! - [`models`]: one file per family with its typed config beside it, and the registry.
+//! - [`continuous`]: shared mathematics of x in R^D: noise schedules, the Gaussian chain,
+//!   parameterizations, samplers, ODE solvers, the CNF likelihood, dequantization.
+//! - [`discrete`]: shared mathematics of token sequences: orders, masking, token filters,
+//!   masked-diffusion samplers.
+//! - [`nn`]: backbones that know nothing about generative modelling.
 //! - [`likelihood`]: `Nll` with its kind (exact / bound / estimate / none) and unit conversions.
 //! - [`rng`]: the seeded, splittable generator every random draw comes from.
-//! - [`data`]: 2-D toy sets (FFJORD), embedded 8x8 digits, `.npy` / CSV loaders.
-//! - [`nn`]: backbones that know nothing about generative modelling.
-//! - [`continuous`]: models of x in R^D: flow matching, ODE solvers, CNF likelihood.
-//! - [`discrete`]: language models of token sequences: autoregressive, any-order, masked diffusion.
+//! - [`data`]: 2-D toy sets (FFJORD), embedded 8x8 digits, MNIST, text, `.npy` / CSV loaders.
 //! - [`train`]: the training layer candle lacks (AdamW, EMA, clipping, schedules, checkpoints, loop).
-//! - [`eval`]: likelihood reports and plots.
-//! - [`model`]: the `GenerativeModel` trait every family implements, and the registry of families.
+//! - [`eval`]: likelihood reports, sample metrics and plots.
+//! - [`config`]: the run configuration.
 
 pub mod config;
 pub mod continuous;
@@ -22,6 +26,7 @@ pub mod error;
 pub mod eval;
 pub mod likelihood;
 pub mod model;
+pub mod models;
 pub mod nn;
 pub mod rng;
 pub mod train;

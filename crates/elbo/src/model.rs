@@ -1,28 +1,31 @@
-//! The one trait every generative family implements, and the registry of families.
+//! The one trait every generative family implements.
 //!
-//! Every model answers the same three questions (DESIGN.md, "The one idea"): its training
-//! objective, how to sample, and the log-likelihood of held-out data with an honest label. The
-//! trainer, the CLI, evaluation and reports only ever see this trait, so adding a family means
-//! implementing it and adding one line to [`build`].
+//! Every model answers the same three questions: its training objective, how to sample, and
+//! the log-likelihood of held-out data with an honest label (exact / bound / estimate / none).
+//! The trainer, the CLI, evaluation and reports only ever see this trait; the families and
+//! their registry live in [`crate::models`].
+//!
+//! A family with one network and one loss implements `loss` and inherits the rest. Families
+//! that need more override the hooks, each with a default that changes nothing:
+//! - [`GenerativeModel::train_step`]: one optimisation step through a [`StepContext`], which
+//!   draws batches and minimises a loss over one named parameter group (a GAN's two players,
+//!   a critic stepped `n_critic` times);
+//! - [`GenerativeModel::param_groups`]: the groups, each with its own optimiser settings;
+//! - [`GenerativeModel::state_tensors`]: non-parameter state saved in every checkpoint (an
+//!   EMA codebook, persistent MCMC chains);
+//! - [`GenerativeModel::init_from_data`]: a data-dependent initialisation run once on the first
+//!   batch (ActNorm).
+
+use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 
-use crate::config::{EvalOptions, ModelConfig, SampleOptions};
+use crate::config::{EvalOptions, SampleOptions};
 use crate::data::DataKind;
 use crate::{Error, Nll, Result, Rng};
 
-/// Family names [`build`] accepts (first of each group is canonical).
-pub const KNOWN_MODELS: &[&str] = &[
-    "flow (aliases: flow-matching, rectified-flow, fm)",
-    "ddpm",
-    "ddim (ddpm sampled with DDIM)",
-    "sde (aliases: score-sde)",
-    "edm",
-    "ar (autoregressive transformer LM)",
-    "ao-ar (any-order autoregressive)",
-    "mdlm (masked diffusion LM)",
-];
+pub use crate::train::step::{GroupSettings, ParamGroup, StepContext, StepOutput, DEFAULT_GROUP};
 
 /// What a family needs to know about the data to build itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,18 +36,87 @@ pub struct DataInfo {
     pub kind: DataKind,
 }
 
+/// What every model holds: its parameters, the size of one example and its device. A family
+/// keeps one and returns it from [`GenerativeModel::core`], which gives it `varmap`, `dim` and
+/// `device` for free.
+pub struct ModelCore {
+    /// The trainable parameters.
+    pub varmap: VarMap,
+    /// Dimensions of one example.
+    pub dim: usize,
+    /// The device the parameters live on.
+    pub device: Device,
+}
+
+impl ModelCore {
+    /// An empty parameter set for examples of `dim` dimensions.
+    pub fn new(dim: usize, device: &Device) -> Self {
+        Self {
+            varmap: VarMap::new(),
+            dim,
+            device: device.clone(),
+        }
+    }
+}
+
 /// A generative model fit by maximum likelihood, exactly or through a bound.
 pub trait GenerativeModel {
-    /// Canonical family name, e.g. "flow".
+    /// Canonical family name, as registered in [`crate::models`].
     fn family(&self) -> &'static str;
+    /// The parameters, dimension and device.
+    fn core(&self) -> &ModelCore;
     /// The trainable parameters.
-    fn varmap(&self) -> &VarMap;
+    fn varmap(&self) -> &VarMap {
+        &self.core().varmap
+    }
     /// Dimensions of one example.
-    fn dim(&self) -> usize;
+    fn dim(&self) -> usize {
+        self.core().dim
+    }
     /// The device the parameters live on.
-    fn device(&self) -> &Device;
+    fn device(&self) -> &Device {
+        &self.core().device
+    }
     /// The training objective on a batch `[B, D]`: a differentiable scalar.
     fn loss(&self, batch: &Tensor, rng: &mut Rng) -> Result<Tensor>;
+    /// One optimisation step. The default draws one batch, takes [`GenerativeModel::loss`] and
+    /// minimises it over the [`DEFAULT_GROUP`] (backward, clipping, AdamW, EMA).
+    fn train_step(&mut self, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
+        let batch = ctx.batch()?;
+        let loss = self.loss(&batch, ctx.rng())?;
+        ctx.minimize(DEFAULT_GROUP, &loss)
+    }
+    /// The parameter groups, each with its own optimiser settings (unset fields come from
+    /// `[train]`). Every parameter must fall in exactly one group. Default: one group,
+    /// [`DEFAULT_GROUP`], holding everything.
+    fn param_groups(&self) -> Vec<ParamGroup> {
+        vec![ParamGroup::all(DEFAULT_GROUP)]
+    }
+    /// Non-parameter state to save in every checkpoint, by name (default: none).
+    fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        Ok(HashMap::new())
+    }
+    /// Restore what [`GenerativeModel::state_tensors`] saved.
+    fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        match tensors.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(Error::Config(format!(
+                "the {} family keeps no state, but the checkpoint holds state tensor '{k}'",
+                self.family()
+            ))),
+        }
+    }
+    /// A data-dependent initialisation, called once on the first training batch of a new run
+    /// (never on resume: the checkpoint holds its result). Default: nothing.
+    fn init_from_data(&mut self, batch: &Tensor, rng: &mut Rng) -> Result<()> {
+        let _ = (batch, rng);
+        Ok(())
+    }
+    /// The likelihood names `log_likelihood` accepts (`EvalOptions::likelihood`); the first is
+    /// the default. Empty for a family without a likelihood.
+    fn likelihoods(&self) -> &'static [&'static str];
+    /// One line saying how `sample` draws, with the given options (for reports and the CLI).
+    fn sampling(&self, opts: &SampleOptions) -> String;
     /// `n` samples, `[n, D]`, in the data's own units (discrete data as levels).
     fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor>;
     /// Per-example negative log-likelihood of `batch: [B, D]`, labelled exact / bound /
@@ -70,44 +142,31 @@ pub trait GenerativeModel {
     }
 }
 
-/// Build the family named in `cfg` for data of the given shape, drawing its initial weights
-/// from `rng`.
-pub fn build(
-    cfg: &ModelConfig,
-    data: DataInfo,
-    device: &Device,
-    rng: &mut Rng,
-) -> Result<Box<dyn GenerativeModel>> {
-    match cfg.name.to_ascii_lowercase().as_str() {
-        "flow" | "flow-matching" | "flow_matching" | "rectified-flow" | "fm" => Ok(Box::new(
-            crate::continuous::flow_matching::FlowMatching::new(cfg, data, device, rng)?,
-        )),
-        "ddpm" => Ok(Box::new(crate::continuous::ddpm::Ddpm::new(
-            cfg, data, device, rng, false,
-        )?)),
-        "ddim" => Ok(Box::new(crate::continuous::ddpm::Ddpm::new(
-            cfg, data, device, rng, true,
-        )?)),
-        "sde" | "score-sde" | "score_sde" => Ok(Box::new(crate::continuous::sde::ScoreSde::new(
-            cfg, data, device, rng,
-        )?)),
-        "edm" => Ok(Box::new(crate::continuous::edm::Edm::new(
-            cfg, data, device, rng,
-        )?)),
-        "ar" | "autoregressive" => Ok(Box::new(
-            crate::discrete::autoregressive::Autoregressive::new(cfg, data, device, rng)?,
-        )),
-        "ao-ar" | "any-order" | "aoar" => Ok(Box::new(crate::discrete::any_order::AnyOrder::new(
-            cfg, data, device, rng,
-        )?)),
-        "mdlm" | "masked-diffusion" => Ok(Box::new(crate::discrete::masked_diffusion::Mdlm::new(
-            cfg, data, device, rng,
-        )?)),
-        _ => Err(Error::UnknownModel {
-            name: cfg.name.clone(),
-            known: KNOWN_MODELS.join(", "),
-        }),
+/// The likelihood `opts.likelihood` names for a family accepting `choices` (first = default
+/// for "auto"); anything else is an error naming the options.
+pub fn likelihood_choice(
+    opts: &EvalOptions,
+    family: &str,
+    choices: &[&'static str],
+) -> Result<&'static str> {
+    let want = opts.likelihood.trim().to_ascii_lowercase().replace('_', "-");
+    if want == "auto" {
+        return choices.first().copied().ok_or_else(|| {
+            Error::Config(format!(
+                "the {family} family has no likelihood; compare it by sample metrics"
+            ))
+        });
     }
+    choices
+        .iter()
+        .find(|c| **c == want)
+        .copied()
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "the {family} family reports no likelihood '{want}'; use auto or {}",
+                choices.join(", ")
+            ))
+        })
 }
 
 /// Per-example NLL over a whole data set, in batches of `opts.batch_size`.

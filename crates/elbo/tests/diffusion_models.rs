@@ -6,17 +6,23 @@
 use candle_core::Device;
 use elbo::config::{Config, EvalOptions, SampleOptions};
 use elbo::data::DataKind;
-use elbo::model::{build, dataset_nll, DataInfo};
+use elbo::model::{dataset_nll, DataInfo};
 use elbo::train::optim::named_vars;
 use elbo::train::Trainer;
 use elbo::{NllKind, Rng};
 
+fn set(c: &mut Config, kv: &str) {
+    c.set(kv).unwrap_or_else(|e| panic!("{kv}: {e}"));
+}
+
 fn cfg(name: &str, tweak: impl Fn(&mut Config)) -> Config {
     let mut c = Config::default();
-    c.model.name = name.into();
-    c.model.hidden = 32;
-    c.model.layers = 2;
-    c.model.diffusion.timesteps = 50;
+    set(&mut c, &format!("model.name={name}"));
+    set(&mut c, "model.net.hidden=32");
+    set(&mut c, "model.net.layers=2");
+    if name == "ddpm" {
+        set(&mut c, "model.timesteps=50");
+    }
     tweak(&mut c);
     c
 }
@@ -36,8 +42,8 @@ fn variants() -> Vec<(&'static str, Config, DataInfo)> {
             v.push((
                 "ddpm",
                 cfg("ddpm", |c| {
-                    c.model.diffusion.parameterization = p.into();
-                    c.model.diffusion.objective = obj.into();
+                    set(c, &format!("model.parameterization={p}"));
+                    set(c, &format!("model.objective={obj}"));
                 }),
                 cont,
             ));
@@ -46,21 +52,25 @@ fn variants() -> Vec<(&'static str, Config, DataInfo)> {
     for obj in ["simple", "vlb"] {
         v.push((
             "ddpm levels",
-            cfg("ddpm", |c| c.model.diffusion.objective = obj.into()),
+            cfg("ddpm", |c| set(c, &format!("model.objective={obj}"))),
             disc,
         ));
     }
     for sde in ["vp", "subvp", "ve"] {
         v.push((
             "sde",
-            cfg("sde", |c| c.model.diffusion.sde = sde.into()),
+            cfg("sde", |c| set(c, &format!("model.sde={sde}"))),
             cont,
         ));
     }
     v.push(("sde discrete", cfg("sde", |_| {}), disc));
     v.push(("edm", cfg("edm", |_| {}), cont));
     v.push(("edm discrete", cfg("edm", |_| {}), disc));
-    v.push(("ddim", cfg("ddim", |_| {}), disc));
+    v.push((
+        "ddim",
+        cfg("ddpm", |c| set(c, "model.sampling.sampler=ddim")),
+        disc,
+    ));
     v
 }
 
@@ -68,7 +78,7 @@ fn variants() -> Vec<(&'static str, Config, DataInfo)> {
 fn every_parameter_of_every_family_gets_a_gradient() {
     let dev = Device::Cpu;
     for (label, c, info) in variants() {
-        let model = build(&c.model, info, &dev, &mut Rng::new(0)).unwrap();
+        let model = c.model.build(&info, &dev, &mut Rng::new(0)).unwrap();
         let mut rng = Rng::new(1);
         let batch = match info.kind {
             DataKind::Continuous => rng.normal_tensor(&[64, info.dim], &dev).unwrap(),
@@ -102,14 +112,15 @@ fn every_family_samples_under_every_sampler_and_scores() {
         "auto", "ddpm", "ddim", "euler", "heun", "dpm++2m", "em", "pc", "ode",
     ];
     for (label, c, info) in variants() {
-        let model = build(&c.model, info, &dev, &mut Rng::new(0)).unwrap();
         for s in samplers {
+            let mut cs = c.clone();
+            set(&mut cs, &format!("model.sampling.sampler=\"{s}\""));
+            set(&mut cs, "model.sampling.eta=0.5");
+            set(&mut cs, "model.sampling.churn=1.0");
+            let model = cs.model.build(&info, &dev, &mut Rng::new(0)).unwrap();
             let opts = SampleOptions {
-                sampler: s.into(),
                 steps: 4,
                 solver: "heun".into(),
-                eta: 0.5,
-                churn: 1.0,
                 ..SampleOptions::default()
             };
             let x = model.sample(5, &opts, &mut Rng::new(2)).unwrap();
@@ -124,11 +135,13 @@ fn every_family_samples_under_every_sampler_and_scores() {
                 );
             }
         }
+        let mut cd = c.clone();
+        set(&mut cd, "model.sampling.sampler=ddim");
+        let model = cd.model.build(&info, &dev, &mut Rng::new(0)).unwrap();
         let batch = model
             .sample(
                 6,
                 &SampleOptions {
-                    sampler: "ddim".into(),
                     steps: 3,
                     ..Default::default()
                 },
@@ -150,7 +163,7 @@ fn every_family_samples_under_every_sampler_and_scores() {
     }
     // the VLB only exists for DDPM
     let (_, c, info) = &variants()[9];
-    let m = build(&c.model, *info, &dev, &mut Rng::new(0)).unwrap();
+    let m = c.model.build(info, &dev, &mut Rng::new(0)).unwrap();
     let ev = EvalOptions {
         likelihood: "vlb".into(),
         ..EvalOptions::default()
@@ -178,10 +191,10 @@ fn ddpm_levels_on_digits_reaches_a_vlb_below_3_3_bits_per_dim() {
     // 17-level digits; uniform is log2(17) = 4.09 bits/dim
     let c = cfg("ddpm", |c| {
         c.data.name = "digits".into();
-        c.model.hidden = 256;
-        c.model.layers = 2;
-        c.model.time_embed_dim = 32;
-        c.model.diffusion.timesteps = 200;
+        set(c, "model.net.hidden=256");
+        set(c, "model.net.layers=2");
+        set(c, "model.net.time_embed_dim=32");
+        set(c, "model.timesteps=200");
         c.train.steps = 300;
         c.train.batch_size = 64;
         c.train.lr = 2e-3;
@@ -202,8 +215,8 @@ fn sde_and_edm_on_8gaussians_reach_a_pf_ode_nll() {
         let c = cfg(name, |c| {
             c.data.name = "8gaussians".into();
             c.data.test_size = 300;
-            c.model.hidden = 64;
-            c.model.layers = 3;
+            set(c, "model.net.hidden=64");
+            set(c, "model.net.layers=3");
             c.train.steps = 600;
             c.train.batch_size = 256;
             c.train.lr = 3e-3;

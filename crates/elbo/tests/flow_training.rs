@@ -4,7 +4,7 @@
 use candle_core::Device;
 use elbo::config::Config;
 use elbo::data::DataKind;
-use elbo::model::{build, DataInfo};
+use elbo::model::{DataInfo};
 use elbo::train::optim::named_vars;
 use elbo::train::{CheckpointChoice, LoadedRun, Trainer};
 use elbo::{NllKind, Rng};
@@ -13,8 +13,8 @@ fn small_config(data: &str, steps: usize) -> Config {
     let mut c = Config::default();
     c.data.name = data.into();
     c.data.test_size = 1000;
-    c.model.hidden = 64;
-    c.model.layers = 3;
+    c.set("model.net.hidden=64").unwrap();
+    c.set("model.net.layers=3").unwrap();
     c.train.steps = steps;
     c.train.batch_size = 256;
     c.train.lr = 3e-3;
@@ -36,13 +36,13 @@ fn every_parameter_gets_a_nonzero_gradient() {
         dim: 2,
         kind: DataKind::Continuous,
     };
-    let model = build(&cfg.model, info, &dev, &mut Rng::new(0)).unwrap();
+    let model = cfg.model.build(&info, &dev, &mut Rng::new(0)).unwrap();
     let mut rng = Rng::new(1);
     let batch = rng.normal_tensor(&[64, 2], &dev).unwrap();
     let loss = model.loss(&batch, &mut rng).unwrap();
     let grads = loss.backward().unwrap();
     let params = named_vars(model.varmap()).unwrap();
-    assert_eq!(params.len(), 2 * (cfg.model.layers + 1));
+    assert_eq!(params.len(), 2 * (3 + 1));
     for (name, var) in &params {
         let g = grads
             .get(var.as_tensor())
@@ -57,13 +57,13 @@ fn loss_gradient_matches_finite_differences() {
     // d loss / d b for one output bias entry, by central differences on the same noise.
     let dev = Device::Cpu;
     let mut cfg = Config::default();
-    cfg.model.hidden = 16;
-    cfg.model.layers = 2;
+    cfg.set("model.net.hidden=16").unwrap();
+    cfg.set("model.net.layers=2").unwrap();
     let info = DataInfo {
         dim: 2,
         kind: DataKind::Continuous,
     };
-    let model = build(&cfg.model, info, &dev, &mut Rng::new(3)).unwrap();
+    let model = cfg.model.build(&info, &dev, &mut Rng::new(3)).unwrap();
     let batch = Rng::new(4).normal_tensor(&[32, 2], &dev).unwrap();
     let params = named_vars(model.varmap()).unwrap();
     let (_, bias) = params.iter().find(|(n, _)| n == "net.out.bias").unwrap();
@@ -131,7 +131,7 @@ fn short_training_on_8gaussians_reaches_stated_nll() {
     // 8gaussians has entropy 2.833 nats; a standard normal fit of it would score ~4.1.
     let dev = Device::Cpu;
     let mut cfg = small_config("8gaussians", 800);
-    cfg.model.hidden = 128;
+    cfg.set("model.net.hidden=128").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = Trainer::create(cfg, dir.path(), &dev)
         .unwrap()
@@ -218,9 +218,15 @@ fn existing_run_is_not_overwritten_and_unknown_names_are_errors() {
         "{e}"
     );
     let mut c = small_config("moons", 2);
-    c.model.name = "glowworm".into();
-    let e = Trainer::create(c, d2.path(), &dev).err().unwrap();
+    let e = c.set("model.name=glowworm").unwrap_err();
+    assert!(
+        e.to_string().contains("glowworm") && e.to_string().contains("flow-matching"),
+        "{e}"
+    );
+    let e = elbo::config::Config::from_toml_str("[model]\nname = \"glowworm\"\n", "c.toml")
+        .unwrap_err();
     assert!(e.to_string().contains("glowworm"), "{e}");
+    let _ = (&d2, &dev);
 }
 
 #[test]
@@ -273,15 +279,17 @@ fn discrete_digits_are_dequantized_into_a_bound() {
 #[test]
 fn forward_mode_divergence_matches_autograd() {
     use elbo::continuous::cnf::divergence;
-    use elbo::continuous::flow_matching::VelocityMlp;
+    use elbo::models::flow_matching::VelocityMlp;
     use elbo::continuous::VelocityField;
     use elbo::nn::ParamInit;
     let dev = Device::Cpu;
     for act in [elbo::nn::Activation::Silu, elbo::nn::Activation::Tanh] {
-        let mut cfg = Config::default().model;
-        cfg.hidden = 32;
-        cfg.layers = 3;
-        cfg.activation = act;
+        let cfg = elbo::continuous::diffusion::net::NetConfig {
+            hidden: 32,
+            layers: 3,
+            activation: act,
+            ..Default::default()
+        };
         let vm = candle_nn::VarMap::new();
         let mut rng = Rng::new(9);
         let net = {

@@ -5,8 +5,9 @@
 //! records no autograd graph.
 
 use candle_core::{DType, Device, Tensor, Var};
-use elbo::config::{ModelConfig, SampleOptions};
-use elbo::continuous::flow_matching::FlowMatching;
+use elbo::config::SampleOptions;
+use elbo::continuous::diffusion::net::NetConfig;
+use elbo::models::flow_matching::{self, FlowMatching};
 use elbo::data::DataKind;
 use elbo::model::{DataInfo, GenerativeModel};
 use elbo::nn::fused::{gelu_erf_f32, linear_gelu_erf, IGNORE_INDEX};
@@ -535,10 +536,13 @@ fn f64_inputs_take_the_composed_path() {
 
 #[test]
 fn flow_matching_sampling_records_no_graph() {
-    let cfg = ModelConfig {
-        hidden: 16,
-        layers: 2,
-        ..ModelConfig::default()
+    let cfg = flow_matching::Config {
+        net: NetConfig {
+            hidden: 16,
+            layers: 2,
+            ..NetConfig::default()
+        },
+        ..Default::default()
     };
     let data = DataInfo {
         dim: 2,

@@ -7,7 +7,7 @@ use elbo::config::{Config, EvalOptions, ModelConfig, SampleOptions};
 use elbo::data::text::{TextSource, Tokenizer};
 use elbo::data::{DataKind, DataSource};
 use elbo::discrete::filter::TokenFilter;
-use elbo::model::{build, DataInfo, GenerativeModel};
+use elbo::model::{DataInfo, GenerativeModel};
 use elbo::nn::rotary::RotaryAt;
 use elbo::nn::transformer::{Positions, Transformer, TransformerConfig};
 use elbo::nn::ParamInit;
@@ -15,13 +15,20 @@ use elbo::train::optim::named_vars;
 use elbo::Rng;
 
 fn small_cfg(name: &str) -> ModelConfig {
-    ModelConfig {
-        name: name.into(),
-        d_model: 16,
-        n_heads: 2,
-        n_layers: 2,
-        ..ModelConfig::default()
+    sized_cfg(name, 16)
+}
+
+fn sized_cfg(name: &str, d_model: usize) -> ModelConfig {
+    let mut c = Config::default();
+    for kv in [
+        format!("model.name={name}"),
+        format!("model.transformer.d_model={d_model}"),
+        "model.transformer.n_heads=2".into(),
+        "model.transformer.n_layers=2".into(),
+    ] {
+        c.set(&kv).unwrap();
     }
+    c.model
 }
 
 const INFO: DataInfo = DataInfo {
@@ -38,7 +45,7 @@ fn batch(rng: &mut Rng) -> Tensor {
 fn every_parameter_gets_a_gradient() {
     for name in ["ar", "ao-ar", "mdlm"] {
         let mut rng = Rng::new(0);
-        let m = build(&small_cfg(name), INFO, &Device::Cpu, &mut rng).unwrap();
+        let m = small_cfg(name).build(&INFO, &Device::Cpu, &mut rng).unwrap();
         let loss = m.loss(&batch(&mut rng), &mut rng).unwrap();
         let grads = loss.backward().unwrap();
         for (n, v) in named_vars(m.varmap()).unwrap() {
@@ -245,7 +252,7 @@ fn prompts_are_kept_and_samples_are_valid() {
     let prefix = [Some(1), Some(4), None, None, None, None, None, None];
     let infill = [Some(2), None, None, Some(3), None, None, None, Some(0)];
     for name in ["ar", "ao-ar", "mdlm"] {
-        let m = build(&small_cfg(name), INFO, &Device::Cpu, &mut rng).unwrap();
+        let m = small_cfg(name).build(&INFO, &Device::Cpu, &mut rng).unwrap();
         let x: Vec<Vec<f32>> = m
             .sample_conditional(5, &prefix, &opts, &mut rng)
             .unwrap()
@@ -286,7 +293,7 @@ fn prompts_are_kept_and_samples_are_valid() {
         dim: 8,
         kind: DataKind::Continuous,
     };
-    assert!(build(&small_cfg("mdlm"), cont, &Device::Cpu, &mut rng).is_err());
+    assert!(small_cfg("mdlm").build(&cont, &Device::Cpu, &mut rng).is_err());
 }
 
 /// A Markov chain over 4 symbols: next = prev + 1 (mod 4) w.p. 0.9, else one of the other 3.
@@ -331,12 +338,7 @@ fn train_markov(name: &str, steps: usize) -> (Box<dyn GenerativeModel>, Tensor, 
     )
     .unwrap();
     let cfg = Config {
-        model: ModelConfig {
-            d_model: 32,
-            n_heads: 2,
-            n_layers: 2,
-            ..small_cfg(name)
-        },
+        model: sized_cfg(name, 32),
         ..Config::default()
     };
     let dev = Device::Cpu;
@@ -345,7 +347,7 @@ fn train_markov(name: &str, steps: usize) -> (Box<dyn GenerativeModel>, Tensor, 
         kind: data.kind(),
     };
     let mut rng = Rng::new(0);
-    let m = build(&cfg.model, info, &dev, &mut rng).unwrap();
+    let m = cfg.model.build(&info, &dev, &mut rng).unwrap();
     let params = named_vars(m.varmap()).unwrap();
     let mut opt = elbo::train::optim::AdamW::new(elbo::train::optim::AdamWConfig {
         lr: 3e-3,
@@ -433,7 +435,7 @@ fn conditional_and_llada_likelihoods() {
         dim: 16,
         kind: DataKind::Discrete { levels: 4 },
     };
-    let ao = build(&small_cfg("ao-ar"), info, &Device::Cpu, &mut rng).unwrap();
+    let ao = small_cfg("ao-ar").build(&info, &Device::Cpu, &mut rng).unwrap();
     assert!(ao
         .log_likelihood(&test, &opts("auto", 8), &mut rng)
         .is_err());

@@ -4,8 +4,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use elbo::config::ModelConfig;
-use elbo::continuous::flow_matching::VelocityMlp;
+use elbo::continuous::diffusion::net::{BackboneChoice, NetConfig};
+use elbo::models::flow_matching::VelocityMlp;
 use elbo::nn::fused::{gelu_erf_f32, silu_f32, PackedLinear, RowAct};
 use elbo::nn::{sinusoidal_embedding, sinusoidal_row, Activation, Mlp, PackedMlp, ParamInit};
 use elbo::Rng;
@@ -204,12 +204,12 @@ fn packed_mlp_matches_the_mlp_with_the_shared_inputs_concatenated() {
 
 #[test]
 fn the_packed_velocity_matches_the_unpacked_one() {
-    let cfg = ModelConfig {
+    let cfg = NetConfig {
         hidden: 64,
         layers: 3,
         time_embed_dim: 16,
         time_scale: 1000.0,
-        ..ModelConfig::default()
+        ..NetConfig::default()
     };
     let vm = VarMap::new();
     let mut rng = Rng::new(5);
@@ -260,13 +260,13 @@ fn denoiser_pack_scope_matches_and_ends() {
     let dev = Device::Cpu;
     let mut rng = Rng::new(11);
     let vm = VarMap::new();
-    let cfg = ModelConfig {
+    let cfg = NetConfig {
         hidden: 40,
         layers: 3,
         time_embed_dim: 12,
         time_scale: 0.7,
-        backbone: "mlp".into(),
-        ..ModelConfig::default()
+        backbone: BackboneChoice::Mlp,
+        ..NetConfig::default()
     };
     let data = DataInfo {
         dim: 5,

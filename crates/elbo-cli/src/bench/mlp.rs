@@ -5,8 +5,8 @@
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
-use elbo::config::ModelConfig;
-use elbo::continuous::flow_matching::VelocityMlp;
+use elbo::continuous::diffusion::net::NetConfig;
+use elbo::models::flow_matching::VelocityMlp;
 use elbo::nn::{sinusoidal_embedding, sinusoidal_row, Activation, Mlp, PackedMlp, ParamInit};
 use elbo::train::optim::named_vars;
 use elbo::Rng;
@@ -16,12 +16,12 @@ use super::{adamw, emit, extend, median_ms, summarize, time_steps};
 
 /// W1's velocity network: concat(x[2], sinusoidal(1000 t)[32]) -> 4 x (Linear 512 + SiLU) -> Linear 2.
 fn w1_model(dev: &Device) -> Result<(VarMap, VelocityMlp)> {
-    let cfg = ModelConfig {
+    let cfg = NetConfig {
         hidden: 512,
         layers: 4,
         time_embed_dim: 32,
         time_scale: 1000.0,
-        ..ModelConfig::default()
+        ..NetConfig::default()
     };
     let vm = VarMap::new();
     let mut rng = Rng::new(0);

@@ -1,20 +1,17 @@
-//! Models of x in R^D: flow matching, ODE solvers, continuous-normalizing-flow likelihoods, and
-//! Gaussian-diffusion noise schedules, parameterizations and samplers.
+//! The shared mathematics of models of x in R^D: ODE solvers, continuous-normalizing-flow
+//! likelihoods, and Gaussian-diffusion noise schedules, chains, parameterizations and samplers.
+//! The families built on them (flow matching, DDPM, score SDE, EDM) live in [`crate::models`].
 
 use candle_core::Tensor;
 
 use crate::Result;
 
 pub mod cnf;
-pub mod ddpm;
 pub mod diffusion;
-pub mod edm;
-pub mod flow_matching;
 pub mod ode;
 pub mod parameterization;
 pub mod sampler;
 pub mod schedule;
-pub mod sde;
 
 /// A time-dependent vector field v(x, t) on R^D: the whole contract between a network and the
 /// ODE samplers / likelihood code. Samplers never know which network they drive.

@@ -24,13 +24,43 @@ impl Default for TokenFilter {
     }
 }
 
+/// The `[model.sampling]` table of the autoregressive language models: how each token is drawn.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenSampling {
+    /// Softmax temperature (1: the model's distribution).
+    pub temperature: f64,
+    /// Keep only the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Nucleus sampling: keep the smallest set of tokens with mass >= `top_p` (1: all).
+    pub top_p: f64,
+}
+
+impl Default for TokenSampling {
+    fn default() -> Self {
+        let f = TokenFilter::default();
+        Self {
+            temperature: f.temperature,
+            top_k: f.top_k,
+            top_p: f.top_p,
+        }
+    }
+}
+
+impl TokenSampling {
+    /// The filter, range-checked.
+    pub fn filter(&self) -> Result<TokenFilter> {
+        TokenFilter::new(self.temperature, self.top_k, self.top_p)
+    }
+}
+
 impl TokenFilter {
-    /// From the sample options.
-    pub fn from_options(o: &crate::config::SampleOptions) -> Result<Self> {
+    /// A filter with checked ranges.
+    pub fn new(temperature: f64, top_k: usize, top_p: f64) -> Result<Self> {
         let f = Self {
-            temperature: o.temperature,
-            top_k: o.top_k,
-            top_p: o.top_p,
+            temperature,
+            top_k,
+            top_p,
         };
         f.validate()?;
         Ok(f)

@@ -1,21 +1,22 @@
-//! Models of discrete sequences x in {0..V-1}^L, all fit by maximum likelihood (seeds 000, 001,
-//! 004): an autoregressive transformer (exact NLL), an any-order autoregressive transformer
-//! (Jensen bound over orders) and a masked diffusion LM (MDLM ELBO, a 1/t-weighted
-//! cross-entropy on masked tokens), with their samplers.
+//! The shared mathematics of models of discrete sequences x in {0..V-1}^L: token ids, orders
+//! and the any-order Jensen bound (Uria et al. 2014), masking and the masked-diffusion ELBO
+//! (Sahoo et al. 2024; Shi et al. 2024), token filters and the masked-diffusion samplers. The
+//! families built on them (autoregressive, any-order, MDLM) live in [`crate::models`].
 //!
 //! Text windows and digit images are both `[B, L]` batches of levels stored as f32; every family
 //! here reports the NLL of the discrete data in nats per example (bits/char for text).
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{EvalOptions, ModelConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::config::EvalOptions;
 use crate::data::DataKind;
 use crate::model::DataInfo;
 use crate::nn::transformer::{Positions, TransformerConfig};
 use crate::{Error, Result};
 
 pub mod any_order;
-pub mod autoregressive;
 pub mod filter;
 pub mod masked_diffusion;
 pub mod sampler;
@@ -34,24 +35,68 @@ pub fn vocab_of(data: &DataInfo, family: &str) -> Result<usize> {
     }
 }
 
-/// The backbone of a language model from the run's model config.
-pub fn backbone_config(
-    cfg: &ModelConfig,
-    vocab_in: usize,
-    vocab_out: usize,
-    max_len: usize,
-    causal: bool,
-) -> Result<TransformerConfig> {
-    Ok(TransformerConfig {
-        vocab_in,
-        vocab_out,
-        max_len,
-        d_model: cfg.d_model,
-        n_layers: cfg.n_layers,
-        n_heads: cfg.n_heads,
-        causal,
-        positions: Positions::parse(&cfg.positions)?,
-    })
+/// The `[model.transformer]` table of the language-model families.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransformerSettings {
+    /// Width.
+    pub d_model: usize,
+    /// Attention heads; must divide `d_model`.
+    pub n_heads: usize,
+    /// Transformer blocks.
+    pub n_layers: usize,
+    /// "rope" (rotary angles on queries and keys, Su et al. 2021) or "learned" (a learned table
+    /// added to the input, as GPT-2).
+    pub positions: Positions,
+}
+
+impl Default for TransformerSettings {
+    fn default() -> Self {
+        Self {
+            d_model: 128,
+            n_heads: 4,
+            n_layers: 4,
+            positions: Positions::Rotary,
+        }
+    }
+}
+
+impl TransformerSettings {
+    /// Check the sizes fit together.
+    pub fn validate(&self) -> Result<()> {
+        if self.d_model == 0
+            || self.n_heads == 0
+            || self.d_model % self.n_heads != 0
+            || self.n_layers == 0
+        {
+            return Err(Error::Config(format!(
+                "model.transformer.d_model ({}) must be a positive multiple of n_heads ({}) and \
+                 n_layers >= 1",
+                self.d_model, self.n_heads
+            )));
+        }
+        Ok(())
+    }
+
+    /// The backbone for these vocabularies and length.
+    pub fn backbone(
+        &self,
+        vocab_in: usize,
+        vocab_out: usize,
+        max_len: usize,
+        causal: bool,
+    ) -> TransformerConfig {
+        TransformerConfig {
+            vocab_in,
+            vocab_out,
+            max_len,
+            d_model: self.d_model,
+            n_layers: self.n_layers,
+            n_heads: self.n_heads,
+            causal,
+            positions: self.positions,
+        }
+    }
 }
 
 /// A batch `[B, L]` of levels (f32 or integer) as u32 token ids, checking the shape and that
@@ -96,31 +141,6 @@ pub fn gather_nll(logp: &Tensor, targets: &Tensor) -> Result<Tensor> {
         .gather(&targets.reshape((b, l, 1))?, 2)? // [B, L, 1]
         .reshape((b, l))?
         .neg()?)
-}
-
-/// The likelihood a language-model family reports: `opts.likelihood` is "auto" (the first of
-/// `choices`) or one of `choices`; anything else is an error naming the options.
-pub fn lm_likelihood_choice(
-    opts: &EvalOptions,
-    family: &str,
-    choices: &[&'static str],
-) -> Result<&'static str> {
-    let want = opts.likelihood.trim().to_ascii_lowercase();
-    if want == "auto" {
-        if let Some(first) = choices.first() {
-            return Ok(first);
-        }
-    }
-    choices
-        .iter()
-        .find(|c| **c == want)
-        .copied()
-        .ok_or_else(|| {
-            Error::Config(format!(
-                "the {family} family reports no likelihood '{want}'; use auto or {}",
-                choices.join(", ")
-            ))
-        })
 }
 
 /// Checks `opts.prompt_len` leaves at least one scored token of `len`; `supported` is false for

@@ -49,14 +49,16 @@ pub struct TransformerConfig {
     pub positions: Positions,
 }
 
-/// How a [`Transformer`] sees token positions.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How a [`Transformer`] sees token positions (no default: every caller says which; the
+/// language-model families default to rotary, the benchmark workloads use learned).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Positions {
     /// A learned `[max_len, D]` table added to the token embeddings (GPT-2; the benchmark
     /// workloads).
-    #[default]
+    #[serde(rename = "learned")]
     Learned,
     /// Rotary angles on each head's queries and keys (Su et al. 2021); no position parameters.
+    #[serde(rename = "rope", alias = "rotary")]
     Rotary,
 }
 

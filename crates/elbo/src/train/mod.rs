@@ -7,6 +7,7 @@ pub mod ema;
 pub mod optim;
 pub mod run;
 pub mod schedule;
+pub mod step;
 pub mod trainer;
 
 pub use run::{CheckpointChoice, LoadedRun};

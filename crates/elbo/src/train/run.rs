@@ -69,14 +69,28 @@ impl LoadedRun {
         use_ema: bool,
         device: &Device,
     ) -> Result<Self> {
+        Self::open_with(dir, which, use_ema, device, &[] as &[&str])
+    }
+
+    /// [`LoadedRun::open`] with `--set key=value` overrides applied to the saved config before
+    /// the model is built (sampling and evaluation settings; a change to the network's shape
+    /// makes the checkpoint fail to load, naming the parameter).
+    pub fn open_with<S: AsRef<str>>(
+        dir: &Path,
+        which: CheckpointChoice,
+        use_ema: bool,
+        device: &Device,
+        overrides: &[S],
+    ) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::Config(format!(
                 "run directory {} does not exist",
                 dir.display()
             )));
         }
-        let config = Config::from_run_dir(dir)?;
-        let (data, model, params) = open_parts(&config, device)?;
+        let mut config = Config::from_run_dir(dir)?;
+        config.set_all(overrides)?;
+        let (data, mut model, params) = open_parts(&config, device)?;
         let ck = dir.join(which.dir_name());
         let loaded = checkpoint::load(&ck, device)?;
         let (name, weights) = match (use_ema, loaded.files.get("ema")) {
@@ -89,7 +103,15 @@ impl LoadedRun {
                     .ok_or_else(|| Error::checkpoint(&ck, "model.safetensors missing"))?,
             ),
         };
-        checkpoint::load_into_vars(weights, &params, name)?;
+        if name == "ema" {
+            // groups without an EMA keep their live weights
+            let mut merged = loaded.files.get("model").cloned().unwrap_or_default();
+            merged.extend(weights.iter().map(|(k, v)| (k.clone(), v.clone())));
+            checkpoint::load_into_vars(&merged, &params, name)?;
+        } else {
+            checkpoint::load_into_vars(weights, &params, name)?;
+        }
+        model.load_state_tensors(&loaded.files.get("state").cloned().unwrap_or_default())?;
         let step = loaded.state["step"]
             .as_u64()
             .ok_or_else(|| Error::checkpoint(&ck, "state.json has no integer 'step'"))?

@@ -1,5 +1,6 @@
-//! One short, explicit training loop: draw a batch, loss, backward, clip, AdamW step, EMA,
-//! log, evaluate, checkpoint. Every family goes through it via [`GenerativeModel`].
+//! One short, explicit training loop: a family's training step (by default: draw a batch, loss,
+//! backward, clip, AdamW step, EMA), log, evaluate, checkpoint. Every family goes through it
+//! via [`GenerativeModel`]; a family with several parameter groups gets one optimiser each.
 //!
 //! Determinism: the model's initial weights come from `Rng::new(seed).fork(INIT)` and every
 //! batch and noise draw from one training generator whose state is saved in each checkpoint, so
@@ -10,18 +11,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Var};
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::checkpoint;
-use super::clip::clip_grad_norm;
-use super::ema::Ema;
-use super::optim::{named_vars, AdamW, AdamWConfig};
-use super::schedule::LrSchedule;
+use super::optim::named_vars;
+use super::step::{build_groups, subset, GroupState, StepContext, StepOutput};
 use crate::config::Config;
 use crate::data::{self, DataSource};
-use crate::model::{self, dataset_nll, DataInfo, GenerativeModel};
+use crate::model::{dataset_nll, DataInfo, GenerativeModel};
 use crate::rng::RngState;
 use crate::{Error, Result, Rng};
 
@@ -29,6 +31,34 @@ use crate::{Error, Result, Rng};
 pub(crate) const INIT_STREAM: u64 = 1;
 pub(crate) const TRAIN_STREAM: u64 = 2;
 pub(crate) const EVAL_STREAM: u64 = 3;
+pub(crate) const DATA_INIT_STREAM: u64 = 4;
+
+/// The `state.json` of a checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TrainState {
+    step: u64,
+    rng: RngState,
+    /// Optimiser steps of the default group (kept for checkpoints from before groups).
+    #[serde(default)]
+    optim_steps: u64,
+    /// EMA updates of the default group.
+    #[serde(default)]
+    ema_updates: u64,
+    best_eval: Option<f64>,
+    #[serde(default)]
+    evals_since_best: u64,
+    #[serde(default)]
+    family: String,
+    /// Per-group counters.
+    #[serde(default)]
+    groups: BTreeMap<String, GroupCounters>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct GroupCounters {
+    optim_steps: u64,
+    ema_updates: u64,
+}
 
 /// What a finished (or stopped) training run reports.
 #[derive(Clone, Debug)]
@@ -53,9 +83,7 @@ pub struct Trainer {
     dir: PathBuf,
     model: Box<dyn GenerativeModel>,
     data: Box<dyn DataSource>,
-    params: Vec<(String, Var)>,
-    optim: AdamW,
-    ema: Option<Ema>,
+    groups: Vec<GroupState>,
     rng: Rng,
     step: usize,
     best: Option<f64>,
@@ -74,28 +102,27 @@ impl Trainer {
                 dir.display()
             )));
         }
-        let (data, model, params) = open_parts(&cfg, device)?;
+        let (mut data, mut model, params) = open_parts(&cfg, device)?;
+        let groups = build_groups(&model.param_groups(), params, &cfg.train)?;
         let seed = Rng::new(cfg.train.seed);
+        // a data-dependent initialisation sees one batch from its own stream, so the training
+        // generator (and every family without the hook) is unaffected
+        let mut init_rng = seed.fork(DATA_INIT_STREAM);
+        let first = data.train_batch(cfg.train.batch_size, &mut init_rng, device)?;
+        model.init_from_data(&first, &mut init_rng)?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let cfg_json = serde_json::to_string_pretty(&cfg)
             .map_err(|e| Error::Config(format!("cannot serialise config: {e}")))?;
         write_atomic(&dir.join("config.json"), cfg_json.as_bytes())?;
         std::fs::write(dir.join("metrics.jsonl"), b"")
             .map_err(|e| Error::io(dir.join("metrics.jsonl"), e))?;
-        let ema = if cfg.train.ema_decay > 0.0 {
-            Some(Ema::new(&params, cfg.train.ema_decay)?)
-        } else {
-            None
-        };
         Ok(Self {
-            optim: AdamW::new(adamw_config(&cfg)),
             rng: seed.fork(TRAIN_STREAM),
             cfg,
             dir: dir.to_path_buf(),
             model,
             data,
-            params,
-            ema,
+            groups,
             step: 0,
             best: None,
             evals_since_best: 0,
@@ -109,45 +136,57 @@ impl Trainer {
         if let Some(s) = steps {
             cfg.train.steps = s;
         }
-        let (data, model, params) = open_parts(&cfg, device)?;
+        let (data, mut model, params) = open_parts(&cfg, device)?;
+        let mut groups = build_groups(&model.param_groups(), params, &cfg.train)?;
         let ck_dir = dir.join("checkpoint");
         let loaded = checkpoint::load(&ck_dir, device)?;
-        let st = &loaded.state;
+        let st: TrainState = serde_json::from_value(loaded.state.clone())
+            .map_err(|e| Error::checkpoint(&ck_dir, format!("state.json: {e}")))?;
         let file = |name: &str| {
             loaded
                 .files
                 .get(name)
                 .ok_or_else(|| Error::checkpoint(&ck_dir, format!("{name}.safetensors missing")))
         };
-        checkpoint::load_into_vars(file("model")?, &params, "model")?;
-        let mut optim = AdamW::new(adamw_config(&cfg));
-        optim.load_state(
-            file("optim")?,
-            get_u64(st, "optim_steps", &ck_dir)?,
-            &params,
-        )?;
-        let ema = if cfg.train.ema_decay > 0.0 {
-            let mut e = Ema::new(&params, cfg.train.ema_decay)?;
-            e.load(file("ema")?, get_u64(st, "ema_updates", &ck_dir)?)?;
-            Some(e)
-        } else {
-            None
-        };
-        let rng_state: RngState = serde_json::from_value(st["rng"].clone())
-            .map_err(|e| Error::checkpoint(&ck_dir, format!("bad rng state: {e}")))?;
-        let step = get_u64(st, "step", &ck_dir)? as usize;
+        let all: Vec<(String, Var)> = groups.iter().flat_map(|g| g.params.clone()).collect();
+        checkpoint::load_into_vars(file("model")?, &all, "model")?;
+        for g in groups.iter_mut() {
+            let counters = match st.groups.get(&g.name) {
+                Some(c) => *c,
+                None if g.name == crate::model::DEFAULT_GROUP => GroupCounters {
+                    optim_steps: st.optim_steps,
+                    ema_updates: st.ema_updates,
+                },
+                None => {
+                    return Err(Error::checkpoint(
+                        &ck_dir,
+                        format!("state.json has no counters of parameter group '{}'", g.name),
+                    ))
+                }
+            };
+            g.optim
+                .load_state(file(&g.optim_file())?, counters.optim_steps, &g.params)?;
+            if let Some(ema) = g.ema.as_mut() {
+                ema.load(&subset(file("ema")?, &g.params), counters.ema_updates)?;
+            }
+        }
+        let state = loaded
+            .files
+            .get("state")
+            .cloned()
+            .unwrap_or_default();
+        model.load_state_tensors(&state)?;
+        let step = st.step as usize;
         truncate_metrics(&dir.join("metrics.jsonl"), step)?;
         Ok(Self {
-            rng: Rng::from_state(&rng_state)?,
-            best: st["best_eval"].as_f64(),
-            evals_since_best: st["evals_since_best"].as_u64().unwrap_or(0) as usize,
+            rng: Rng::from_state(&st.rng)?,
+            best: st.best_eval,
+            evals_since_best: st.evals_since_best as usize,
             cfg,
             dir: dir.to_path_buf(),
             model,
             data,
-            params,
-            optim,
-            ema,
+            groups,
             step,
         })
     }
@@ -182,12 +221,6 @@ impl Trainer {
     pub fn run_until(&mut self, stop_at: usize, progress: bool) -> Result<TrainOutcome> {
         let tc = self.cfg.train.clone();
         let stop_at = stop_at.min(tc.steps);
-        let sched = LrSchedule {
-            base_lr: tc.lr,
-            warmup_steps: tc.warmup_steps,
-            total_steps: tc.steps,
-            min_lr_ratio: tc.min_lr_ratio,
-        };
         let bar = progress_bar(progress, tc.steps as u64, self.step as u64);
         let mut metrics = std::fs::OpenOptions::new()
             .create(true)
@@ -204,73 +237,35 @@ impl Trainer {
             seconds: 0.0,
         };
         let mut smooth = f64::NAN;
-        let device = self.model.device().clone();
         while self.step < stop_at {
-            let batch = self
-                .data
-                .train_batch(tc.batch_size, &mut self.rng, &device)?;
-            let loss = self.model.loss(&batch, &mut self.rng)?;
-            let loss_val = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            if !loss_val.is_finite() {
-                bar.abandon();
-                let ck = self.dir.join("checkpoint");
-                let kept = match checkpoint::load(&ck, &device) {
-                    Ok(l) => format!(
-                        "the checkpoint of step {} in {} is kept",
-                        l.state["step"],
-                        ck.display()
-                    ),
-                    Err(_) => "no checkpoint had been written yet".to_string(),
-                };
-                return Err(Error::NonFiniteLoss {
-                    step: self.step + 1,
-                    loss: loss_val,
-                    kept,
-                });
-            }
-            let mut grads = loss.backward()?;
-            let gnorm = if tc.grad_clip > 0.0 {
-                clip_grad_norm(&self.params, &mut grads, tc.grad_clip)?
-            } else {
-                super::clip::grad_norm(&self.params, &grads)?
+            let s = match self.train_step() {
+                Ok(s) => s,
+                Err(e) => {
+                    bar.abandon();
+                    return Err(self.explain_failure(e));
+                }
             };
-            let lr = sched.lr_at(self.step);
-            self.optim.step(&self.params, &grads, lr)?;
-            if let Some(ema) = self.ema.as_mut() {
-                ema.update(&self.params)?;
-            }
             self.step += 1;
-            out.losses.push((self.step, loss_val));
+            out.losses.push((self.step, s.loss));
             smooth = if smooth.is_nan() {
-                loss_val
+                s.loss
             } else {
-                0.98 * smooth + 0.02 * loss_val
+                0.98 * smooth + 0.02 * s.loss
             };
             bar.set_position(self.step as u64);
             bar.set_message(format!("loss {smooth:.4}"));
             if self.step % tc.log_every == 0 || self.step == stop_at {
-                let line = json!({"step": self.step, "loss": loss_val, "lr": lr,
-                    "grad_norm": gnorm, "elapsed_s": start.elapsed().as_secs_f64()});
+                let mut line = json!({"step": self.step, "loss": s.loss, "lr": s.lr,
+                    "grad_norm": s.grad_norm, "elapsed_s": start.elapsed().as_secs_f64()});
+                for (k, v) in &s.extra {
+                    line[k] = json!(v);
+                }
                 writeln!(metrics, "{line}").map_err(|e| Error::io(&self.dir, e))?;
             }
             let eval_due = tc.eval_every > 0 && self.step % tc.eval_every == 0;
             if eval_due || self.step == tc.steps {
-                let (nll, se, bpd) = self.evaluate()?;
+                let nll = self.periodic_eval(&mut metrics, &bar, smooth)?;
                 out.evals.push((self.step, nll));
-                let line = json!({"step": self.step, "eval_nll": nll, "eval_stderr": se,
-                    "eval_bits_per_dim": bpd, "examples": self.eval_examples()});
-                writeln!(metrics, "{line}").map_err(|e| Error::io(&self.dir, e))?;
-                bar.println(format!(
-                    "step {:>6}  loss {:.4}  held-out NLL {:.4} ± {:.4} nats ({:.4} bits/dim)",
-                    self.step, smooth, nll, se, bpd
-                ));
-                if self.best.is_none_or(|b| nll < b) {
-                    self.best = Some(nll);
-                    self.evals_since_best = 0;
-                    self.save_checkpoint(&self.dir.join("best"))?;
-                } else {
-                    self.evals_since_best += 1;
-                }
                 if tc.patience > 0 && self.evals_since_best >= tc.patience {
                     out.stopped_early = true;
                     bar.println(format!(
@@ -292,6 +287,64 @@ impl Trainer {
         Ok(out)
     }
 
+    /// The family's training step in a context over this run's data, generator and groups.
+    fn train_step(&mut self) -> Result<StepOutput> {
+        let device = self.model.device().clone();
+        let mut ctx = StepContext {
+            data: self.data.as_mut(),
+            batch_size: self.cfg.train.batch_size,
+            rng: &mut self.rng,
+            device,
+            groups: &mut self.groups,
+            step: self.step,
+        };
+        self.model.train_step(&mut ctx)
+    }
+
+    /// A non-finite loss names what is on disk.
+    fn explain_failure(&self, e: Error) -> Error {
+        match e {
+            Error::NonFiniteLoss { step, loss, .. } => {
+                let ck = self.dir.join("checkpoint");
+                let kept = match checkpoint::load(&ck, self.model.device()) {
+                    Ok(l) => format!(
+                        "the checkpoint of step {} in {} is kept",
+                        l.state["step"],
+                        ck.display()
+                    ),
+                    Err(_) => "no checkpoint had been written yet".to_string(),
+                };
+                Error::NonFiniteLoss { step, loss, kept }
+            }
+            other => other,
+        }
+    }
+
+    /// Evaluate, log, keep `best/` and count evaluations without improvement.
+    fn periodic_eval(
+        &mut self,
+        metrics: &mut std::fs::File,
+        bar: &ProgressBar,
+        smooth: f64,
+    ) -> Result<f64> {
+        let (nll, se, bpd) = self.evaluate()?;
+        let line = json!({"step": self.step, "eval_nll": nll, "eval_stderr": se,
+            "eval_bits_per_dim": bpd, "examples": self.eval_examples()});
+        writeln!(metrics, "{line}").map_err(|e| Error::io(&self.dir, e))?;
+        bar.println(format!(
+            "step {:>6}  loss {:.4}  held-out NLL {:.4} ± {:.4} nats ({:.4} bits/dim)",
+            self.step, smooth, nll, se, bpd
+        ));
+        if self.best.is_none_or(|b| nll < b) {
+            self.best = Some(nll);
+            self.evals_since_best = 0;
+            self.save_checkpoint(&self.dir.join("best"))?;
+        } else {
+            self.evals_since_best += 1;
+        }
+        Ok(nll)
+    }
+
     fn eval_examples(&self) -> usize {
         self.cfg.train.eval_examples
     }
@@ -306,37 +359,71 @@ impl Trainer {
         let mut rng = Rng::new(self.cfg.train.seed)
             .fork(EVAL_STREAM)
             .fork(self.step as u64);
-        if let Some(ema) = self.ema.as_mut() {
-            ema.swap(&self.params)?;
-        }
+        self.swap_ema()?;
         let res = dataset_nll(self.model.as_ref(), &test, &self.cfg.eval, &mut rng);
-        if let Some(ema) = self.ema.as_mut() {
-            ema.swap(&self.params)?;
-        }
+        self.swap_ema()?;
         let s = res?.summary();
         Ok((s.nats, s.stderr_nats, s.bits_per_dim))
     }
 
-    fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let model = checkpoint::vars_to_map(&self.params);
-        let optim = self.optim.state_tensors();
-        let ema = self.ema.as_ref().map(|e| e.tensors());
-        let mut files: Vec<(
-            &str,
-            &std::collections::HashMap<String, candle_core::Tensor>,
-        )> = vec![("model", &model), ("optim", &optim)];
-        if let Some(e) = ema.as_ref() {
-            files.push(("ema", e));
+    /// Exchange the live and the EMA weights of every group that keeps an EMA.
+    fn swap_ema(&mut self) -> Result<()> {
+        for g in self.groups.iter_mut() {
+            if let Some(ema) = g.ema.as_mut() {
+                ema.swap(&g.params)?;
+            }
         }
-        let state = json!({
-            "step": self.step,
-            "rng": self.rng.state(),
-            "optim_steps": self.optim.steps_taken(),
-            "ema_updates": self.ema.as_ref().map(|e| e.updates()).unwrap_or(0),
-            "best_eval": self.best,
-            "evals_since_best": self.evals_since_best,
-            "family": self.model.family(),
-        });
+        Ok(())
+    }
+
+    fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let all: Vec<(String, Var)> = self.groups.iter().flat_map(|g| g.params.clone()).collect();
+        let model = checkpoint::vars_to_map(&all);
+        let optims: Vec<(String, HashMap<String, Tensor>)> = self
+            .groups
+            .iter()
+            .map(|g| (g.optim_file(), g.optim.state_tensors()))
+            .collect();
+        let mut ema: HashMap<String, Tensor> = HashMap::new();
+        for g in &self.groups {
+            if let Some(e) = g.ema.as_ref() {
+                ema.extend(e.tensors());
+            }
+        }
+        let state_tensors = self.model.state_tensors()?;
+        let mut files: Vec<(&str, &HashMap<String, Tensor>)> = vec![("model", &model)];
+        files.extend(optims.iter().map(|(n, t)| (n.as_str(), t)));
+        if self.groups.iter().any(|g| g.ema.is_some()) {
+            files.push(("ema", &ema));
+        }
+        if !state_tensors.is_empty() {
+            files.push(("state", &state_tensors));
+        }
+        let counters = |g: &GroupState| GroupCounters {
+            optim_steps: g.optim.steps_taken(),
+            ema_updates: g.ema.as_ref().map(|e| e.updates()).unwrap_or(0),
+        };
+        let default = self
+            .groups
+            .iter()
+            .find(|g| g.name == crate::model::DEFAULT_GROUP)
+            .map(counters);
+        let state = TrainState {
+            step: self.step as u64,
+            rng: self.rng.state(),
+            optim_steps: default.map_or(0, |c| c.optim_steps),
+            ema_updates: default.map_or(0, |c| c.ema_updates),
+            best_eval: self.best,
+            evals_since_best: self.evals_since_best as u64,
+            family: self.model.family().to_string(),
+            groups: self
+                .groups
+                .iter()
+                .map(|g| (g.name.clone(), counters(g)))
+                .collect(),
+        };
+        let state = serde_json::to_value(&state)
+            .map_err(|e| Error::Config(format!("cannot serialise the training state: {e}")))?;
         checkpoint::save(dir, &files, &state)
     }
 }
@@ -357,25 +444,9 @@ pub(crate) fn open_parts(cfg: &Config, device: &Device) -> Result<Parts> {
         kind: data.kind(),
     };
     let mut init = Rng::new(cfg.train.seed).fork(INIT_STREAM);
-    let model = model::build(&cfg.model, info, device, &mut init)?;
+    let model = cfg.model.build(&info, device, &mut init)?;
     let params = named_vars(model.varmap())?;
     Ok((data, model, params))
-}
-
-fn adamw_config(cfg: &Config) -> AdamWConfig {
-    AdamWConfig {
-        lr: cfg.train.lr,
-        beta1: cfg.train.beta1,
-        beta2: cfg.train.beta2,
-        eps: 1e-8,
-        weight_decay: cfg.train.weight_decay,
-    }
-}
-
-fn get_u64(st: &serde_json::Value, key: &str, path: &Path) -> Result<u64> {
-    st[key]
-        .as_u64()
-        .ok_or_else(|| Error::checkpoint(path, format!("state.json has no integer '{key}'")))
 }
 
 fn progress_bar(visible: bool, len: u64, pos: u64) -> ProgressBar {

@@ -27,8 +27,10 @@ pub enum VarianceKind {
     /// σ_i² = β̃_i, the posterior variance (optimal for a point mass x_0); at i = 1 it is
     /// clipped to β̃_2 as in Nichol & Dhariwal 2021 (β̃_1 = 0).
     #[default]
+    #[serde(alias = "small", alias = "fixed-small")]
     FixedSmall,
     /// σ_i² = β_i (optimal for x_0 ~ N(0, I)); i = 1 uses β̃_2 as above.
+    #[serde(alias = "large", alias = "fixed-large")]
     FixedLarge,
 }
 

@@ -17,15 +17,81 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 
-use crate::config::ModelConfig;
+use serde::{Deserialize, Serialize};
+
 use crate::data::DataKind;
 use crate::model::DataInfo;
 use crate::nn::{
-    sinusoidal_embedding, sinusoidal_row, Mlp, PackedMlp, ParamInit, UNet, UNetConfig,
+    sinusoidal_embedding, sinusoidal_row, Activation, Mlp, PackedMlp, ParamInit, UNet,
+    UNetConfig,
 };
 use crate::{Error, Result, Rng};
 
+/// The `[model.net]` table of the continuous families: the backbone and its size.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetConfig {
+    /// "auto" (the U-Net on images of at least 16x16, else the MLP), "mlp" or "unet".
+    pub backbone: BackboneChoice,
+    /// Width of each hidden layer of the MLP.
+    pub hidden: usize,
+    /// Number of hidden layers of the MLP.
+    pub layers: usize,
+    /// Size of the sinusoidal time embedding.
+    pub time_embed_dim: usize,
+    /// Times are multiplied by this before the sinusoidal embedding (1: smooth features of
+    /// t in [0, 1]; 1000: DDPM's range).
+    pub time_scale: f64,
+    /// Hidden activation of the MLP.
+    pub activation: Activation,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            backbone: BackboneChoice::Auto,
+            hidden: 256,
+            layers: 4,
+            time_embed_dim: 32,
+            time_scale: 1.0,
+            activation: Activation::Silu,
+        }
+    }
+}
+
+impl NetConfig {
+    /// Check the sizes.
+    pub fn validate(&self) -> Result<()> {
+        if self.hidden == 0 || self.time_embed_dim < 2 {
+            return Err(Error::Config(
+                "model.net.hidden must be >= 1 and model.net.time_embed_dim >= 2".into(),
+            ));
+        }
+        if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
+            return Err(Error::Config(format!(
+                "model.net.time_scale must be a positive number, got {}",
+                self.time_scale
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Which backbone a config asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackboneChoice {
+    /// The U-Net on images of at least 16x16, the MLP otherwise.
+    #[default]
+    Auto,
+    /// Multi-layer perceptron on flat vectors.
+    Mlp,
+    /// U-Net on square single-channel images.
+    #[serde(alias = "u-net")]
+    Unet,
+}
+
+/// The backbone resolved for the data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackboneKind {
     /// Multi-layer perceptron on flat vectors.
@@ -49,22 +115,17 @@ impl BackboneKind {
     /// images of at least 16x16 (MNIST) and the MLP otherwise (on 8x8 digits 30 U-Net steps
     /// plus a 20-example VLB took 43 s on 2 shared cores with the fused convolution, 600 MLP
     /// steps plus the 297-example VLB 33 s).
-    pub fn resolve(name: &str, data: &DataInfo) -> Result<Self> {
-        match (
-            name.trim().to_ascii_lowercase().as_str(),
-            square_image_side(data),
-        ) {
-            ("mlp", _) | ("auto", None) => Ok(Self::Mlp),
+    pub fn resolve(choice: BackboneChoice, data: &DataInfo) -> Result<Self> {
+        use BackboneChoice as C;
+        match (choice, square_image_side(data)) {
+            (C::Mlp, _) | (C::Auto, None) => Ok(Self::Mlp),
             // the U-Net costs ~20-50x the MLP per step on CPU: auto keeps the MLP for 8x8 digits
-            ("auto", Some(side)) if side < 16 => Ok(Self::Mlp),
-            ("unet" | "auto", Some(side)) => Ok(Self::UNet { side }),
-            ("unet", None) => Err(Error::Config(format!(
+            (C::Auto, Some(side)) if side < 16 => Ok(Self::Mlp),
+            (C::Unet | C::Auto, Some(side)) => Ok(Self::UNet { side }),
+            (C::Unet, None) => Err(Error::Config(format!(
                 "the unet backbone needs square images of discrete data; this data has {} \
-                 dimensions; use backbone = \"mlp\"",
+                 dimensions; use model.net.backbone = \"mlp\"",
                 data.dim
-            ))),
-            (other, _) => Err(Error::Config(format!(
-                "unknown backbone '{other}'; use auto, mlp or unet"
             ))),
         }
     }
@@ -134,14 +195,14 @@ impl DenoiserNet {
         p: &mut ParamInit,
         data: &DataInfo,
         out_per_dim: usize,
-        cfg: &ModelConfig,
+        cfg: &NetConfig,
     ) -> Result<Self> {
         if out_per_dim == 0 {
             return Err(Error::Config(
                 "a network needs at least one output per dimension".into(),
             ));
         }
-        let backbone = match BackboneKind::resolve(&cfg.backbone, data)? {
+        let backbone = match BackboneKind::resolve(cfg.backbone, data)? {
             BackboneKind::Mlp => Backbone::Mlp(Mlp::new(
                 &mut p.push("net"),
                 data.dim + cfg.time_embed_dim,

@@ -26,6 +26,45 @@ use candle_core::{DType, Tensor};
 
 use crate::{Error, Result};
 
+/// The parameterization a config asks for; [`ParameterizationChoice::resolve`] fixes it for
+/// the data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParameterizationChoice {
+    /// Levels on discrete data when D·L <= 65536, else eps.
+    #[default]
+    Auto,
+    /// The noise ε.
+    #[serde(alias = "epsilon")]
+    Eps,
+    /// The clean data x_0.
+    #[serde(alias = "sample")]
+    X0,
+    /// v = α ε - σ x_0.
+    #[serde(alias = "v_prediction")]
+    V,
+    /// Logits over the levels of discrete data.
+    Levels,
+}
+
+impl ParameterizationChoice {
+    /// The name as configs spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Eps => "eps",
+            Self::X0 => "x0",
+            Self::V => "v",
+            Self::Levels => "levels",
+        }
+    }
+
+    /// The parameterization for data of `dim` dimensions with `levels`.
+    pub fn resolve(&self, dim: usize, levels: Option<usize>) -> Result<Parameterization> {
+        Parameterization::parse(self.name(), dim, levels)
+    }
+}
+
 /// The network's target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Parameterization {

@@ -1,7 +1,7 @@
 //! Every sampler on every Gaussian-diffusion family: a family exposes its noise schedule and an
 //! x̂_0 prediction in its native variable ([`GaussianDiffusion`]); [`AsDenoiser`] turns that into
 //! the samplers' EDM-form [`Denoiser`] (x = x_t / α at σ = σ(t)/α(t); Karras et al. 2022,
-//! eq. 4), and [`sample`] runs the sampler named in the options:
+//! eq. 4), and [`sample`] runs the sampler named in the family's [`DiffusionSampling`]:
 //!
 //! | name | sampler |
 //! |---|---|
@@ -13,6 +13,7 @@
 //! | `ode` / `pf-ode` | the probability-flow ODE with `solver` (eq. 13) |
 
 use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
 
 use crate::config::SampleOptions;
 use crate::continuous::ode::Solver;
@@ -24,7 +25,108 @@ use crate::{Error, Result, Rng};
 
 /// The sampler names [`sample`] accepts.
 pub const SAMPLER_NAMES: &str =
-    "ddpm, ddim, euler, heun (edm), dpm++2m, euler-maruyama (em), pc, ode";
+    "auto, ddpm, ddim, euler, heun (edm), dpm++2m, euler-maruyama (em), pc, ode";
+
+/// Which sampler draws from a Gaussian-diffusion (or flow-matching) family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SamplerName {
+    /// The family's own sampler.
+    #[default]
+    Auto,
+    /// Ancestral sampling (Ho et al. 2020, Alg. 2).
+    #[serde(alias = "ancestral")]
+    Ddpm,
+    /// DDIM with `eta` (Song et al. 2021a, eq. 12).
+    Ddim,
+    /// Euler on the PF-ODE over Karras' grid, with churn.
+    Euler,
+    /// Heun on the PF-ODE over Karras' grid (Karras et al. 2022, Alg. 2).
+    #[serde(alias = "edm")]
+    Heun,
+    /// DPM-Solver++(2M) (Lu et al. 2022).
+    #[serde(rename = "dpm++2m", alias = "dpmpp_2m", alias = "dpm-solver++")]
+    DpmPp2m,
+    /// Euler-Maruyama on the reverse SDE (Song et al. 2021b).
+    #[serde(alias = "em")]
+    EulerMaruyama,
+    /// Predictor-corrector with a Langevin corrector (Song et al. 2021b, Alg. 1).
+    Pc,
+    /// The probability-flow ODE with `[sample] solver` (Song et al. 2021b, eq. 13).
+    #[serde(alias = "pf-ode")]
+    Ode,
+}
+
+impl SamplerName {
+    /// The name as configs spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Ddpm => "ddpm",
+            Self::Ddim => "ddim",
+            Self::Euler => "euler",
+            Self::Heun => "heun",
+            Self::DpmPp2m => "dpm++2m",
+            Self::EulerMaruyama => "euler-maruyama",
+            Self::Pc => "pc",
+            Self::Ode => "ode",
+        }
+    }
+}
+
+/// The `[model.sampling]` table of the continuous families: the sampler and its knobs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiffusionSampling {
+    /// Which sampler ("auto": the family's own).
+    pub sampler: SamplerName,
+    /// DDIM: η in [0, 1] (0 deterministic, 1 ancestral-like).
+    pub eta: f64,
+    /// Euler / Heun: S_churn (0: deterministic).
+    pub churn: f64,
+    /// Euler / Heun: S_noise.
+    pub s_noise: f64,
+    /// Predictor-corrector: signal-to-noise ratio of the Langevin corrector.
+    pub snr: f64,
+}
+
+impl Default for DiffusionSampling {
+    fn default() -> Self {
+        Self {
+            sampler: SamplerName::Auto,
+            eta: 0.0,
+            churn: 0.0,
+            s_noise: 1.0,
+            snr: 0.16,
+        }
+    }
+}
+
+impl DiffusionSampling {
+    /// Check the ranges.
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.eta) {
+            return Err(Error::Config(format!(
+                "model.sampling.eta must be in [0, 1], got {}",
+                self.eta
+            )));
+        }
+        if !(self.churn >= 0.0 && self.s_noise >= 0.0 && self.snr > 0.0) {
+            return Err(Error::Config(
+                "model.sampling.churn and s_noise must be >= 0 and snr > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The sampler, with `Auto` replaced by `default`.
+    pub fn resolve(&self, default: SamplerName) -> SamplerName {
+        match self.sampler {
+            SamplerName::Auto => default,
+            s => s,
+        }
+    }
+}
 
 /// A Gaussian diffusion x_t = α(t) x_0 + σ(t) ε with an x̂_0 prediction.
 pub trait GaussianDiffusion {
@@ -56,21 +158,34 @@ impl Denoiser for AsDenoiser<'_> {
     }
 }
 
-/// `n` model-space samples from the sampler named in `opts.sampler` (`default` for "auto").
+/// One line naming the sampler and its settings (for reports).
+pub fn describe(knobs: &DiffusionSampling, default: SamplerName, opts: &SampleOptions) -> String {
+    let name = knobs.resolve(default);
+    let extra = match name {
+        SamplerName::Ddim => format!(", eta {}", knobs.eta),
+        SamplerName::Euler | SamplerName::Heun if knobs.churn > 0.0 => {
+            format!(", churn {}, s_noise {}", knobs.churn, knobs.s_noise)
+        }
+        SamplerName::Pc => format!(", snr {}", knobs.snr),
+        SamplerName::Ode => format!(", solver {}", opts.solver),
+        _ => String::new(),
+    };
+    format!("sampler {}, {} steps{extra}", name.name(), opts.steps)
+}
+
+/// `n` model-space samples from the sampler of `knobs` (`default` for "auto"), with the step
+/// count and ODE solver of `opts`.
 pub fn sample(
     model: &dyn GaussianDiffusion,
-    default: &str,
+    default: SamplerName,
     n: usize,
+    knobs: &DiffusionSampling,
     opts: &SampleOptions,
     rng: &mut Rng,
     device: &Device,
 ) -> Result<Tensor> {
-    let name = opts.sampler.trim().to_ascii_lowercase();
-    let name = if name == "auto" {
-        default.to_string()
-    } else {
-        name
-    };
+    use SamplerName as S;
+    let name = knobs.resolve(default);
     let sch = model.schedule();
     let den = AsDenoiser(model);
     let d = model.dim();
@@ -78,8 +193,8 @@ pub fn sample(
     let (t_lo, t_hi) = (sch.t_min(), sch.t_max());
     let (s_lo, s_hi) = (sch.edm_sigma(t_lo), sch.edm_sigma(t_hi));
     let churn = Churn {
-        s_churn: opts.churn,
-        s_noise: opts.s_noise,
+        s_churn: knobs.churn,
+        s_noise: knobs.s_noise,
         ..Churn::default()
     };
     let karras = || -> Result<Vec<f64>> {
@@ -90,8 +205,8 @@ pub fn sample(
             7.0,
         )?))
     };
-    match name.as_str() {
-        "ddpm" | "ancestral" | "ddim" => {
+    match name {
+        S::Ddpm | S::Ddim => {
             // transitions at `steps` times uniform in t, the last to clean data
             let times: Vec<f64> = (0..steps)
                 .map(|k| t_hi - (t_hi - t_lo) * k as f64 / steps as f64)
@@ -106,36 +221,36 @@ pub fn sample(
                 })
                 .collect();
             let x = rng.normal_tensor(&[n, d], device)?; // x_T ~ N(0, I), VP-scaled
-            if name == "ddim" {
-                sampler::ddim(&den, &tr, opts.eta, &x, rng)
+            if name == S::Ddim {
+                sampler::ddim(&den, &tr, knobs.eta, &x, rng)
             } else {
                 sampler::ddpm(&den, &tr, model.ddpm_variance(), &x, rng)
             }
         }
-        "euler" | "heun" | "edm" | "dpm++2m" | "dpmpp_2m" | "dpm-solver++" => {
+        S::Euler | S::Heun | S::DpmPp2m => {
             let sigmas = karras()?;
             let x = (rng.normal_tensor(&[n, d], device)? * s_hi)?; // x = σ_max n
-            match name.as_str() {
-                "euler" => sampler::euler(&den, &sigmas, &churn, &x, rng),
-                "heun" | "edm" => sampler::heun(&den, &sigmas, &churn, &x, rng),
+            match name {
+                S::Euler => sampler::euler(&den, &sigmas, &churn, &x, rng),
+                S::Heun => sampler::heun(&den, &sigmas, &churn, &x, rng),
                 _ => sampler::dpmpp_2m(&den, &sigmas, true, &x),
             }
         }
-        "euler-maruyama" | "em" | "pc" | "ode" | "pf-ode" => {
+        S::EulerMaruyama | S::Pc | S::Ode => {
             let (a, s) = (sch.alpha(t_hi), sch.sigma(t_hi));
             let x = (rng.normal_tensor(&[n, d], device)? * (a * a + s * s).sqrt())?;
             let times = uniform_times(sch, steps.max(1) + 1);
-            match name.as_str() {
-                "pc" => sampler::predictor_corrector(&den, sch, &times, 1, opts.snr, true, &x, rng),
-                "ode" | "pf-ode" => {
+            match name {
+                S::Pc => sampler::predictor_corrector(&den, sch, &times, 1, knobs.snr, true, &x, rng),
+                S::Ode => {
                     let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
                     Ok(sampler::pf_ode(&den, sch, &solver, true, &x)?.0)
                 }
                 _ => sampler::euler_maruyama(&den, sch, &times, true, &x, rng),
             }
         }
-        other => Err(Error::Config(format!(
-            "unknown sampler '{other}'; known samplers: {SAMPLER_NAMES}"
+        S::Auto => Err(Error::Config(format!(
+            "the family named no default sampler; choose one of {SAMPLER_NAMES}"
         ))),
     }
 }
@@ -144,7 +259,7 @@ pub fn sample(
 /// t = 1) seen as a Gaussian diffusion on the CondOT path in noise time s = 1 - t: α = 1 - s,
 /// σ = s, and x̂_0 = x + s v(x, 1 - s) (the velocity is E[x_1 - ε | x]). With it every sampler
 /// above, the SDE ones included, runs a flow-matching network (the diffusion / flow-matching
-/// equivalence of seed 002).
+/// equivalence; Kingma & Gao 2023, sec. 2).
 pub struct FlowAsDiffusion<'a> {
     field: &'a dyn crate::continuous::VelocityField,
     schedule: crate::continuous::schedule::CondOt,

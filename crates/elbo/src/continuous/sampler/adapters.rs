@@ -155,7 +155,7 @@ impl<N: Network + ?Sized> Denoiser for EdmDenoiser<'_, N> {
 }
 
 /// A flow-matching [`VelocityField`] in this crate's convention (x_t = (1 - t) eps + t x_1,
-/// t = 1 data, v = x_1 - eps; see [`crate::continuous::flow_matching`]) as a [`Denoiser`]: with
+/// t = 1 data, v = x_1 - eps; see [`crate::models::flow_matching`]) as a [`Denoiser`]: with
 /// s = sigma / (1 + sigma) the noise fraction, x_t = x / (1 + sigma) at t = 1 - s and
 /// x_0 = x_t + s v.
 pub struct VelocityFieldDenoiser<'a, V: VelocityField + ?Sized>(pub &'a V);

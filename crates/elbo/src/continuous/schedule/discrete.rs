@@ -24,10 +24,20 @@ pub enum BetaSchedule {
     ScaledLinear,
     /// The cosine schedule of Nichol & Dhariwal 2021, eq. 17: abar(t) = cos^2((t/N + s)/(1 + s)
     /// pi/2) with s = 0.008, beta_t = min(1 - abar((t+1)/N) / abar(t/N), 0.999).
+    #[serde(alias = "cosine")]
     SquaredcosCapV2,
 }
 
 impl BetaSchedule {
+    /// diffusers' name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Linear => "linear",
+            Self::ScaledLinear => "scaled_linear",
+            Self::SquaredcosCapV2 => "squaredcos_cap_v2",
+        }
+    }
+
     /// From diffusers' name (`linear`, `scaled_linear`, `squaredcos_cap_v2`).
     pub fn parse(name: &str) -> Result<Self> {
         match name {

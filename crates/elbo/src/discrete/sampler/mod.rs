@@ -19,19 +19,34 @@ pub mod ancestral;
 pub mod remasking;
 
 /// Which masked-diffusion sampler.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum MaskedSampler {
     /// MDLM ancestral sampling, one network call per step.
+    #[serde(alias = "ddpm")]
     Ancestral,
     /// Ancestral sampling that skips the network when nothing would change.
+    #[default]
+    #[serde(alias = "ddpm_cache")]
     Cached,
     /// LLaDA low-confidence remasking.
+    #[serde(alias = "low_confidence", alias = "confidence")]
     LowConfidence,
     /// LLaDA random remasking.
     Random,
 }
 
 impl MaskedSampler {
+    /// The name as configs spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Ancestral => "ancestral",
+            Self::Cached => "cached",
+            Self::LowConfidence => "low-confidence",
+            Self::Random => "random",
+        }
+    }
+
     /// Parse "ancestral", "cached", "low-confidence" or "random".
     pub fn parse(s: &str) -> Result<Self> {
         match s {

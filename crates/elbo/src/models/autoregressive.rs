@@ -1,27 +1,56 @@
-//! Autoregressive language model: p(x) = prod_i p(x_i | x_<i) (chain rule; seed 001, "autoregressive
-//! LLM"), a causal transformer over `[BOS, x_0, ..., x_{L-2}]` predicting `x_0, ..., x_{L-1}`.
+//! Autoregressive language model: p(x) = prod_i p(x_i | x_<i) (the chain rule; Bengio et al.
+//! 2003, Radford et al. 2019), a causal transformer over `[BOS, x_0, ..., x_{L-2}]` predicting `x_0, ..., x_{L-1}`.
 //!
 //! Training minimises the exact NLL (mean next-token cross-entropy); `log_likelihood` is the
 //! exact NLL summed over the L positions. Sampling decodes with a KV cache, one token per
 //! network call, with temperature, top-k and top-p filtering; a prompt is a prefix.
 
 use candle_core::{Device, Tensor};
-use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
 
-use super::filter::TokenFilter;
-use super::{
-    backbone_config, check_prompt_len, gather_nll, lm_likelihood_choice, to_ids, vocab_of,
-};
-use crate::config::{EvalOptions, ModelConfig, SampleOptions};
-use crate::model::{DataInfo, GenerativeModel};
+use crate::config::{EvalOptions, SampleOptions};
+use crate::discrete::filter::{TokenFilter, TokenSampling};
+use crate::discrete::{check_prompt_len, gather_nll, per_chunk, to_ids, vocab_of, TransformerSettings};
+use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
+use crate::models::FamilyConfig;
 use crate::nn::transformer::{log_softmax_last_dim, Transformer};
 use crate::nn::ParamInit;
 use crate::{Error, Nll, NllKind, Result, Rng};
 
+/// The `[model]` table of `ar`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The transformer (`[model.transformer]`).
+    pub transformer: TransformerSettings,
+    /// How tokens are drawn (`[model.sampling]`).
+    pub sampling: TokenSampling,
+}
+
+impl FamilyConfig for Config {
+    const ABOUT: &'static str = "autoregressive transformer LM (exact likelihood by the chain rule)";
+    const LIKELIHOODS: &'static [&'static str] = &["exact"];
+
+    fn validate(&self) -> Result<()> {
+        self.transformer.validate()?;
+        self.sampling.filter().map(|_| ())
+    }
+
+    fn build(
+        &self,
+        data: &DataInfo,
+        device: &Device,
+        rng: &mut Rng,
+    ) -> Result<Box<dyn GenerativeModel>> {
+        Ok(Box::new(Autoregressive::new(self, *data, device, rng)?))
+    }
+}
+
 /// A causal transformer LM with a beginning-of-sequence token `BOS = V`.
 pub struct Autoregressive {
-    varmap: VarMap,
+    core: ModelCore,
     net: Transformer,
+    sampling: TokenSampling,
     len: usize,
     vocab: usize,
     device: Device,
@@ -29,17 +58,18 @@ pub struct Autoregressive {
 
 impl Autoregressive {
     /// A new model for sequences of `data.dim` tokens of `levels` values.
-    pub fn new(cfg: &ModelConfig, data: DataInfo, device: &Device, rng: &mut Rng) -> Result<Self> {
+    pub fn new(cfg: &Config, data: DataInfo, device: &Device, rng: &mut Rng) -> Result<Self> {
         let vocab = vocab_of(&data, "the autoregressive model")?;
-        let varmap = VarMap::new();
+        let core = ModelCore::new(data.dim, device);
         let net = {
-            let mut p = ParamInit::new(&varmap, rng, device);
-            let tc = backbone_config(cfg, vocab + 1, vocab, data.dim, true)?;
+            let mut p = ParamInit::new(&core.varmap, rng, device);
+            let tc = cfg.transformer.backbone(vocab + 1, vocab, data.dim, true);
             Transformer::new(&mut p.push("net"), tc)?
         };
         Ok(Self {
-            varmap,
+            core,
             net,
+            sampling: cfg.sampling.clone(),
             len: data.dim,
             vocab,
             device: device.clone(),
@@ -123,16 +153,20 @@ impl GenerativeModel for Autoregressive {
         "ar"
     }
 
-    fn varmap(&self) -> &VarMap {
-        &self.varmap
+    fn core(&self) -> &ModelCore {
+        &self.core
     }
 
-    fn dim(&self) -> usize {
-        self.len
+    fn likelihoods(&self) -> &'static [&'static str] {
+        Config::LIKELIHOODS
     }
 
-    fn device(&self) -> &Device {
-        &self.device
+    fn sampling(&self, _opts: &SampleOptions) -> String {
+        let f = &self.sampling;
+        format!(
+            "ancestral with the KV cache, temperature {}, top-k {}, top-p {}",
+            f.temperature, f.top_k, f.top_p
+        )
     }
 
     /// Mean next-token cross-entropy (nats per token): the exact NLL divided by L.
@@ -141,8 +175,8 @@ impl GenerativeModel for Autoregressive {
         Ok(self.token_nll(&ids)?.mean_all()?)
     }
 
-    fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
-        let rows = self.generate(n, &[], &TokenFilter::from_options(opts)?, rng)?;
+    fn sample(&self, n: usize, _opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
+        let rows = self.generate(n, &[], &self.sampling.filter()?, rng)?;
         self.rows_to_tensor(&rows)
     }
 
@@ -150,7 +184,7 @@ impl GenerativeModel for Autoregressive {
         &self,
         n: usize,
         template: &[Option<u32>],
-        opts: &SampleOptions,
+        _opts: &SampleOptions,
         rng: &mut Rng,
     ) -> Result<Tensor> {
         let p = template.iter().take_while(|t| t.is_some()).count();
@@ -161,17 +195,17 @@ impl GenerativeModel for Autoregressive {
             ));
         }
         let prefix: Vec<u32> = template.iter().map_while(|t| *t).collect();
-        let rows = self.generate(n, &prefix, &TokenFilter::from_options(opts)?, rng)?;
+        let rows = self.generate(n, &prefix, &self.sampling.filter()?, rng)?;
         self.rows_to_tensor(&rows)
     }
 
     /// Exact `-log p(x)`, or `-log p(x_{P..} | x_{..P})` with `opts.prompt_len = P`.
     fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, _rng: &mut Rng) -> Result<Nll> {
-        lm_likelihood_choice(opts, "ar", &["exact"])?;
+        likelihood_choice(opts, "ar", Config::LIKELIHOODS)?;
         check_prompt_len(opts, self.len, "the ar family", true)?;
         let ids = to_ids(batch, self.len, self.vocab)?;
         let p = opts.prompt_len;
-        let nats = super::per_chunk(&ids, |c| {
+        let nats = per_chunk(&ids, |c| {
             let scored = self.token_nll(c)?.narrow(1, p, self.len - p)?; // [B, L - P]
             let v: Vec<f32> = scored.sum(1)?.to_vec1()?;
             Ok(v.into_iter().map(f64::from).collect())

@@ -13,16 +13,50 @@
 //! estimated).
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
 
-use super::cnf::{self, CnfOptions, Divergence};
-use super::ode::Solver;
-use super::VelocityField;
-use crate::config::{EvalOptions, ModelConfig, SampleOptions};
+use crate::config::{EvalOptions, SampleOptions};
+use crate::continuous::cnf::{self, CnfOptions, Divergence};
+use crate::continuous::diffusion::net::{BackboneChoice, NetConfig};
+use crate::continuous::diffusion::sampling::{self, DiffusionSampling, SamplerName};
+use crate::continuous::ode::Solver;
+use crate::continuous::VelocityField;
 use crate::data::DataKind;
-use crate::model::{DataInfo, GenerativeModel};
+use crate::model::{DataInfo, GenerativeModel, ModelCore};
+use crate::models::FamilyConfig;
 use crate::nn::{sinusoidal_embedding, sinusoidal_row, Mlp, PackedMlp, ParamInit};
 use crate::{Error, Nll, NllKind, Result, Rng};
+
+/// The `[model]` table of `flow-matching`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The velocity network (`[model.net]`; the MLP backbone).
+    pub net: NetConfig,
+    /// The sampler (`[model.sampling]`): "auto" integrates the ODE with `[sample] solver`; any
+    /// diffusion sampler runs on the CondOT path.
+    pub sampling: DiffusionSampling,
+}
+
+impl FamilyConfig for Config {
+    const ABOUT: &'static str =
+        "flow matching / rectified flow (CondOT path); likelihood by the CNF change of variables";
+    const LIKELIHOODS: &'static [&'static str] = &["pf-ode"];
+
+    fn validate(&self) -> Result<()> {
+        self.net.validate()?;
+        self.sampling.validate()
+    }
+
+    fn build(
+        &self,
+        data: &DataInfo,
+        device: &Device,
+        rng: &mut Rng,
+    ) -> Result<Box<dyn GenerativeModel>> {
+        Ok(Box::new(FlowMatching::new(self, *data, device, rng)?))
+    }
+}
 
 /// A time-conditioned MLP velocity field: `concat(x, sinusoidal(time_scale * t)) -> MLP -> D`.
 #[derive(Clone, Debug)]
@@ -34,7 +68,7 @@ pub struct VelocityMlp {
 
 impl VelocityMlp {
     /// Create the network's parameters under `p`.
-    pub fn new(p: &mut ParamInit, dim: usize, cfg: &ModelConfig) -> Result<Self> {
+    pub fn new(p: &mut ParamInit, dim: usize, cfg: &NetConfig) -> Result<Self> {
         let mlp = Mlp::new(
             &mut p.push("net"),
             dim + cfg.time_embed_dim,
@@ -95,8 +129,9 @@ impl VelocityField for VelocityMlp {
 
 /// Rectified-flow / CondOT flow matching with an MLP velocity field.
 pub struct FlowMatching {
-    varmap: VarMap,
+    core: ModelCore,
     net: VelocityMlp,
+    sampling: DiffusionSampling,
     dim: usize,
     levels: Option<usize>,
     device: Device,
@@ -104,24 +139,30 @@ pub struct FlowMatching {
 
 impl FlowMatching {
     /// A new model for data of the given shape, weights drawn from `rng`.
-    pub fn new(cfg: &ModelConfig, data: DataInfo, device: &Device, rng: &mut Rng) -> Result<Self> {
+    pub fn new(cfg: &Config, data: DataInfo, device: &Device, rng: &mut Rng) -> Result<Self> {
         if data.dim == 0 {
             return Err(Error::Shape(
                 "flow matching needs data with at least 1 dimension".into(),
             ));
         }
-        let varmap = VarMap::new();
+        if cfg.net.backbone == BackboneChoice::Unet {
+            return Err(Error::Config(
+                "flow matching runs on the MLP backbone; use model.net.backbone = \"mlp\"".into(),
+            ));
+        }
+        let core = ModelCore::new(data.dim, device);
         let net = {
-            let mut p = ParamInit::new(&varmap, rng, device);
-            VelocityMlp::new(&mut p, data.dim, cfg)?
+            let mut p = ParamInit::new(&core.varmap, rng, device);
+            VelocityMlp::new(&mut p, data.dim, &cfg.net)?
         };
         let levels = match data.kind {
             DataKind::Continuous => None,
             DataKind::Discrete { levels } => Some(levels),
         };
         Ok(Self {
-            varmap,
+            core,
             net,
+            sampling: cfg.sampling.clone(),
             dim: data.dim,
             levels,
             device: device.clone(),
@@ -178,19 +219,22 @@ impl FlowMatching {
 
 impl GenerativeModel for FlowMatching {
     fn family(&self) -> &'static str {
-        "flow"
+        "flow-matching"
     }
 
-    fn varmap(&self) -> &VarMap {
-        &self.varmap
+    fn core(&self) -> &ModelCore {
+        &self.core
     }
 
-    fn dim(&self) -> usize {
-        self.dim
+    fn likelihoods(&self) -> &'static [&'static str] {
+        Config::LIKELIHOODS
     }
 
-    fn device(&self) -> &Device {
-        &self.device
+    fn sampling(&self, opts: &SampleOptions) -> String {
+        match self.sampling.sampler {
+            SamplerName::Auto => format!("ODE {}", solver_label(&opts.solver, opts.steps, opts.rtol, opts.atol)),
+            s => format!("{} sampler on the CondOT path, {} steps", s.name(), opts.steps),
+        }
     }
 
     /// CFM loss, Lipman et al. 2023 eq. 23 with the CondOT path (sigma_min = 0).
@@ -208,7 +252,7 @@ impl GenerativeModel for FlowMatching {
     }
 
     fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
-        let x = if opts.sampler == "auto" {
+        let x = if self.sampling.sampler == SamplerName::Auto {
             let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
             let z0 = rng.normal_tensor(&[n, self.dim], &self.device)?;
             // The ODE runs on the inference path: no step records an autograd graph. On the
@@ -228,8 +272,16 @@ impl GenerativeModel for FlowMatching {
             cnf::sample(&field, &z0, &solver)?.0
         } else {
             // any diffusion sampler (DDIM, Heun, Euler-Maruyama, PC, ...) on the CondOT path
-            let fd = super::diffusion::sampling::FlowAsDiffusion::new(&self.net, self.dim);
-            super::diffusion::sampling::sample(&fd, "ode", n, opts, rng, &self.device)?
+            let fd = sampling::FlowAsDiffusion::new(&self.net, self.dim);
+            sampling::sample(
+                &fd,
+                SamplerName::Ode,
+                n,
+                &self.sampling,
+                opts,
+                rng,
+                &self.device,
+            )?
         };
         match self.levels {
             None => Ok(x),
@@ -243,6 +295,7 @@ impl GenerativeModel for FlowMatching {
 
     fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
         self.check_batch(batch)?;
+        crate::model::likelihood_choice(opts, self.family(), Config::LIKELIHOODS)?;
         let co = self.cnf_options(opts)?;
         let x = self.to_model_space(batch, rng)?;
         let ll = cnf::log_likelihood(&self.net, &x, &co, rng)?;
@@ -272,10 +325,7 @@ impl GenerativeModel for FlowMatching {
             }
             Err(e) => format!("invalid options: {e}"),
         };
-        let solver = match opts.solver.as_str() {
-            "dopri5" => format!("dopri5 rtol {:e} atol {:e}", opts.rtol, opts.atol),
-            s => format!("{s} {} steps", opts.steps),
-        };
+        let solver = solver_label(&opts.solver, opts.steps, opts.rtol, opts.atol);
         let deq = match self.levels {
             None => String::new(),
             Some(l) => {
@@ -283,5 +333,13 @@ impl GenerativeModel for FlowMatching {
             }
         };
         format!("CNF instantaneous change of variables, {solver}, {div}{deq}")
+    }
+}
+
+/// "dopri5 rtol 1e-5 atol 1e-5" or "heun 100 steps".
+pub fn solver_label(solver: &str, steps: usize, rtol: f64, atol: f64) -> String {
+    match solver {
+        "dopri5" => format!("dopri5 rtol {rtol:e} atol {atol:e}"),
+        s => format!("{s} {steps} steps"),
     }
 }

@@ -5,25 +5,101 @@
 //! discretized decoder) or by the probability-flow ODE (an estimate through dequantization).
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
 
-use super::diffusion::chain::{Chain, VarianceKind};
-use super::diffusion::net::{check_batch, DataScale, DenoiserNet};
-use super::diffusion::param::{
-    level_cross_entropy, simple_target, x0_from_output, Parameterization,
+use crate::config::{EvalOptions, SampleOptions};
+use crate::continuous::diffusion::chain::{Chain, VarianceKind};
+use crate::continuous::diffusion::net::{check_batch, DataScale, DenoiserNet, NetConfig};
+use crate::continuous::diffusion::param::{
+    level_cross_entropy, simple_target, x0_from_output, Parameterization, ParameterizationChoice,
 };
-use super::diffusion::pf_ode::{self, PathPoint, PfOde};
-use super::diffusion::sampling::{self, GaussianDiffusion};
-use super::diffusion::vlb::{vlb, Decoder};
-use super::sampler::DdpmVariance;
-use super::schedule::NoiseSchedule;
-use crate::config::{EvalOptions, ModelConfig, SampleOptions};
-use crate::model::{DataInfo, GenerativeModel};
+use crate::continuous::diffusion::pf_ode::{self, PathPoint, PfOde};
+use crate::continuous::diffusion::sampling::{self, DiffusionSampling, GaussianDiffusion, SamplerName};
+use crate::continuous::diffusion::vlb::{vlb, Decoder};
+use crate::continuous::sampler::DdpmVariance;
+use crate::continuous::schedule::{BetaSchedule, NoiseSchedule};
+use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
+use crate::models::FamilyConfig;
 use crate::nn::ParamInit;
 use crate::{Error, Nll, NllKind, Result, Rng};
 
+/// The `[model]` table of `ddpm`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The denoiser network (`[model.net]`).
+    pub net: NetConfig,
+    /// Number of steps T.
+    pub timesteps: usize,
+    /// Beta schedule (diffusers' names: linear, scaled_linear, squaredcos_cap_v2 or cosine).
+    pub beta_schedule: BetaSchedule,
+    /// What the network predicts: eps, x0, v, levels (softmax over the levels of discrete
+    /// data, with the exact likelihood of x_t as a skip term) or auto (levels on discrete data
+    /// when D·L <= 65536, else eps).
+    pub parameterization: ParameterizationChoice,
+    /// simple (L_simple), vlb (the bound's own weights) or hybrid (simple + 0.001 vlb, Nichol &
+    /// Dhariwal 2021).
+    pub objective: Objective,
+    /// Reverse variances: fixed_small (β̃) or fixed_large (β).
+    pub variance: VarianceKind,
+    /// Clip x̂_0 to [-1, 1] on discrete data.
+    pub clip_x0: bool,
+    /// Probability-flow likelihood: data end of the path in t = i/T (0: automatic, the time
+    /// where σ/α equals the dequantization noise's std on discrete data, else 1/T).
+    pub ode_t_min: f64,
+    /// The sampler (`[model.sampling]`; auto: ancestral).
+    pub sampling: DiffusionSampling,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            net: NetConfig::default(),
+            timesteps: 1000,
+            beta_schedule: BetaSchedule::Linear,
+            parameterization: ParameterizationChoice::Auto,
+            objective: Objective::Simple,
+            variance: VarianceKind::FixedSmall,
+            clip_x0: true,
+            ode_t_min: 0.0,
+            sampling: DiffusionSampling::default(),
+        }
+    }
+}
+
+impl FamilyConfig for Config {
+    const ABOUT: &'static str =
+        "DDPM (Ho et al. 2020) on T steps; DDIM and every other sampler by model.sampling";
+    const LIKELIHOODS: &'static [&'static str] = &["vlb", "pf-ode"];
+
+    fn validate(&self) -> Result<()> {
+        self.net.validate()?;
+        self.sampling.validate()?;
+        if self.timesteps < 2 {
+            return Err(Error::Config(format!(
+                "model.timesteps must be at least 2, got {}",
+                self.timesteps
+            )));
+        }
+        if !(0.0..1.0).contains(&self.ode_t_min) {
+            return Err(Error::Config("model.ode_t_min must be in [0, 1)".into()));
+        }
+        Ok(())
+    }
+
+    fn build(
+        &self,
+        data: &DataInfo,
+        device: &Device,
+        rng: &mut Rng,
+    ) -> Result<Box<dyn GenerativeModel>> {
+        Ok(Box::new(Ddpm::new(self, *data, device, rng)?))
+    }
+}
+
 /// Training objective of DDPM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Objective {
     /// L_simple (Ho et al. 2020, eq. 14): unweighted MSE of the prediction over uniform t
     /// (for levels: the cross-entropy of the true level).
@@ -35,35 +111,9 @@ pub enum Objective {
     Hybrid,
 }
 
-impl Objective {
-    /// From "simple", "vlb" or "hybrid".
-    pub fn parse(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "simple" => Ok(Self::Simple),
-            "vlb" => Ok(Self::Vlb),
-            "hybrid" => Ok(Self::Hybrid),
-            o => Err(Error::Config(format!(
-                "unknown objective '{o}'; use simple, vlb or hybrid"
-            ))),
-        }
-    }
-}
-
-/// Parse the eval options' likelihood choice for a family whose default is `default`.
-pub fn likelihood_choice(opts: &EvalOptions, default: &'static str) -> Result<&'static str> {
-    match opts.likelihood.trim().to_ascii_lowercase().as_str() {
-        "auto" => Ok(default),
-        "vlb" | "bound" => Ok("vlb"),
-        "pf-ode" | "pf_ode" | "ode" => Ok("pf-ode"),
-        o => Err(Error::Config(format!(
-            "unknown likelihood '{o}'; use auto, vlb or pf-ode"
-        ))),
-    }
-}
-
-/// DDPM / DDIM.
+/// DDPM (DDIM is its `ddim` sampler).
 pub struct Ddpm {
-    varmap: VarMap,
+    core: ModelCore,
     net: DenoiserNet,
     chain: Chain,
     param: Parameterization,
@@ -72,33 +122,27 @@ pub struct Ddpm {
     scale: DataScale,
     clip: bool,
     ode_t_min: f64,
-    default_sampler: &'static str,
+    sampling: DiffusionSampling,
     dim: usize,
     device: Device,
 }
 
 impl Ddpm {
-    /// A new model; `ddim` makes DDIM the default sampler.
-    pub fn new(
-        cfg: &ModelConfig,
-        data: DataInfo,
-        device: &Device,
-        rng: &mut Rng,
-        ddim: bool,
-    ) -> Result<Self> {
+    /// A new model for the data, weights drawn from `rng`.
+    pub fn new(cfg: &Config, data: DataInfo, device: &Device, rng: &mut Rng) -> Result<Self> {
         if data.dim == 0 {
             return Err(Error::Shape(
                 "ddpm needs data with at least 1 dimension".into(),
             ));
         }
-        let dc = &cfg.diffusion;
+        let dc = cfg;
         let scale = DataScale::new(data.kind)?;
-        let param = Parameterization::parse(&dc.parameterization, data.dim, scale.levels)?;
-        let chain = Chain::from_schedule(&dc.beta_schedule, dc.timesteps)?;
-        let varmap = VarMap::new();
+        let param = dc.parameterization.resolve(data.dim, scale.levels)?;
+        let chain = Chain::from_schedule(dc.beta_schedule.name(), dc.timesteps)?;
+        let core = ModelCore::new(data.dim, device);
         let net = {
-            let mut p = ParamInit::new(&varmap, rng, device);
-            DenoiserNet::new(&mut p, &data, param.outputs_per_dim(), cfg)?
+            let mut p = ParamInit::new(&core.varmap, rng, device);
+            DenoiserNet::new(&mut p, &data, param.outputs_per_dim(), &cfg.net)?
         };
         let t = chain.steps() as f64;
         let ode_t_min = if dc.ode_t_min > 0.0 {
@@ -107,16 +151,16 @@ impl Ddpm {
             auto_ode_t_min(&chain, scale.levels)
         };
         Ok(Self {
-            varmap,
+            core,
             net,
             param,
-            objective: Objective::parse(&dc.objective)?,
-            variance: VarianceKind::parse(&dc.variance)?,
+            objective: dc.objective,
+            variance: dc.variance,
             clip: dc.clip_x0 && scale.levels.is_some(),
             chain,
             scale,
             ode_t_min,
-            default_sampler: if ddim { "ddim" } else { "ddpm" },
+            sampling: dc.sampling.clone(),
             dim: data.dim,
             device: device.clone(),
         })
@@ -218,16 +262,16 @@ impl GenerativeModel for Ddpm {
         "ddpm"
     }
 
-    fn varmap(&self) -> &VarMap {
-        &self.varmap
+    fn core(&self) -> &ModelCore {
+        &self.core
     }
 
-    fn dim(&self) -> usize {
-        self.dim
+    fn likelihoods(&self) -> &'static [&'static str] {
+        Config::LIKELIHOODS
     }
 
-    fn device(&self) -> &Device {
-        &self.device
+    fn sampling(&self, opts: &SampleOptions) -> String {
+        sampling::describe(&self.sampling, SamplerName::Ddpm, opts)
     }
 
     fn loss(&self, batch: &Tensor, rng: &mut Rng) -> Result<Tensor> {
@@ -280,14 +324,22 @@ impl GenerativeModel for Ddpm {
     fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
         // frozen weights: the MLP is packed once for all the sampler's calls
         let x = self.net.with_packed(|| {
-            sampling::sample(self, self.default_sampler, n, opts, rng, &self.device)
+            sampling::sample(
+                self,
+                SamplerName::Ddpm,
+                n,
+                &self.sampling,
+                opts,
+                rng,
+                &self.device,
+            )
         })?;
         self.scale.to_data(&x)
     }
 
     fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
         check_batch(batch, self.dim, "ddpm")?;
-        match likelihood_choice(opts, "vlb")? {
+        match likelihood_choice(opts, "ddpm", Config::LIKELIHOODS)? {
             "vlb" => {
                 let x0 = self.scale.to_grid(batch)?;
                 let decoder = match self.scale.levels {
@@ -327,7 +379,7 @@ impl GenerativeModel for Ddpm {
             self.chain.steps(),
             self.variance
         );
-        match likelihood_choice(opts, "vlb") {
+        match likelihood_choice(opts, "ddpm", Config::LIKELIHOODS) {
             Ok("vlb") => format!(
                 "DDPM VLB L_T + sum L_(t-1) + L_0 over all {} steps ({head}; {} decoder)",
                 self.chain.steps(),

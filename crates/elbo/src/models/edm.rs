@@ -6,22 +6,90 @@
 //! in u = ln σ, dequantized on discrete data.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
 
-use super::diffusion::net::{check_batch, DataScale, DenoiserNet};
-use super::diffusion::pf_ode::{self, PathPoint, PfOde};
-use super::diffusion::sampling::{self, GaussianDiffusion};
-use super::parameterization::EdmPrecond;
-use super::schedule::{Edm as EdmSchedule, NoiseSchedule};
-use crate::config::{EvalOptions, ModelConfig, SampleOptions};
-use crate::model::{DataInfo, GenerativeModel};
+use crate::config::{EvalOptions, SampleOptions};
+use crate::continuous::diffusion::net::{check_batch, DataScale, DenoiserNet, NetConfig};
+use crate::continuous::diffusion::pf_ode::{self, PathPoint, PfOde};
+use crate::continuous::diffusion::sampling::{self, DiffusionSampling, GaussianDiffusion, SamplerName};
+use crate::continuous::parameterization::EdmPrecond;
+use crate::continuous::schedule::{Edm as EdmSchedule, NoiseSchedule};
+use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
+use crate::models::FamilyConfig;
 use crate::nn::ParamInit;
 use crate::{Error, Nll, Result, Rng};
 
+/// The `[model]` table of `edm`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The network F (`[model.net]`).
+    pub net: NetConfig,
+    /// ln σ ~ N(p_mean, p_std²) in training (Karras et al. 2022, Table 1).
+    pub p_mean: f64,
+    /// See `p_mean`.
+    pub p_std: f64,
+    /// σ_data of the preconditioning.
+    pub sigma_data: f64,
+    /// Smallest σ of sampling and the likelihood.
+    pub sigma_min: f64,
+    /// Largest σ.
+    pub sigma_max: f64,
+    /// ρ of the Karras σ grid.
+    pub rho: f64,
+    /// The sampler (`[model.sampling]`; auto: Heun).
+    pub sampling: DiffusionSampling,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            net: NetConfig::default(),
+            p_mean: -1.2,
+            p_std: 1.2,
+            sigma_data: 0.5,
+            sigma_min: 0.002,
+            sigma_max: 80.0,
+            rho: 7.0,
+            sampling: DiffusionSampling::default(),
+        }
+    }
+}
+
+impl FamilyConfig for Config {
+    const ABOUT: &'static str =
+        "EDM (Karras et al. 2022): preconditioned denoiser, Heun sampler, probability-flow likelihood";
+    const LIKELIHOODS: &'static [&'static str] = &["pf-ode"];
+
+    fn validate(&self) -> Result<()> {
+        self.net.validate()?;
+        self.sampling.validate()?;
+        if !(self.sigma_min > 0.0 && self.sigma_max > self.sigma_min && self.sigma_data > 0.0) {
+            return Err(Error::Config(
+                "model needs 0 < sigma_min < sigma_max and sigma_data > 0".into(),
+            ));
+        }
+        if !(self.p_std > 0.0 && self.rho > 0.0) {
+            return Err(Error::Config("model.p_std and model.rho must be positive".into()));
+        }
+        Ok(())
+    }
+
+    fn build(
+        &self,
+        data: &DataInfo,
+        device: &Device,
+        rng: &mut Rng,
+    ) -> Result<Box<dyn GenerativeModel>> {
+        Ok(Box::new(Edm::new(self, *data, device, rng)?))
+    }
+}
+
 /// EDM with an MLP / U-Net F.
 pub struct Edm {
-    varmap: VarMap,
+    core: ModelCore,
     net: DenoiserNet,
+    sampling: DiffusionSampling,
     precond: EdmPrecond,
     schedule: EdmSchedule,
     p_mean: f64,
@@ -33,21 +101,22 @@ pub struct Edm {
 
 impl Edm {
     /// A new model for the data.
-    pub fn new(cfg: &ModelConfig, data: DataInfo, device: &Device, rng: &mut Rng) -> Result<Self> {
+    pub fn new(cfg: &Config, data: DataInfo, device: &Device, rng: &mut Rng) -> Result<Self> {
         if data.dim == 0 {
             return Err(Error::Shape(
                 "edm needs data with at least 1 dimension".into(),
             ));
         }
-        let dc = &cfg.diffusion;
-        let varmap = VarMap::new();
+        let dc = cfg;
+        let core = ModelCore::new(data.dim, device);
         let net = {
-            let mut p = ParamInit::new(&varmap, rng, device);
-            DenoiserNet::new(&mut p, &data, 1, cfg)?
+            let mut p = ParamInit::new(&core.varmap, rng, device);
+            DenoiserNet::new(&mut p, &data, 1, &cfg.net)?
         };
         Ok(Self {
-            varmap,
+            core,
             net,
+            sampling: cfg.sampling.clone(),
             precond: EdmPrecond {
                 sigma_data: dc.sigma_data,
             },
@@ -103,14 +172,14 @@ impl GenerativeModel for Edm {
     fn family(&self) -> &'static str {
         "edm"
     }
-    fn varmap(&self) -> &VarMap {
-        &self.varmap
+    fn core(&self) -> &ModelCore {
+        &self.core
     }
-    fn dim(&self) -> usize {
-        self.dim
+    fn likelihoods(&self) -> &'static [&'static str] {
+        Config::LIKELIHOODS
     }
-    fn device(&self) -> &Device {
-        &self.device
+    fn sampling(&self, opts: &SampleOptions) -> String {
+        sampling::describe(&self.sampling, SamplerName::Heun, opts)
     }
 
     fn loss(&self, batch: &Tensor, rng: &mut Rng) -> Result<Tensor> {
@@ -136,17 +205,15 @@ impl GenerativeModel for Edm {
     fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
         let x = self
             .net
-            .with_packed(|| sampling::sample(self, "edm", n, opts, rng, &self.device))?;
+            .with_packed(|| {
+                sampling::sample(self, SamplerName::Heun, n, &self.sampling, opts, rng, &self.device)
+            })?;
         self.scale.to_data(&x)
     }
 
     fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
         check_batch(batch, self.dim, "edm")?;
-        if super::ddpm::likelihood_choice(opts, "pf-ode")? != "pf-ode" {
-            return Err(Error::Config(
-                "the edm family has no VLB; use the pf-ode likelihood".into(),
-            ));
-        }
+        likelihood_choice(opts, "edm", Config::LIKELIHOODS)?;
         // path in u = ln σ: α = 1, σ = e^u
         let path = |u: f64| PathPoint {
             alpha: 1.0,

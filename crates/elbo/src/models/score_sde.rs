@@ -2,19 +2,103 @@
 //! continuous-time VP, sub-VP or VE forward processes, denoising score matching with the
 //! λ(t) = σ(t)² weighting (eq. 7: the network predicts ε and the score is -ε̂/σ), predictor-
 //! corrector sampling (Alg. 1) by default (any sampler by name), and the probability-flow ODE
-//! log-likelihood (eq. 13 and App. D.2) through [`super::cnf`], dequantized on discrete data.
+//! log-likelihood (eq. 13 and App. D.2) through [`crate::continuous::cnf`], dequantized on
+//! discrete data.
 
 use candle_core::{Device, Tensor};
-use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
 
-use super::diffusion::net::{check_batch, DataScale, DenoiserNet};
-use super::diffusion::pf_ode::{self, PathPoint, PfOde};
-use super::diffusion::sampling::{self, GaussianDiffusion};
-use super::schedule::{NoiseSchedule, SubVp, Ve, Vp};
-use crate::config::{EvalOptions, ModelConfig, SampleOptions};
-use crate::model::{DataInfo, GenerativeModel};
+use crate::config::{EvalOptions, SampleOptions};
+use crate::continuous::diffusion::net::{check_batch, DataScale, DenoiserNet, NetConfig};
+use crate::continuous::diffusion::pf_ode::{self, PathPoint, PfOde};
+use crate::continuous::diffusion::sampling::{self, DiffusionSampling, GaussianDiffusion, SamplerName};
+use crate::continuous::schedule::{NoiseSchedule, SubVp, Ve, Vp};
+use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
+use crate::models::FamilyConfig;
 use crate::nn::ParamInit;
 use crate::{Error, Nll, Result, Rng};
+
+/// The `[model]` table of `sde`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The ε network (`[model.net]`).
+    pub net: NetConfig,
+    /// The forward SDE: vp, subvp or ve (Song et al. 2021b).
+    pub sde: SdeType,
+    /// VP / sub-VP: β(t) = beta_min + t (beta_max - beta_min).
+    pub beta_min: f64,
+    /// VP / sub-VP: see `beta_min`.
+    pub beta_max: f64,
+    /// VE: σ(t) = ve_sigma_min (ve_sigma_max / ve_sigma_min)^t.
+    pub ve_sigma_min: f64,
+    /// VE: see `ve_sigma_min`.
+    pub ve_sigma_max: f64,
+    /// Smallest training / likelihood time.
+    pub t_eps: f64,
+    /// The sampler (`[model.sampling]`; auto: predictor-corrector).
+    pub sampling: DiffusionSampling,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            net: NetConfig::default(),
+            sde: SdeType::Vp,
+            beta_min: 0.1,
+            beta_max: 20.0,
+            ve_sigma_min: 0.01,
+            ve_sigma_max: 50.0,
+            t_eps: 1e-5,
+            sampling: DiffusionSampling::default(),
+        }
+    }
+}
+
+impl FamilyConfig for Config {
+    const ABOUT: &'static str =
+        "score SDE (VP, sub-VP, VE; Song et al. 2021) with the probability-flow likelihood";
+    const LIKELIHOODS: &'static [&'static str] = &["pf-ode"];
+
+    fn validate(&self) -> Result<()> {
+        self.net.validate()?;
+        self.sampling.validate()?;
+        if !(self.beta_min > 0.0 && self.beta_max > self.beta_min) {
+            return Err(Error::Config("model needs 0 < beta_min < beta_max".into()));
+        }
+        if !(self.ve_sigma_min > 0.0 && self.ve_sigma_max > self.ve_sigma_min) {
+            return Err(Error::Config(
+                "model needs 0 < ve_sigma_min < ve_sigma_max".into(),
+            ));
+        }
+        if !(self.t_eps > 0.0 && self.t_eps < 1.0) {
+            return Err(Error::Config("model.t_eps must be in (0, 1)".into()));
+        }
+        Ok(())
+    }
+
+    fn build(
+        &self,
+        data: &DataInfo,
+        device: &Device,
+        rng: &mut Rng,
+    ) -> Result<Box<dyn GenerativeModel>> {
+        Ok(Box::new(ScoreSde::new(self, *data, device, rng)?))
+    }
+}
+
+/// Which forward SDE a config asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SdeType {
+    /// Variance preserving.
+    Vp,
+    /// Sub-variance preserving.
+    #[serde(alias = "sub-vp", alias = "sub_vp")]
+    Subvp,
+    /// Variance exploding.
+    Ve,
+}
 
 /// The forward SDE.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -29,28 +113,19 @@ pub enum SdeKind {
 
 impl SdeKind {
     /// From the config's `sde`, `beta_min/max`, `ve_sigma_min/max` and `t_eps`.
-    pub fn from_config(cfg: &crate::config::DiffusionConfig) -> Result<Self> {
+    pub fn from_config(cfg: &Config) -> Self {
         let vp = Vp {
             beta_min: cfg.beta_min,
             beta_max: cfg.beta_max,
             t_eps: cfg.t_eps,
         };
-        match cfg
-            .sde
-            .trim()
-            .to_ascii_lowercase()
-            .replace(['-', '_'], "")
-            .as_str()
-        {
-            "vp" => Ok(Self::Vp(vp)),
-            "subvp" => Ok(Self::SubVp(SubVp(vp))),
-            "ve" => Ok(Self::Ve(Ve {
+        match cfg.sde {
+            SdeType::Vp => Self::Vp(vp),
+            SdeType::Subvp => Self::SubVp(SubVp(vp)),
+            SdeType::Ve => Self::Ve(Ve {
                 sigma_min: cfg.ve_sigma_min,
                 sigma_max: cfg.ve_sigma_max,
-            })),
-            o => Err(Error::Config(format!(
-                "unknown sde '{o}'; use vp, subvp or ve"
-            ))),
+            }),
         }
     }
 
@@ -74,9 +149,10 @@ impl SdeKind {
 
 /// A score SDE with an ε-predicting network on input x_t / sqrt(α² + σ²) and time 1000 t.
 pub struct ScoreSde {
-    varmap: VarMap,
+    core: ModelCore,
     net: DenoiserNet,
     kind: SdeKind,
+    sampling: DiffusionSampling,
     scale: DataScale,
     dim: usize,
     device: Device,
@@ -84,22 +160,23 @@ pub struct ScoreSde {
 
 impl ScoreSde {
     /// A new model for the data.
-    pub fn new(cfg: &ModelConfig, data: DataInfo, device: &Device, rng: &mut Rng) -> Result<Self> {
+    pub fn new(cfg: &Config, data: DataInfo, device: &Device, rng: &mut Rng) -> Result<Self> {
         if data.dim == 0 {
             return Err(Error::Shape(
                 "sde needs data with at least 1 dimension".into(),
             ));
         }
-        let kind = SdeKind::from_config(&cfg.diffusion)?;
-        let varmap = VarMap::new();
+        let kind = SdeKind::from_config(cfg);
+        let core = ModelCore::new(data.dim, device);
         let net = {
-            let mut p = ParamInit::new(&varmap, rng, device);
-            DenoiserNet::new(&mut p, &data, 1, cfg)?
+            let mut p = ParamInit::new(&core.varmap, rng, device);
+            DenoiserNet::new(&mut p, &data, 1, &cfg.net)?
         };
         Ok(Self {
-            varmap,
+            core,
             net,
             kind,
+            sampling: cfg.sampling.clone(),
             scale: DataScale::new(data.kind)?,
             dim: data.dim,
             device: device.clone(),
@@ -155,14 +232,14 @@ impl GenerativeModel for ScoreSde {
     fn family(&self) -> &'static str {
         "sde"
     }
-    fn varmap(&self) -> &VarMap {
-        &self.varmap
+    fn core(&self) -> &ModelCore {
+        &self.core
     }
-    fn dim(&self) -> usize {
-        self.dim
+    fn likelihoods(&self) -> &'static [&'static str] {
+        Config::LIKELIHOODS
     }
-    fn device(&self) -> &Device {
-        &self.device
+    fn sampling(&self, opts: &SampleOptions) -> String {
+        sampling::describe(&self.sampling, SamplerName::Pc, opts)
     }
 
     /// Denoising score matching with λ(t) = σ², t ~ U[t_min, 1] (Song et al. 2021b, eq. 7).
@@ -189,17 +266,15 @@ impl GenerativeModel for ScoreSde {
     fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
         let x = self
             .net
-            .with_packed(|| sampling::sample(self, "pc", n, opts, rng, &self.device))?;
+            .with_packed(|| {
+                sampling::sample(self, SamplerName::Pc, n, &self.sampling, opts, rng, &self.device)
+            })?;
         self.scale.to_data(&x)
     }
 
     fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
         check_batch(batch, self.dim, "sde")?;
-        if super::ddpm::likelihood_choice(opts, "pf-ode")? != "pf-ode" {
-            return Err(Error::Config(
-                "the sde family has no VLB; use the pf-ode likelihood".into(),
-            ));
-        }
+        likelihood_choice(opts, "sde", Config::LIKELIHOODS)?;
         let sch = self.kind.schedule();
         let path = |u: f64| self.path_point(u);
         let pred = |x: &Tensor, u: f64| GaussianDiffusion::predict_x0(self, x, u, true);

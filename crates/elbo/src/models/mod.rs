@@ -1,0 +1,179 @@
+//! The families, one file each, and the registry that names them.
+//!
+//! Each `models/<family>.rs` holds the family's typed `Config` (its `[model]` table, with
+//! `deny_unknown_fields`) beside the model that implements [`GenerativeModel`], in the style of
+//! candle-transformers' `models/<name>.rs`. The shared mathematics the families are built from
+//! lives elsewhere: [`crate::continuous`] (schedules, samplers, ODE solvers and the CNF
+//! likelihood, the Gaussian chain), [`crate::discrete`] (masking, orders, token filters) and
+//! [`crate::nn`] (backbones that know nothing about generative modelling).
+//!
+//! Adding a family: write `models/<family>.rs` with a `Config` implementing [`FamilyConfig`]
+//! and a model implementing [`GenerativeModel`], then add one line to the [`families!`] list
+//! below. The line declares the module, the `[model] name` (first) and its aliases; the CLI's
+//! help, the config parser, `--set` and the contract test all read this list.
+
+use candle_core::Device;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{DataInfo, GenerativeModel};
+use crate::{Error, Result, Rng};
+
+/// What a family's `[model]` table must provide.
+pub trait FamilyConfig:
+    Clone + std::fmt::Debug + Default + PartialEq + Serialize + DeserializeOwned
+{
+    /// One line for `--help` and reports.
+    const ABOUT: &'static str;
+    /// The likelihoods `elbo eval --likelihood` accepts for this family; the first is the
+    /// default (`auto`). Empty for a family without one.
+    const LIKELIHOODS: &'static [&'static str];
+    /// Ranges serde cannot check.
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The model for data of the given shape, initial weights drawn from `rng`.
+    fn build(
+        &self,
+        data: &DataInfo,
+        device: &Device,
+        rng: &mut Rng,
+    ) -> Result<Box<dyn GenerativeModel>>;
+}
+
+/// A registered family, as `--help` and reports list it.
+#[derive(Clone, Copy, Debug)]
+pub struct FamilyInfo {
+    /// Canonical `[model] name`.
+    pub name: &'static str,
+    /// Other accepted names.
+    pub aliases: &'static [&'static str],
+    /// One line.
+    pub about: &'static str,
+    /// Likelihood names, default first.
+    pub likelihoods: &'static [&'static str],
+}
+
+/// Declares the family modules and generates [`ModelConfig`] (a serde enum tagged by `name`),
+/// [`FAMILIES`] and the dispatch from the list of `module => Variant = "name" | "alias" ...;`.
+macro_rules! families {
+    ($($(#[$doc:meta])* $module:ident => $variant:ident = $name:literal $(| $alias:literal)*;)*) => {
+        $($(#[$doc])* pub mod $module;)*
+
+        /// The `[model]` table: one variant per family, chosen by `name` (or an alias), each
+        /// with its own typed settings.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "name")]
+        pub enum ModelConfig {
+            $($(#[$doc])* #[serde(rename = $name $(, alias = $alias)*)] $variant($module::Config),)*
+        }
+
+        /// Every registered family, in registry order.
+        pub const FAMILIES: &[FamilyInfo] = &[$(FamilyInfo {
+            name: $name,
+            aliases: &[$($alias),*],
+            about: <$module::Config as FamilyConfig>::ABOUT,
+            likelihoods: <$module::Config as FamilyConfig>::LIKELIHOODS,
+        },)*];
+
+        impl ModelConfig {
+            /// The canonical family name.
+            pub fn name(&self) -> &'static str {
+                match self { $(Self::$variant(_) => $name,)* }
+            }
+            /// Ranges serde cannot check.
+            pub fn validate(&self) -> Result<()> {
+                match self { $(Self::$variant(c) => c.validate(),)* }
+            }
+            /// Build the family's model for the data, drawing its initial weights from `rng`.
+            pub fn build(
+                &self,
+                data: &DataInfo,
+                device: &Device,
+                rng: &mut Rng,
+            ) -> Result<Box<dyn GenerativeModel>> {
+                match self { $(Self::$variant(c) => c.build(data, device, rng),)* }
+            }
+            /// The default settings of the family named `name` (canonical or alias).
+            pub fn default_for(name: &str) -> Result<Self> {
+                let canonical = family(name)?.name;
+                $(if canonical == $name {
+                    return Ok(Self::$variant(<$module::Config>::default()));
+                })*
+                Err(unknown(name))
+            }
+        }
+    };
+}
+
+families! {
+    /// Flow matching / rectified flow (Lipman et al. 2023; Liu et al. 2023).
+    flow_matching => FlowMatching = "flow-matching" | "fm" | "rectified-flow" | "flow" | "flow_matching";
+    /// DDPM (Ho et al. 2020); DDIM is its `ddim` sampler.
+    ddpm => Ddpm = "ddpm";
+    /// Score SDEs (Song et al. 2021).
+    score_sde => ScoreSde = "sde" | "score-sde" | "score_sde";
+    /// EDM (Karras et al. 2022).
+    edm => Edm = "edm";
+    /// Autoregressive transformer LM.
+    autoregressive => Autoregressive = "ar" | "autoregressive";
+    /// Any-order autoregressive transformer.
+    any_order => AnyOrder = "ao-ar" | "any-order" | "aoar";
+    /// Masked diffusion LM (MDLM, LLaDA).
+    mdlm => Mdlm = "mdlm" | "masked-diffusion";
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self::FlowMatching(flow_matching::Config::default())
+    }
+}
+
+/// The registered family called `name` (canonical name or alias, any case).
+pub fn family(name: &str) -> Result<&'static FamilyInfo> {
+    let want = name.trim().to_ascii_lowercase();
+    FAMILIES
+        .iter()
+        .find(|f| f.name == want || f.aliases.contains(&want.as_str()))
+        .ok_or_else(|| unknown(name))
+}
+
+fn unknown(name: &str) -> Error {
+    let hint = if name.trim().eq_ignore_ascii_case("ddim") {
+        " (DDIM is a sampler: use ddpm with sampler \"ddim\", e.g. --model ddpm --sampler ddim)"
+    } else {
+        ""
+    };
+    Error::UnknownModel {
+        name: format!("{name}{hint}"),
+        known: known_names(),
+    }
+}
+
+/// "flow-matching (fm, rectified-flow, flow), ddpm, ..." for error messages and help.
+pub fn known_names() -> String {
+    FAMILIES
+        .iter()
+        .map(|f| match f.aliases.first() {
+            None => f.name.to_string(),
+            Some(_) => format!("{} ({})", f.name, f.aliases.join(", ")),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One line per family for `--help`: name, what it is, its likelihoods.
+pub fn help_table() -> String {
+    FAMILIES
+        .iter()
+        .map(|f| {
+            let lik = if f.likelihoods.is_empty() {
+                "none".to_string()
+            } else {
+                f.likelihoods.join(", ")
+            };
+            format!("  {:<14} {} [likelihoods: {lik}]", f.name, f.about)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
