@@ -2,3 +2,4 @@
 
 pub mod plot;
 pub mod report;
+pub mod sample_metric;
