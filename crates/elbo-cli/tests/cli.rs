@@ -26,7 +26,7 @@ fn assert_clean_failure(o: &Output, needles: &[&str]) {
 }
 
 const TINY: &str = r#"
-[model]
+[model.net]
 hidden = 32
 layers = 2
 [data]

@@ -20,10 +20,10 @@ fn stderr(o: &Output) -> String {
 const TINY_DDPM: &str = r#"
 [model]
 name = "ddpm"
+timesteps = 40
+[model.net]
 hidden = 32
 layers = 2
-[model.diffusion]
-timesteps = 40
 [data]
 name = "digits"
 [train]
@@ -115,18 +115,16 @@ fn ddpm_train_sample_five_samplers_eval_vlb_and_pf_ode() {
     let o = elbo(&["sample", "--run", "run", "--sampler", "nope"], d.path());
     assert!(!o.status.success());
     assert!(
-        stderr(&o).contains("unknown sampler 'nope'"),
+        stderr(&o).contains("nope") && stderr(&o).contains("dpm++2m"),
         "{}",
         stderr(&o)
     );
 }
 
 const TINY_MOONS: &str = r#"
-[model]
+[model.net]
 hidden = 32
 layers = 2
-[model.diffusion]
-timesteps = 50
 [data]
 name = "moons"
 test_size = 50
@@ -148,7 +146,7 @@ fn sde_edm_and_flow_under_diffusion_samplers() {
         ("sde", "pc"),
         ("edm", "edm"),
         ("flow", "em"),
-        ("ddim", "ddim"),
+        ("ddpm", "ddim"),
     ] {
         let out = format!("run-{model}");
         let o = elbo(
@@ -182,4 +180,11 @@ fn sde_edm_and_flow_under_diffusion_samplers() {
         assert!(o.status.success(), "{model}/{sampler}: {}", stderr(&o));
         assert!(d.path().join(&out).join("samples.png").exists());
     }
+    // DDIM is a sampler, not a family: the error says so
+    let o = elbo(&["train", "-c", "moons.toml", "--model", "ddim"], d.path());
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--sampler ddim"), "{}", stderr(&o));
+    // the network settings of the config file carry over to the family chosen by --model
+    let cfg = std::fs::read_to_string(d.path().join("run-sde/config.json")).unwrap();
+    assert!(cfg.contains("\"hidden\": 32"), "{cfg}");
 }

@@ -26,6 +26,7 @@ fn tiny(model: &str) -> String {
         r#"
 [model]
 name = "{model}"
+[model.transformer]
 d_model = 16
 n_heads = 2
 n_layers = 1

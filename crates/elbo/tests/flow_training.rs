@@ -42,7 +42,7 @@ fn every_parameter_gets_a_nonzero_gradient() {
     let loss = model.loss(&batch, &mut rng).unwrap();
     let grads = loss.backward().unwrap();
     let params = named_vars(model.varmap()).unwrap();
-    assert_eq!(params.len(), 2 * (3 + 1));
+    assert_eq!(params.len(), 2 * (4 + 1)); // the default MLP: 4 hidden layers and the output
     for (name, var) in &params {
         let g = grads
             .get(var.as_tensor())

@@ -4,14 +4,14 @@
 //! string), written into the serialised config, and the whole config is parsed again, so an
 //! unknown key or a value of the wrong type is an error that names the valid keys.
 //!
-//! Setting `model.name` to another family replaces the whole `[model]` table by that family's
-//! defaults (the old family's settings would not fit it); later `--set model.*` keys apply on
-//! top.
+//! Setting `model.name` to another family keeps the settings the two families share (the
+//! same key with a value of the right type, e.g. `[model.net]` between the continuous families)
+//! and takes the new family's defaults for the rest; later `--set model.*` keys apply on top.
 
 use serde_json::Value;
 
 use super::Config;
-use crate::models::{family, ModelConfig};
+use crate::models::family;
 use crate::{Error, Result};
 
 impl Config {
@@ -29,10 +29,8 @@ impl Config {
             return Err(Error::Config(format!("--set '{assignment}': empty key part")));
         }
         if key == "model.name" {
-            let wanted = family(raw)?.name;
-            if wanted != self.model.name() {
-                self.model = ModelConfig::default_for(wanted)?;
-            }
+            let wanted = family(raw.trim_matches('"'))?.name;
+            self.model = self.model.switch_to(wanted)?;
             return Ok(());
         }
         let mut tree = serde_json::to_value(&*self)
@@ -115,7 +113,7 @@ mod tests {
         assert_eq!(c.train.lr, 3e-4);
         c.set("model.net.hidden = 64").unwrap();
         match &c.model {
-            ModelConfig::FlowMatching(f) => assert_eq!(f.net.hidden, 64),
+            crate::models::ModelConfig::FlowMatching(f) => assert_eq!(f.net.hidden, 64),
             other => panic!("{other:?}"),
         }
         let e = c.set("train.lrr=1").unwrap_err().to_string();
@@ -126,6 +124,11 @@ mod tests {
         assert!(e.contains("at least 1"), "{e}");
         c.set("model.name=ddpm").unwrap();
         assert_eq!(c.model.name(), "ddpm");
+        // the network settings carry over to the new family
+        match &c.model {
+            crate::models::ModelConfig::Ddpm(f) => assert_eq!(f.net.hidden, 64),
+            other => panic!("{other:?}"),
+        }
         c.set("model.sampling.sampler=ddim").unwrap();
         let e = c.set("model.sampling.sampler=dddim").unwrap_err().to_string();
         assert!(e.contains("dpm++2m"), "{e}");

@@ -60,12 +60,26 @@ macro_rules! families {
     ($($(#[$doc:meta])* $module:ident => $variant:ident = $name:literal $(| $alias:literal)*;)*) => {
         $($(#[$doc])* pub mod $module;)*
 
-        /// The `[model]` table: one variant per family, chosen by `name` (or an alias), each
-        /// with its own typed settings.
+        /// The `[model]` table: one variant per family, chosen by `name` (or an alias; no
+        /// name means `flow-matching`), each with its own typed settings.
         #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-        #[serde(tag = "name")]
+        #[serde(tag = "name", try_from = "serde_json::Value")]
         pub enum ModelConfig {
             $($(#[$doc])* #[serde(rename = $name $(, alias = $alias)*)] $variant($module::Config),)*
+        }
+
+        /// What serde derives for the tagged table; [`ModelConfig`] parses through it after
+        /// supplying the default name.
+        #[derive(Deserialize)]
+        #[serde(tag = "name")]
+        enum Tagged {
+            $(#[serde(rename = $name $(, alias = $alias)*)] $variant($module::Config),)*
+        }
+
+        impl From<Tagged> for ModelConfig {
+            fn from(t: Tagged) -> Self {
+                match t { $(Tagged::$variant(c) => Self::$variant(c),)* }
+            }
         }
 
         /// Every registered family, in registry order.
@@ -121,6 +135,51 @@ families! {
     any_order => AnyOrder = "ao-ar" | "any-order" | "aoar";
     /// Masked diffusion LM (MDLM, LLaDA).
     mdlm => Mdlm = "mdlm" | "masked-diffusion";
+}
+
+impl TryFrom<serde_json::Value> for ModelConfig {
+    type Error = String;
+
+    fn try_from(mut v: serde_json::Value) -> std::result::Result<Self, String> {
+        if let serde_json::Value::Object(map) = &mut v {
+            map.entry("name")
+                .or_insert_with(|| serde_json::Value::String(FAMILIES[0].name.into()));
+        }
+        serde_json::from_value::<Tagged>(v)
+            .map(Self::from)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl ModelConfig {
+    /// The family `name`, keeping the settings of `self` that it shares (the same key with a
+    /// value of the right type, such as `net` between the continuous families); the rest are
+    /// the new family's defaults.
+    pub fn switch_to(&self, name: &str) -> Result<Self> {
+        let target = Self::default_for(name)?;
+        if target.name() == self.name() {
+            return Ok(self.clone());
+        }
+        let to_json = |m: &Self| {
+            serde_json::to_value(m)
+                .map_err(|e| Error::Config(format!("cannot serialise the model config: {e}")))
+        };
+        let (serde_json::Value::Object(old), serde_json::Value::Object(mut new)) =
+            (to_json(self)?, to_json(&target)?)
+        else {
+            return Ok(target);
+        };
+        let keys: Vec<String> = new.keys().filter(|k| *k != "name").cloned().collect();
+        for k in keys {
+            let Some(v) = old.get(&k) else { continue };
+            let mut trial = new.clone();
+            trial.insert(k.clone(), v.clone());
+            if Self::try_from(serde_json::Value::Object(trial.clone())).is_ok() {
+                new = trial;
+            }
+        }
+        Self::try_from(serde_json::Value::Object(new)).map_err(Error::Config)
+    }
 }
 
 impl Default for ModelConfig {
