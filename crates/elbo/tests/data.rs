@@ -1,5 +1,6 @@
 //! Tests of the data module: toy generators against statistics derived from their definitions
-//! (`data/toy2d.rs`), the embedded digits, `.npy` and CSV readers (`data/files.rs`), and the
+//! (`data/toy2d.rs`), the embedded digits, `.npy` and CSV readers (`data/files.rs`), the
+//! train / validation / test splits and layouts of every source (`data/splits.rs`), and the
 //! registry (here).
 
 use std::collections::HashSet;
@@ -9,11 +10,13 @@ use candle_core::Device;
 use elbo::data::npy::write_npy;
 use elbo::data::registry::ArraySource;
 use elbo::data::toy2d::Toy2d;
-use elbo::data::{open, DataConfig, DataKind, KNOWN_DATASETS};
+use elbo::data::{open, split_train_val, DataConfig, DataKind, KNOWN_DATASETS};
 use elbo::{Error, Rng};
 
 #[path = "data/files.rs"]
 mod files;
+#[path = "data/splits.rs"]
+mod splits;
 #[path = "data/toy2d.rs"]
 mod toy2d;
 
@@ -87,8 +90,62 @@ fn unknown_names_list_the_known_ones() {
 fn data_config_defaults_and_validation() {
     let c: DataConfig = toml::from_str("").unwrap();
     assert_eq!((c.test_size, c.test_fraction), (5000, 0.1));
+    assert_eq!((c.val_size, c.val_fraction), (5000, 0.1));
+    assert_eq!(c, DataConfig::default());
     let c: DataConfig = toml::from_str("test_fraction = 0.25").unwrap();
     assert_eq!((c.test_size, c.test_fraction), (5000, 0.25));
+    let c: DataConfig = toml::from_str("val_fraction = 0.2\nval_size = 300").unwrap();
+    assert_eq!((c.val_size, c.val_fraction, c.test_size), (300, 0.2, 5000));
+    // Out-of-range split options are configuration errors that name the field, for every kind
+    // of source (the check runs before any data is read).
+    for (bad, field) in [
+        (
+            DataConfig {
+                val_fraction: 0.0,
+                ..Default::default()
+            },
+            "data.val_fraction",
+        ),
+        (
+            DataConfig {
+                val_fraction: 1.0,
+                ..Default::default()
+            },
+            "data.val_fraction",
+        ),
+        (
+            DataConfig {
+                val_fraction: -0.2,
+                ..Default::default()
+            },
+            "data.val_fraction",
+        ),
+        (
+            DataConfig {
+                val_fraction: f64::NAN,
+                ..Default::default()
+            },
+            "data.val_fraction",
+        ),
+        (
+            DataConfig {
+                val_size: 0,
+                ..Default::default()
+            },
+            "data.val_size",
+        ),
+    ] {
+        assert!(bad.validate().is_err(), "{bad:?}");
+        for name in ["moons", "digits", "mnist", "shakespeare", "x.npy", "y.txt"] {
+            match open(name, &bad) {
+                Err(Error::Config(m)) => assert!(m.contains(field), "{name}: '{m}' names {field}"),
+                other => panic!(
+                    "{name} with {bad:?}: expected a config error, got {:?}",
+                    other.err()
+                ),
+            }
+        }
+    }
     for bad in [
         DataConfig {
             test_size: 0,
@@ -128,13 +185,26 @@ fn array_files_are_split_once_and_sampled_from_train() {
     for r in &test {
         assert_eq!(r[1], -2.0 * r[0]);
     }
+    // The test rows are those the two-way split held out before validation existed.
+    assert_eq!(
+        test.iter().map(|r| r[0] as i64).collect::<Vec<_>>(),
+        [34, 3, 27, 9, 1]
+    );
+    // Validation: round(0.1 * 45) of the other 45 rows, disjoint from the test rows.
+    let val = s.val_set(&dev).unwrap().to_vec2::<f32>().unwrap();
+    let val_ids: HashSet<i64> = val.iter().map(|r| r[0] as i64).collect();
+    assert_eq!((val.len(), val_ids.len()), (5, 5));
+    assert!(val_ids.is_disjoint(&test_ids));
+    for r in &val {
+        assert_eq!(r[1], -2.0 * r[0]);
+    }
     // The split is fixed: the same file opened again holds out the same rows.
     let again = open(npy.to_str().unwrap(), &cfg).unwrap();
     assert_eq!(
         again.test_set(&dev).unwrap().to_vec2::<f32>().unwrap(),
         test
     );
-    // Training batches use the other 45 rows, with replacement.
+    // Training batches use the other 40 rows, with replacement.
     let b = s
         .train_batch(1000, &mut Rng::new(3), &dev)
         .unwrap()
@@ -142,11 +212,16 @@ fn array_files_are_split_once_and_sampled_from_train() {
         .unwrap();
     let seen: HashSet<i64> = b.iter().map(|r| r[0] as i64).collect();
     assert!(seen.is_disjoint(&test_ids));
+    assert!(seen.is_disjoint(&val_ids));
     assert_eq!(
         seen.len(),
-        45,
-        "1000 draws from 45 rows should see them all"
+        40,
+        "1000 draws from 40 rows should see them all"
     );
+    // Drawing batches with another seed leaves the validation set as it was.
+    s.train_batch(100, &mut Rng::new(99), &dev).unwrap();
+    assert_eq!(s.val_set(&dev).unwrap().to_vec2::<f32>().unwrap(), val);
+    assert_eq!(again.val_set(&dev).unwrap().to_vec2::<f32>().unwrap(), val);
 
     // The same array as CSV (with a header), and through the "csv:" / "npy:" prefixes.
     let mut text = String::from("x,y\n");
@@ -157,6 +232,7 @@ fn array_files_are_split_once_and_sampled_from_train() {
     std::fs::write(&csv, &text).unwrap();
     let c = open(csv.to_str().unwrap(), &cfg).unwrap();
     assert_eq!(c.test_set(&dev).unwrap().to_vec2::<f32>().unwrap(), test);
+    assert_eq!(c.val_set(&dev).unwrap().to_vec2::<f32>().unwrap(), val);
     let other = dir.path().join("arr.data");
     std::fs::write(&other, &text).unwrap();
     let c2 = open(&format!("csv:{}", other.display()), &cfg).unwrap();
@@ -165,11 +241,65 @@ fn array_files_are_split_once_and_sampled_from_train() {
     std::fs::copy(&npy, &bin).unwrap();
     assert!(open(&format!("npy:{}", bin.display()), &cfg).is_ok());
 
-    // test_fraction rounds, with at least one held-out row.
+    // test_fraction and val_fraction round, with at least one row in each split.
     let tiny = ArraySource::new("tiny", vec![1.0, 2.0, 3.0], &[3, 1], 0.01).unwrap();
-    assert_eq!((tiny.n_train(), tiny.n_test()), (2, 1));
+    assert_eq!((tiny.n_train(), tiny.n_val(), tiny.n_test()), (1, 1, 1));
     let half = ArraySource::new("half", data.clone(), &[50, 2], 0.5).unwrap();
-    assert_eq!((half.n_train(), half.n_test()), (25, 25));
+    assert_eq!((half.n_train(), half.n_val(), half.n_test()), (22, 3, 25));
+    let most = ArraySource::with_val_fraction("most", data.clone(), &[50, 2], 0.1, 0.99).unwrap();
+    assert_eq!((most.n_train(), most.n_val(), most.n_test()), (1, 44, 5));
+    // Two rows cannot make three splits: a config error naming the field.
+    match ArraySource::new("two", vec![1.0, 2.0], &[2, 1], 0.5) {
+        Err(Error::Config(m)) => assert!(m.contains("data.val_fraction") && m.contains("two")),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    for f in [0.0, 1.0, 1.5, f64::NAN] {
+        match ArraySource::with_val_fraction("f", data.clone(), &[50, 2], 0.1, f) {
+            Err(Error::Config(m)) => assert!(m.contains("data.val_fraction"), "{m}"),
+            other => panic!("val_fraction {f}: expected a config error, got {other:?}"),
+        }
+    }
+    // The three index lists partition the rows; the test rows do not depend on val_fraction.
+    for f in [0.05, 0.1, 0.3, 0.9] {
+        let a = ArraySource::with_val_fraction("a", data.clone(), &[50, 2], 0.1, f).unwrap();
+        assert_eq!(a.test_rows(), half_test_prefix(&data));
+        assert_eq!(a.n_val(), ((f * 45.0).round() as usize).clamp(1, 44));
+        let mut all: Vec<usize> = [a.train_rows(), a.val_rows(), a.test_rows()].concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..50).collect::<Vec<_>>());
+    }
+}
+
+/// The test rows of the 50-row array with the default test_fraction.
+fn half_test_prefix(data: &[f32]) -> Vec<usize> {
+    let a = ArraySource::new("p", data.to_vec(), &[50, 2], 0.1).unwrap();
+    a.test_rows().to_vec()
+}
+
+#[test]
+fn the_validation_permutation_is_fixed_sized_and_nested() {
+    let (train, val) = split_train_val(1000, 0.1, "x").unwrap();
+    assert_eq!((train.len(), val.len()), (900, 100));
+    assert!(train.windows(2).all(|w| w[0] < w[1]) && val.windows(2).all(|w| w[0] < w[1]));
+    let t: HashSet<usize> = train.iter().copied().collect();
+    assert!(val.iter().all(|v| !t.contains(v) && *v < 1000));
+    // the same every call (no run seed enters), spread over the whole range, not a block
+    assert_eq!(split_train_val(1000, 0.1, "x").unwrap().1, val);
+    assert!(val[0] < 100 && val[99] > 900, "{val:?}");
+    // a larger fraction holds out a superset
+    let (_, val3) = split_train_val(1000, 0.3, "x").unwrap();
+    assert_eq!(val3.len(), 300);
+    let v3: HashSet<usize> = val3.iter().copied().collect();
+    assert!(val.iter().all(|v| v3.contains(v)));
+    // at least one row each way
+    assert_eq!(split_train_val(5, 0.01, "x").unwrap().1.len(), 1);
+    assert_eq!(split_train_val(5, 0.99, "x").unwrap().0.len(), 1);
+    for (n, f) in [(1, 0.5), (0, 0.5), (10, 0.0), (10, 1.0)] {
+        match split_train_val(n, f, "src") {
+            Err(Error::Config(m)) => assert!(m.contains("data.val_fraction"), "{m}"),
+            other => panic!("({n}, {f}): expected a config error, got {other:?}"),
+        }
+    }
 }
 
 #[test]

@@ -80,8 +80,14 @@ fn class_brightness_and_shapes_look_like_digits() {
 fn sources_levels_and_fixed_split() {
     let grey = MnistSource::new().unwrap();
     let bin = MnistSource::binary().unwrap();
-    assert_eq!((grey.n_train(), grey.n_test()), (9000, 1000));
-    assert_eq!((bin.n_train(), bin.n_test()), (9000, 1000));
+    assert_eq!(
+        (grey.n_train(), grey.n_val(), grey.n_test()),
+        (8100, 900, 1000)
+    );
+    assert_eq!(
+        (bin.n_train(), bin.n_val(), bin.n_test()),
+        (8100, 900, 1000)
+    );
     assert_eq!(grey.name(), "mnist");
     assert_eq!(bin.name(), "mnist-binary");
     assert_eq!(grey.kind(), DataKind::Discrete { levels: 256 });
@@ -90,7 +96,7 @@ fn sources_levels_and_fixed_split() {
     assert_eq!(grey.image_shape(), Some((28, 28)));
     assert_eq!(bin.image_shape(), Some((28, 28)));
 
-    // the held-out set is every tenth image (i % 10 == 9) of the file
+    // the test set is every tenth image (i % 10 == 9) of the file
     let d = mnist::load().unwrap();
     let test = rows(&grey.test_set(&CPU).unwrap());
     let expected: Vec<usize> = (0..N_IMAGES).filter(|&i| mnist::is_test(i)).collect();
@@ -124,9 +130,10 @@ fn sources_levels_and_fixed_split() {
     let b1 = rows(&s1.train_batch(64, &mut Rng::new(5), &CPU).unwrap());
     let b2 = rows(&s2.train_batch(64, &mut Rng::new(5), &CPU).unwrap());
     assert_eq!(b1, b2);
-    let train_rows: std::collections::HashSet<Vec<u8>> = (0..N_IMAGES)
-        .filter(|&i| !mnist::is_test(i))
-        .map(|i| d.image(i).to_vec())
+    let train_rows: std::collections::HashSet<Vec<u8>> = s1
+        .train_rows()
+        .iter()
+        .map(|&i| d.image(i).to_vec())
         .collect();
     for r in &b1 {
         assert!(r
@@ -150,5 +157,6 @@ fn registry_opens_both() {
         assert_eq!(s.name(), name);
         assert_eq!(s.kind(), DataKind::Discrete { levels });
         assert_eq!(s.test_set(&CPU).unwrap().dims(), [1000, 784]);
+        assert_eq!(s.val_set(&CPU).unwrap().dims(), [900, 784]);
     }
 }

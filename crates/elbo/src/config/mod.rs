@@ -74,6 +74,7 @@ impl DataSpec {
             test_fraction: self.test_fraction,
             seq_len: self.seq_len,
             test_windows: self.test_windows,
+            ..DataConfig::default()
         }
     }
 }

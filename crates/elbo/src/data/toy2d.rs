@@ -13,13 +13,16 @@ use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
 
-use super::{DataKind, DataSource};
+use super::registry::DEFAULT_VAL_SIZE;
+use super::{DataKind, DataSource, Layout};
 use crate::{Error, Result, Rng};
 
 /// FFJORD's `1.414` (not `sqrt(2)`): the 8gaussians scale divisor.
 const SQRT2_FFJORD: f64 = 1.414;
-/// Seed of the fixed generator that draws every toy held-out set.
+/// Seed of the fixed generator that draws every toy test set.
 const TEST_SEED: u64 = 0x07E5_75E7;
+/// Seed of the fixed generator that draws every toy validation set (not the test seed).
+const VAL_SEED: u64 = 0x7A11_D5E7;
 
 /// One of the eight FFJORD 2-D toy distributions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -329,29 +332,52 @@ fn in_checkerboard(x: f64, y: f64) -> bool {
     (0.0..1.0).contains(&v) || (-2.0..-1.0).contains(&v)
 }
 
-/// A toy 2-D data set: fresh training samples from the generator, and a fixed held-out set drawn
-/// from a generator that does not depend on the run seed.
+/// A toy 2-D data set: fresh training samples from the run's generator, and fixed validation
+/// and test sets, each drawn once from its own generator stream that does not depend on the run
+/// seed.
 #[derive(Clone, Debug)]
 pub struct Toy2dSource {
     toy: Toy2d,
+    val: Vec<f32>,
     test: Vec<f32>,
 }
 
 impl Toy2dSource {
-    /// A source for `toy` whose held-out set has `test_size` points, drawn once from
-    /// `Rng::new(0x07E5_75E7).fork(index of toy in Toy2d::ALL)`.
+    /// [`Toy2dSource::with_sizes`] with the default validation size (5000).
     pub fn new(toy: Toy2d, test_size: usize) -> Result<Self> {
+        Self::with_sizes(toy, test_size, DEFAULT_VAL_SIZE)
+    }
+
+    /// A source for `toy` whose test set has `test_size` points, drawn once from
+    /// `Rng::new(0x07E5_75E7).fork(k)`, and whose validation set has `val_size` points, drawn
+    /// once from `Rng::new(0x7A11_D5E7).fork(k)` (`k`: index of `toy` in [`Toy2d::ALL`]).
+    pub fn with_sizes(toy: Toy2d, test_size: usize, val_size: usize) -> Result<Self> {
         if test_size == 0 {
-            return Err(Error::Config("data test_size must be at least 1".into()));
+            return Err(Error::Config("data.test_size must be at least 1".into()));
+        }
+        if val_size == 0 {
+            return Err(Error::Config("data.val_size must be at least 1".into()));
         }
         let mut rng = Rng::new(TEST_SEED).fork(toy.index() as u64);
         let test = toy.sample(test_size, &mut rng);
-        Ok(Self { toy, test })
+        let mut rng = Rng::new(VAL_SEED).fork(toy.index() as u64);
+        let val = toy.sample(val_size, &mut rng);
+        Ok(Self { toy, val, test })
     }
 
     /// Which toy distribution this is.
     pub fn toy(&self) -> Toy2d {
         self.toy
+    }
+
+    /// Number of validation points.
+    pub fn n_val(&self) -> usize {
+        self.val.len() / 2
+    }
+
+    /// Number of test points.
+    pub fn n_test(&self) -> usize {
+        self.test.len() / 2
     }
 }
 
@@ -368,6 +394,10 @@ impl DataSource for Toy2dSource {
         DataKind::Continuous
     }
 
+    fn layout(&self) -> Layout {
+        Layout::Flat
+    }
+
     fn train_batch(&mut self, batch_size: usize, rng: &mut Rng, device: &Device) -> Result<Tensor> {
         if batch_size == 0 {
             return Err(Error::Config("batch size must be at least 1".into()));
@@ -376,9 +406,20 @@ impl DataSource for Toy2dSource {
         Ok(Tensor::from_vec(v, (batch_size, 2), device)?)
     }
 
+    fn val_set(&self, device: &Device) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            self.val.clone(),
+            (self.n_val(), 2),
+            device,
+        )?)
+    }
+
     fn test_set(&self, device: &Device) -> Result<Tensor> {
-        let n = self.test.len() / 2;
-        Ok(Tensor::from_vec(self.test.clone(), (n, 2), device)?)
+        Ok(Tensor::from_vec(
+            self.test.clone(),
+            (self.n_test(), 2),
+            device,
+        )?)
     }
 
     fn entropy(&self) -> Option<f64> {

@@ -37,7 +37,7 @@ fn digits_source_split_and_batches() {
     let dev = Device::Cpu;
     let d = digits::load().unwrap();
     let mut s = DigitsSource::new().unwrap();
-    assert_eq!((s.n_train(), s.n_test()), (1500, 297));
+    assert_eq!((s.n_train(), s.n_val(), s.n_test()), (1350, 150, 297));
     assert_eq!(s.name(), "digits");
     assert_eq!(s.dim(), 64);
     assert_eq!(s.kind(), DataKind::Discrete { levels: 17 });
@@ -48,7 +48,11 @@ fn digits_source_split_and_batches() {
         let want: Vec<f32> = d.image(1500 + k).iter().map(|&p| p as f32).collect();
         assert_eq!(row, &want);
     }
-    let train: HashSet<Vec<u8>> = (0..1500).map(|i| d.image(i).to_vec()).collect();
+    let train: HashSet<Vec<u8>> = s
+        .train_rows()
+        .iter()
+        .map(|&i| d.image(i).to_vec())
+        .collect();
     let b = s.train_batch(256, &mut Rng::new(4), &dev).unwrap();
     assert_eq!(b.dims(), &[256, 64]);
     let rows = b.to_vec2::<f32>().unwrap();
@@ -62,6 +66,7 @@ fn digits_source_split_and_batches() {
     }
     let opened = open("digits", &DataConfig::default()).unwrap();
     assert_eq!(opened.test_set(&dev).unwrap().dims(), &[297, 64]);
+    assert_eq!(opened.val_set(&dev).unwrap().dims(), &[150, 64]);
 }
 
 // ---------------------------------------------------------------- npy
