@@ -22,7 +22,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 
 use crate::config::{EvalOptions, SampleOptions};
-use crate::data::DataKind;
+use crate::data::{DataKind, Layout};
 use crate::{Error, Nll, Result, Rng};
 
 pub use crate::train::step::{GroupSettings, ParamGroup, StepContext, StepOutput, DEFAULT_GROUP};
@@ -34,6 +34,37 @@ pub struct DataInfo {
     pub dim: usize,
     /// Continuous or discrete levels.
     pub kind: DataKind,
+    /// How the values of one example are arranged (a flat vector, an image, a sequence), as
+    /// the data source knows it.
+    pub layout: Layout,
+}
+
+impl DataInfo {
+    /// A flat vector of `dim` values.
+    pub const fn flat(dim: usize, kind: DataKind) -> Self {
+        Self {
+            dim,
+            kind,
+            layout: Layout::Flat,
+        }
+    }
+
+    /// What a data source says of its examples.
+    pub fn of(data: &dyn crate::data::DataSource) -> Self {
+        Self {
+            dim: data.dim(),
+            kind: data.kind(),
+            layout: data.layout(),
+        }
+    }
+
+    /// The number of levels of discrete data.
+    pub fn levels(&self) -> Option<usize> {
+        match self.kind {
+            DataKind::Discrete { levels } => Some(levels),
+            DataKind::Continuous => None,
+        }
+    }
 }
 
 /// What every model holds: its parameters, the size of one example and its device. A family

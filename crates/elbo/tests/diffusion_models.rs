@@ -28,14 +28,8 @@ fn cfg(name: &str, tweak: impl Fn(&mut Config)) -> Config {
 }
 
 fn variants() -> Vec<(&'static str, Config, DataInfo)> {
-    let cont = DataInfo {
-        dim: 2,
-        kind: DataKind::Continuous,
-    };
-    let disc = DataInfo {
-        dim: 4,
-        kind: DataKind::Discrete { levels: 5 },
-    };
+    let cont = DataInfo::flat(2, DataKind::Continuous);
+    let disc = DataInfo::flat(4, DataKind::Discrete { levels: 5 });
     let mut v = Vec::new();
     for p in ["eps", "x0", "v"] {
         for obj in ["simple", "hybrid"] {

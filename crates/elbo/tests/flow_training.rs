@@ -32,10 +32,7 @@ fn small_config(data: &str, steps: usize) -> Config {
 fn every_parameter_gets_a_nonzero_gradient() {
     let dev = Device::Cpu;
     let cfg = Config::default();
-    let info = DataInfo {
-        dim: 2,
-        kind: DataKind::Continuous,
-    };
+    let info = DataInfo::flat(2, DataKind::Continuous);
     let model = cfg.model.build(&info, &dev, &mut Rng::new(0)).unwrap();
     let mut rng = Rng::new(1);
     let batch = rng.normal_tensor(&[64, 2], &dev).unwrap();
@@ -59,10 +56,7 @@ fn loss_gradient_matches_finite_differences() {
     let mut cfg = Config::default();
     cfg.set("model.net.hidden=16").unwrap();
     cfg.set("model.net.layers=2").unwrap();
-    let info = DataInfo {
-        dim: 2,
-        kind: DataKind::Continuous,
-    };
+    let info = DataInfo::flat(2, DataKind::Continuous);
     let model = cfg.model.build(&info, &dev, &mut Rng::new(3)).unwrap();
     let batch = Rng::new(4).normal_tensor(&[32, 2], &dev).unwrap();
     let params = named_vars(model.varmap()).unwrap();

@@ -544,10 +544,7 @@ fn flow_matching_sampling_records_no_graph() {
         },
         ..Default::default()
     };
-    let data = DataInfo {
-        dim: 2,
-        kind: DataKind::Continuous,
-    };
+    let data = DataInfo::flat(2, DataKind::Continuous);
     let mut rng = Rng::new(90);
     let model = FlowMatching::new(&cfg, data, &CPU, &mut rng).unwrap();
     let opts = SampleOptions {

@@ -31,10 +31,7 @@ fn sized_cfg(name: &str, d_model: usize) -> ModelConfig {
     c.model
 }
 
-const INFO: DataInfo = DataInfo {
-    dim: 8,
-    kind: DataKind::Discrete { levels: 5 },
-};
+const INFO: DataInfo = DataInfo::flat(8, DataKind::Discrete { levels: 5 });
 
 fn batch(rng: &mut Rng) -> Tensor {
     let v: Vec<f32> = (0..4 * 8).map(|_| rng.below(5) as f32).collect();
@@ -289,10 +286,7 @@ fn prompts_are_kept_and_samples_are_valid() {
         let bad = Tensor::from_vec(vec![7f32; 8], (1, 8), &Device::Cpu).unwrap();
         assert!(m.loss(&bad, &mut rng).is_err());
     }
-    let cont = DataInfo {
-        dim: 8,
-        kind: DataKind::Continuous,
-    };
+    let cont = DataInfo::flat(8, DataKind::Continuous);
     assert!(small_cfg("mdlm").build(&cont, &Device::Cpu, &mut rng).is_err());
 }
 
@@ -342,10 +336,7 @@ fn train_markov(name: &str, steps: usize) -> (Box<dyn GenerativeModel>, Tensor, 
         ..Config::default()
     };
     let dev = Device::Cpu;
-    let info = DataInfo {
-        dim: data.dim(),
-        kind: data.kind(),
-    };
+    let info = DataInfo::flat(data.dim(), data.kind());
     let mut rng = Rng::new(0);
     let m = cfg.model.build(&info, &dev, &mut rng).unwrap();
     let params = named_vars(m.varmap()).unwrap();
@@ -431,10 +422,7 @@ fn conditional_and_llada_likelihoods() {
     assert!(md
         .log_likelihood(&test, &opts("exact", 0), &mut rng)
         .is_err());
-    let info = DataInfo {
-        dim: 16,
-        kind: DataKind::Discrete { levels: 4 },
-    };
+    let info = DataInfo::flat(16, DataKind::Discrete { levels: 4 });
     let ao = small_cfg("ao-ar").build(&info, &Device::Cpu, &mut rng).unwrap();
     assert!(ao
         .log_likelihood(&test, &opts("auto", 8), &mut rng)

@@ -268,10 +268,7 @@ fn denoiser_pack_scope_matches_and_ends() {
         backbone: BackboneChoice::Mlp,
         ..NetConfig::default()
     };
-    let data = DataInfo {
-        dim: 5,
-        kind: DataKind::Continuous,
-    };
+    let data = DataInfo::flat(5, DataKind::Continuous);
     let net = {
         let mut p = ParamInit::new(&vm, &mut rng, &dev);
         DenoiserNet::new(&mut p, &data, 3, &cfg).unwrap()

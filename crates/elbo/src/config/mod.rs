@@ -48,8 +48,14 @@ pub struct DataSpec {
     pub test_fraction: f64,
     /// Text data: tokens per example (the language model's sequence length).
     pub seq_len: usize,
-    /// Text data: cap on the held-out windows (0: all).
+    /// Text data: cap on the held-out windows (0: all; the validation windows too).
     pub test_windows: usize,
+    /// Validation points of a 2-D toy set (drawn from their own fixed stream).
+    pub val_size: usize,
+    /// Fraction of the training rows (or text) of a finite data set held out for validation:
+    /// periodic evaluation, the `best/` checkpoint and early stopping read it, never the test
+    /// split.
+    pub val_fraction: f64,
 }
 
 impl Default for DataSpec {
@@ -61,6 +67,8 @@ impl Default for DataSpec {
             test_fraction: d.test_fraction,
             seq_len: d.seq_len,
             test_windows: d.test_windows,
+            val_size: d.val_size,
+            val_fraction: d.val_fraction,
         }
     }
 }
@@ -74,7 +82,8 @@ impl DataSpec {
             test_fraction: self.test_fraction,
             seq_len: self.seq_len,
             test_windows: self.test_windows,
-            ..DataConfig::default()
+            val_size: self.val_size,
+            val_fraction: self.val_fraction,
         }
     }
 }

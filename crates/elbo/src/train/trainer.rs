@@ -329,10 +329,10 @@ impl Trainer {
     ) -> Result<f64> {
         let (nll, se, bpd) = self.evaluate()?;
         let line = json!({"step": self.step, "eval_nll": nll, "eval_stderr": se,
-            "eval_bits_per_dim": bpd, "examples": self.eval_examples()});
+            "eval_bits_per_dim": bpd, "examples": self.eval_examples(), "split": "val"});
         writeln!(metrics, "{line}").map_err(|e| Error::io(&self.dir, e))?;
         bar.println(format!(
-            "step {:>6}  loss {:.4}  held-out NLL {:.4} ± {:.4} nats ({:.4} bits/dim)",
+            "step {:>6}  loss {:.4}  validation NLL {:.4} ± {:.4} nats ({:.4} bits/dim)",
             self.step, smooth, nll, se, bpd
         ));
         if self.best.is_none_or(|b| nll < b) {
@@ -349,18 +349,19 @@ impl Trainer {
         self.cfg.train.eval_examples
     }
 
-    /// Held-out NLL (mean, stderr, bits/dim) on the first `eval_examples` test examples, with
-    /// the EMA weights when EMA is on.
+    /// Validation NLL (mean, stderr, bits/dim) on the first `eval_examples` examples of the
+    /// validation split, with the EMA weights when EMA is on.
     pub fn evaluate(&mut self) -> Result<(f64, f64, f64)> {
         let device = self.model.device().clone();
-        let test = self.data.test_set(&device)?;
-        let n = test.dim(0)?.min(self.cfg.train.eval_examples.max(1));
-        let test = test.narrow(0, 0, n)?;
+        // model selection reads the validation split; only `elbo eval` reads the test split
+        let val = self.data.val_set(&device)?;
+        let n = val.dim(0)?.min(self.cfg.train.eval_examples.max(1));
+        let val = val.narrow(0, 0, n)?;
         let mut rng = Rng::new(self.cfg.train.seed)
             .fork(EVAL_STREAM)
             .fork(self.step as u64);
         self.swap_ema()?;
-        let res = dataset_nll(self.model.as_ref(), &test, &self.cfg.eval, &mut rng);
+        let res = dataset_nll(self.model.as_ref(), &val, &self.cfg.eval, &mut rng);
         self.swap_ema()?;
         let s = res?.summary();
         Ok((s.nats, s.stderr_nats, s.bits_per_dim))
@@ -439,10 +440,7 @@ pub(crate) type Parts = (
 /// Open the configured data set and build the configured model for it.
 pub(crate) fn open_parts(cfg: &Config, device: &Device) -> Result<Parts> {
     let data = data::open(&cfg.data.name, &cfg.data.options())?;
-    let info = DataInfo {
-        dim: data.dim(),
-        kind: data.kind(),
-    };
+    let info = DataInfo::of(data.as_ref());
     let mut init = Rng::new(cfg.train.seed).fork(INIT_STREAM);
     let model = cfg.model.build(&info, device, &mut init)?;
     let params = named_vars(model.varmap())?;

@@ -6,8 +6,8 @@
 //! returns `out_per_dim` numbers per data dimension, dimension-major: 1 for an eps / x0 / v
 //! prediction, L for the discrete-aware level logits of DDPM (U-Net: L output channels).
 //!
-//! `DataInfo` carries no image shape, so "an image" means discrete data whose dimension is a
-//! perfect square of at least 8x8 (digits 8x8, MNIST 28x28), read as one channel.
+//! The U-Net runs on what the data source calls square single-channel images of discrete
+//! levels (digits 8x8, MNIST 28x28).
 //!
 //! Discrete data (levels 0..L-1) lives at the grid values c_k = -1 + 2k/(L-1) (Ho et al. 2020,
 //! sec. 3.3 for L = 256); uniform dequantization spreads level k over its bin c_k ± 1/(L-1), so
@@ -19,7 +19,7 @@ use candle_core::{DType, Tensor};
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::DataKind;
+use crate::data::{DataKind, Layout};
 use crate::model::DataInfo;
 use crate::nn::{
     sinusoidal_embedding, sinusoidal_row, Activation, Mlp, PackedMlp, ParamInit, UNet,
@@ -103,11 +103,18 @@ pub enum BackboneKind {
     },
 }
 
-/// The side of a square image of `dim` pixels of discrete data, if it is one (>= 8x8).
+/// The side of the examples when the data source calls them square single-channel images of
+/// discrete levels, at least 8x8 (the U-Net's smallest input).
 pub fn square_image_side(data: &DataInfo) -> Option<usize> {
-    let side = (data.dim as f64).sqrt().round() as usize;
     let discrete = matches!(data.kind, DataKind::Discrete { .. });
-    (discrete && side >= 8 && side * side == data.dim).then_some(side)
+    match data.layout {
+        Layout::Image {
+            channels: 1,
+            height,
+            width,
+        } if discrete && height == width && height >= 8 => Some(height),
+        _ => None,
+    }
 }
 
 impl BackboneKind {
