@@ -11,4 +11,4 @@ pub mod step;
 pub mod trainer;
 
 pub use run::{CheckpointChoice, LoadedRun};
-pub use trainer::{TrainOutcome, Trainer};
+pub use trainer::{ModelBuilder, TrainOutcome, Trainer};

@@ -111,7 +111,7 @@ impl LoadedRun {
         } else {
             checkpoint::load_into_vars(weights, &params, name)?;
         }
-        model.load_state_tensors(&loaded.files.get("state").cloned().unwrap_or_default())?;
+        model.load_state_tensors(&loaded.files.get("model_state").cloned().unwrap_or_default())?;
         let step = loaded.state["step"]
             .as_u64()
             .ok_or_else(|| Error::checkpoint(&ck, "state.json has no integer 'step'"))?

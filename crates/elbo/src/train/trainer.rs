@@ -94,6 +94,18 @@ impl Trainer {
     /// Start a new run in `dir` (created if needed). Refuses a directory that already holds a
     /// checkpoint, so no run is overwritten by accident.
     pub fn create(cfg: Config, dir: &Path, device: &Device) -> Result<Self> {
+        Self::create_with(cfg, dir, device, None)
+    }
+
+    /// [`Trainer::create`] for a model built by the caller (a family outside the registry):
+    /// `build(info, device, init_rng)` makes it for the configured data; resume it with
+    /// [`Trainer::resume_with`] and the same builder.
+    pub fn create_with(
+        cfg: Config,
+        dir: &Path,
+        device: &Device,
+        build: Option<&ModelBuilder>,
+    ) -> Result<Self> {
         cfg.validate()?;
         if dir.join("checkpoint").exists() {
             return Err(Error::Config(format!(
@@ -102,7 +114,7 @@ impl Trainer {
                 dir.display()
             )));
         }
-        let (mut data, mut model, params) = open_parts(&cfg, device)?;
+        let (mut data, mut model, params) = open_parts_with(&cfg, device, build)?;
         let groups = build_groups(&model.param_groups(), params, &cfg.train)?;
         let seed = Rng::new(cfg.train.seed);
         // a data-dependent initialisation sees one batch from its own stream, so the training
@@ -132,11 +144,21 @@ impl Trainer {
     /// Continue the run in `dir` from its latest checkpoint. `steps`, if given, replaces the
     /// configured total (to extend a finished run).
     pub fn resume(dir: &Path, steps: Option<usize>, device: &Device) -> Result<Self> {
+        Self::resume_with(dir, steps, device, None)
+    }
+
+    /// [`Trainer::resume`] for a model built by the caller (see [`Trainer::create_with`]).
+    pub fn resume_with(
+        dir: &Path,
+        steps: Option<usize>,
+        device: &Device,
+        build: Option<&ModelBuilder>,
+    ) -> Result<Self> {
         let mut cfg = Config::from_run_dir(dir)?;
         if let Some(s) = steps {
             cfg.train.steps = s;
         }
-        let (data, mut model, params) = open_parts(&cfg, device)?;
+        let (data, mut model, params) = open_parts_with(&cfg, device, build)?;
         let mut groups = build_groups(&model.param_groups(), params, &cfg.train)?;
         let ck_dir = dir.join("checkpoint");
         let loaded = checkpoint::load(&ck_dir, device)?;
@@ -172,7 +194,7 @@ impl Trainer {
         }
         let state = loaded
             .files
-            .get("state")
+            .get("model_state")
             .cloned()
             .unwrap_or_default();
         model.load_state_tensors(&state)?;
@@ -398,7 +420,7 @@ impl Trainer {
             files.push(("ema", &ema));
         }
         if !state_tensors.is_empty() {
-            files.push(("state", &state_tensors));
+            files.push(("model_state", &state_tensors));
         }
         let counters = |g: &GroupState| GroupCounters {
             optim_steps: g.optim.steps_taken(),
@@ -439,10 +461,20 @@ pub(crate) type Parts = (
 
 /// Open the configured data set and build the configured model for it.
 pub(crate) fn open_parts(cfg: &Config, device: &Device) -> Result<Parts> {
+    open_parts_with(cfg, device, None)
+}
+
+/// Builds a model outside the registry for the run's data, from its initial-weight generator.
+pub type ModelBuilder = dyn Fn(&DataInfo, &Device, &mut Rng) -> Result<Box<dyn GenerativeModel>>;
+
+fn open_parts_with(cfg: &Config, device: &Device, build: Option<&ModelBuilder>) -> Result<Parts> {
     let data = data::open(&cfg.data.name, &cfg.data.options())?;
     let info = DataInfo::of(data.as_ref());
     let mut init = Rng::new(cfg.train.seed).fork(INIT_STREAM);
-    let model = cfg.model.build(&info, device, &mut init)?;
+    let model = match build {
+        Some(b) => b(&info, device, &mut init)?,
+        None => cfg.model.build(&info, device, &mut init)?,
+    };
     let params = named_vars(model.varmap())?;
     Ok((data, model, params))
 }
