@@ -135,6 +135,7 @@ families! {
     any_order => AnyOrder = "ao-ar" | "any-order" | "aoar";
     /// Masked diffusion LM (MDLM, LLaDA).
     mdlm => Mdlm = "mdlm" | "masked-diffusion";
+    gaussian => Gaussian = "gaussian";
 }
 
 impl TryFrom<serde_json::Value> for ModelConfig {
