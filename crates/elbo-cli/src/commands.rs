@@ -118,13 +118,15 @@ fn finish_train(dir: &Path, out: &elbo::train::TrainOutcome) -> Result<()> {
         );
         return Ok(());
     };
+    let best = match (out.best_eval, out.selected_by.as_str()) {
+        (None, _) => "n/a".to_string(),
+        (Some(b), "nll") => format!("{b:.4} nats"),
+        (Some(b), metric) => format!("{b:.5} ({metric})"),
+    };
     eprintln!(
-        "done: step {}, last loss {:.4}, best held-out NLL {} ({:.1} s){}",
+        "done: step {}, last loss {:.4}, best validation score {best} ({:.1} s){}",
         out.steps,
         last,
-        out.best_eval
-            .map(|b| format!("{b:.4} nats"))
-            .unwrap_or_else(|| "n/a".into()),
         out.seconds,
         if out.stopped_early {
             ", stopped early"
@@ -327,6 +329,18 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if let Some(v) = a.prompt_len {
         opts.prompt_len = v;
     }
+    if let Some(m) = &a.metrics {
+        opts.metrics = m.split(',').map(|s| s.trim().to_string()).collect();
+        for name in &opts.metrics {
+            elbo::eval::sample_metric::metric_by_name(name)?;
+        }
+    }
+    if let Some(n) = a.metric_samples {
+        if n == 0 {
+            bail!("--metric-samples must be at least 1");
+        }
+        opts.metric_samples = n;
+    }
     let choices: Vec<String> = match &a.likelihood {
         Some(l) => l.split(',').map(|s| s.trim().to_string()).collect(),
         None => vec![opts.likelihood.clone()],
@@ -387,6 +401,22 @@ pub fn evaluate(
         run.model.likelihood_method(opts),
         t0.elapsed().as_secs_f64()
     );
+    let metrics = if opts.metrics.is_empty() {
+        Vec::new()
+    } else {
+        let m = opts.metric_samples.min(n);
+        let mut srng = Rng::new(seed).fork(1);
+        let samples = run.model.sample(m, &run.config.sample, &mut srng)?;
+        let samples: Vec<f32> = samples.flatten_all()?.to_vec1()?;
+        let held: Vec<f32> = test.narrow(0, 0, m)?.flatten_all()?.to_vec1()?;
+        elbo::eval::sample_metric::compute_all(
+            &opts.metrics,
+            &samples,
+            &held,
+            run.model.dim(),
+            &mut srng,
+        )?
+    };
     Ok(ReportRow {
         model: run.config.model.name().to_string(),
         dataset: run.data.name().to_string(),
@@ -395,5 +425,6 @@ pub fn evaluate(
         summary: nll.summary(),
         entropy: run.data.entropy(),
         method,
+        metrics,
     })
 }

@@ -236,6 +236,13 @@ pub struct EvalArgs {
     /// Language models: Monte-Carlo samples per example of the any-order / MDLM bounds.
     #[arg(long)]
     pub lm_samples: Option<usize>,
+    /// Sample metrics to report beside the likelihood, comma-separated: energy-distance,
+    /// mmd, sliced-wasserstein (samples of the run against the same held-out examples).
+    #[arg(long)]
+    pub metrics: Option<String>,
+    /// Samples drawn for --metrics (default 2000, at most the held-out examples).
+    #[arg(long)]
+    pub metric_samples: Option<usize>,
 }
 
 /// `elbo quickstart`

@@ -78,6 +78,26 @@ fn train_sample_eval_cycle_writes_its_files() {
     assert!(text.contains("exact") && text.contains("moons"), "{text}");
     let md = std::fs::read_to_string(run.join("report.md")).unwrap();
     assert!(md.contains('|'), "{md}");
+    // sample metrics beside the likelihood, in the same report
+    let o = elbo(
+        &[
+            "eval", "--run", "run", "--examples", "100", "--metrics", "energy,swd", "--set",
+        ],
+        d.path(),
+    );
+    assert!(!o.status.success(), "--set is not an eval flag");
+    let o = elbo(
+        &["eval", "--run", "run", "--examples", "100", "--metrics", "energy,swd"],
+        d.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let md = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(
+        md.contains("Sample metrics") && md.contains("energy-distance"),
+        "{md}"
+    );
+    let o = elbo(&["eval", "--run", "run", "--metrics", "fid"], d.path());
+    assert!(!o.status.success() && stderr(&o).contains("mmd"), "{}", stderr(&o));
     // resume to a longer total continues from step 30
     let o = elbo(
         &["train", "--resume", "run", "--steps", "40", "--quiet"],
@@ -85,6 +105,11 @@ fn train_sample_eval_cycle_writes_its_files() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("step 30"), "{}", stderr(&o));
+    // a run that has reached its steps says there is nothing to do
+    let o = elbo(&["train", "--resume", "run", "--quiet"], d.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("nothing to do"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("NaN"), "{}", stderr(&o));
 }
 
 #[test]

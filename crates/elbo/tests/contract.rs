@@ -293,7 +293,9 @@ impl GenerativeModel for TwoPlayer {
 #[test]
 fn a_two_group_model_trains_through_the_step_hook_and_resumes_exactly() {
     let build: &ModelBuilder = &|info, dev, rng| Ok(Box::new(TwoPlayer::new(info, dev, rng)?));
-    let cfg = contract_config("flow-matching", "moons");
+    let mut cfg = contract_config("flow-matching", "moons");
+    // no likelihood: the end-of-run validation scores samples
+    cfg.set("train.select_by=energy-distance").unwrap();
     let src = data::open("moons", &DataConfig::default()).unwrap();
     let info = DataInfo::of(src.as_ref());
     let m = TwoPlayer::new(&info, &CPU, &mut Rng::new(0)).unwrap();
@@ -316,4 +318,42 @@ fn a_two_group_model_trains_through_the_step_hook_and_resumes_exactly() {
     assert_eq!(groups["gen"]["optim_steps"], 4);
     let metrics = std::fs::read_to_string(d.path().join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("critic_loss"), "{metrics}");
+}
+
+#[test]
+fn a_sample_metric_can_choose_the_best_checkpoint() {
+    let mut cfg = contract_config("flow-matching", "moons");
+    cfg.set("train.eval_every=2").unwrap();
+    cfg.set("train.eval_examples=64").unwrap();
+    cfg.set("train.select_by=sliced-wasserstein").unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let out = Trainer::create(cfg.clone(), d.path(), &CPU)
+        .unwrap()
+        .run(false)
+        .unwrap();
+    assert_eq!(out.selected_by, "sliced-wasserstein");
+    let best = out.best_eval.unwrap();
+    let metrics = std::fs::read_to_string(d.path().join("metrics.jsonl")).unwrap();
+    let scores: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["eval_sliced-wasserstein"].as_f64())
+        .collect();
+    assert_eq!(scores.len(), 2, "{metrics}");
+    assert_eq!(best, scores.iter().cloned().fold(f64::INFINITY, f64::min));
+    assert!(d.path().join("best").is_dir());
+    let e = cfg.set("train.select_by=fid").unwrap_err().to_string();
+    assert!(e.contains("select_by") && e.contains("energy-distance"), "{e}");
+    // a family without a likelihood cannot be selected by NLL: the error says what to use
+    let build: &ModelBuilder = &|info, dev, rng| Ok(Box::new(TwoPlayer::new(info, dev, rng)?));
+    let mut c = contract_config("flow-matching", "moons");
+    c.set("train.eval_every=2").unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let e = Trainer::create_with(c, d.path(), &CPU, Some(build))
+        .unwrap()
+        .run(false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("select_by"), "{e}");
 }

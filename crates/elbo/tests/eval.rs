@@ -24,6 +24,7 @@ fn row(model: &str, kind: NllKind, nats: &[f64], entropy: Option<f64>) -> Report
         summary: nll.summary(),
         entropy,
         method: format!("{model} | method text"),
+        metrics: Vec::new(),
     }
 }
 

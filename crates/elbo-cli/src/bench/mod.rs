@@ -1,12 +1,13 @@
-//! `elbo bench`: the reference workloads of bench-ref/torch_bench.py, reproduced exactly
-//! (model shapes, batch, loss, AdamW settings, warm-up and timed steps, median), each printing
+//! `elbo bench`: the PyTorch reference workloads that scripts/bench_compare.sh runs side by
+//! side, reproduced exactly (model shapes, batch, loss, AdamW settings, warm-up and timed steps,
+//! median), each printing
 //! one JSON line per figure with the same keys as the PyTorch script, plus `"framework": "elbo"`
 //! and `"peak_rss_mb"` (the process's VmHWM at the end).
 //!
 //! - `gemm`: fp32 matmul GFLOP/s at 1024^3 and 2048^3.
 //! - `w1`, `w2`, `s1`, `s2`: the MLP workloads ([`mlp`]).
 //! - `w3`, `w4`: the character transformer workloads ([`lm`]).
-//! - `unet`: training steps of the U-Net presets ([`unet`]; not in bench-ref).
+//! - `unet`: training steps of the U-Net presets ([`unet`]).
 
 mod lm;
 mod mlp;

@@ -3,7 +3,8 @@
 //! forward pass with dropout on a fixed batch of standard normal images, the mean squared error
 //! against the input, the backward pass and one AdamW update (default settings, lr 1e-4); the
 //! median of the timed steps is reported beside the median of plain forward passes (as in
-//! sampling, no autograd graph kept). There is no PyTorch counterpart in bench-ref.
+//! sampling, no autograd graph kept). scripts/bench_compare.sh times it beside the PyTorch port
+//! of the same network.
 
 use anyhow::Result;
 use candle_core::Device;

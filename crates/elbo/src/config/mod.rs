@@ -124,6 +124,10 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Stop after this many evaluations without improvement (0: never stop early).
     pub patience: usize,
+    /// What chooses the `best/` checkpoint and early stopping on the validation split: "nll"
+    /// (the family's default likelihood) or a sample metric ("energy-distance", "mmd",
+    /// "sliced-wasserstein"), the only choice for a family without a likelihood.
+    pub select_by: String,
 }
 
 impl Default for TrainConfig {
@@ -145,6 +149,7 @@ impl Default for TrainConfig {
             eval_examples: 1000,
             checkpoint_every: 1000,
             patience: 0,
+            select_by: "nll".into(),
         }
     }
 }
@@ -208,6 +213,11 @@ pub struct EvalOptions {
     /// rest: -log p(rest | prompt). Autoregressive models (exact) and MDLM with LLaDA's
     /// estimator (`likelihood = "llada"`); 0 scores the whole example.
     pub prompt_len: usize,
+    /// Sample metrics `elbo eval` reports beside the likelihood (energy-distance, mmd,
+    /// sliced-wasserstein), each comparing `metric_samples` samples with the held-out examples.
+    pub metrics: Vec<String>,
+    /// Samples drawn for the sample metrics (at most the number of held-out examples).
+    pub metric_samples: usize,
 }
 
 impl Default for EvalOptions {
@@ -224,6 +234,8 @@ impl Default for EvalOptions {
             likelihood: "auto".into(),
             lm_samples: 4,
             prompt_len: 0,
+            metrics: Vec::new(),
+            metric_samples: 2000,
         }
     }
 }
@@ -316,6 +328,18 @@ impl Config {
         }
         if self.sample.steps == 0 {
             return bad("sample.steps must be at least 1".into());
+        }
+        if t.select_by != "nll" {
+            crate::eval::sample_metric::metric_by_name(&t.select_by).map_err(|e| {
+                Error::Config(format!("train.select_by: use \"nll\" or a sample metric; {e}"))
+            })?;
+        }
+        for m in &self.eval.metrics {
+            crate::eval::sample_metric::metric_by_name(m)
+                .map_err(|e| Error::Config(format!("eval.metrics: {e}")))?;
+        }
+        if self.eval.metric_samples == 0 {
+            return bad("eval.metric_samples must be at least 1".into());
         }
         self.model.validate()
     }

@@ -1,6 +1,6 @@
 //! Any-order autoregressive LM (Uria et al. 2014; sigma-GPT, Pannatier et al. 2024): for a
 //! permutation sigma of the L positions, p(x | sigma) = prod_t p(x_sigma(t) | x_sigma(<t)), and
-//! p(x) = E_sigma[p(x | sigma)] over uniform orders. Jensen (seed 001):
+//! p(x) = E_sigma[p(x | sigma)] over uniform orders. By Jensen's inequality (Uria et al. 2014):
 //! -log p(x) <= E_sigma[-sum_t log p(x_sigma(t) | x_sigma(<t))], the bound trained and reported.
 //!
 //! Network: a causal transformer reads `[BOS, x_sigma(0), ..., x_sigma(L-2)]`; input step t

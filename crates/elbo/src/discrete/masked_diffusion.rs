@@ -9,7 +9,7 @@
 //! only V outputs) and unmasked tokens are carried over unchanged, so only masked positions
 //! contribute. The continuous-time NELBO (MDLM eq. 10-11) is then
 //! `E_{t~U(0,1]} E_{x_t} [ (alpha'_t / (1 - alpha_t)) sum_{i masked} log p(x_i | x_t) ]`
-//! `= E_t [ (1/t) sum_{i masked} -log p(x_i | x_t) ]` (seed 004): a 1/t-weighted cross-entropy on
+//! `= E_t [ (1/t) sum_{i masked} -log p(x_i | x_t) ]` (MDLM eq. 11): a 1/t-weighted cross-entropy on
 //! masked tokens. With T discrete steps, t ~ U{1/T, ..., 1} and the same weight 1/t (MDLM eq. 8:
 //! T (alpha_s - alpha_t)/(1 - alpha_t) = 1/t). The network needs no time input (the masked
 //! fraction carries it, and SUBS makes the optimum time-independent), so none is given.

@@ -12,6 +12,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::sample_metric::MetricValue;
+
 use crate::likelihood::{NllKind, NllSummary};
 use crate::{Error, Result};
 
@@ -32,6 +34,10 @@ pub struct ReportRow {
     pub entropy: Option<f64>,
     /// How the number was computed, e.g. "CNF, dopri5 rtol 1e-5, exact divergence".
     pub method: String,
+    /// Sample metrics against the same held-out examples (energy distance, MMD, sliced
+    /// Wasserstein; lower is better), for every family, with or without a likelihood.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<(String, MetricValue)>,
 }
 
 impl ReportRow {
@@ -195,6 +201,8 @@ struct RowIn {
     entropy: Option<f64>,
     #[serde(default)]
     method: String,
+    #[serde(default)]
+    metrics: Vec<(String, MetricValue)>,
 }
 
 #[derive(Deserialize)]
@@ -264,6 +272,7 @@ impl LikelihoodReport {
                 },
                 entropy: row.entropy,
                 method: row.method,
+                metrics: row.metrics,
             })
             .collect();
         Ok(LikelihoodReport {
@@ -305,7 +314,39 @@ impl LikelihoodReport {
         if !notes.is_empty() {
             let _ = writeln!(s, "\n{}", notes.join("\n"));
         }
+        let metrics = self.metric_lines();
+        if !metrics.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n## Sample metrics (lower is better)\n\n| model | metric | value ± s.e. | samples | held-out |\n|---|---|---:|---:|---:|"
+            );
+            for m in metrics {
+                let _ = writeln!(s, "| {} |", m.join(" | "));
+            }
+        }
         s
+    }
+
+    /// One row of cells per (report row, metric): model, metric, value ± s.e., sample counts.
+    pub fn metric_lines(&self) -> Vec<Vec<String>> {
+        self.rows
+            .iter()
+            .flat_map(|row| {
+                row.metrics.iter().map(move |(name, m)| {
+                    let value = match m.stderr {
+                        Some(se) => format!("{:.5} ± {:.5}", m.value, se),
+                        None => format!("{:.5}", m.value),
+                    };
+                    vec![
+                        md_cell(&row.model),
+                        md_cell(name),
+                        value,
+                        m.n_samples.to_string(),
+                        m.n_data.to_string(),
+                    ]
+                })
+            })
+            .collect()
     }
 
     /// An aligned plain-text table for the console, methods listed underneath.
@@ -348,6 +389,13 @@ impl LikelihoodReport {
             if !row.method.trim().is_empty() {
                 let _ = writeln!(s, "  [{}] {}: {}", i + 1, row.model, row.method.trim());
             }
+        }
+        for m in self.metric_lines() {
+            let _ = writeln!(
+                s,
+                "  sample metric  {} {}: {} ({} samples vs {} held-out)",
+                m[0], m[1], m[2], m[3], m[4]
+            );
         }
         s
     }

@@ -69,8 +69,11 @@ pub struct TrainOutcome {
     pub losses: Vec<(usize, f64)>,
     /// Held-out NLL (nats/example) of every evaluation in this call, `(step, nll)`.
     pub evals: Vec<(usize, f64)>,
-    /// Best held-out NLL seen in the whole run.
+    /// Best validation score seen in the whole run (the NLL in nats, or the metric named by
+    /// `selected_by`).
     pub best_eval: Option<f64>,
+    /// What chose the best checkpoint (`train.select_by`).
+    pub selected_by: String,
     /// True if early stopping ended the run.
     pub stopped_early: bool,
     /// Wall-clock seconds spent in this call.
@@ -255,6 +258,7 @@ impl Trainer {
             losses: Vec::new(),
             evals: Vec::new(),
             best_eval: self.best,
+            selected_by: tc.select_by.clone(),
             stopped_early: false,
             seconds: 0.0,
         };
@@ -342,29 +346,74 @@ impl Trainer {
         }
     }
 
-    /// Evaluate, log, keep `best/` and count evaluations without improvement.
+    /// Evaluate, log, keep `best/` (by `train.select_by`) and count evaluations without
+    /// improvement. Returns the validation NLL (NaN for a family without a likelihood).
     fn periodic_eval(
         &mut self,
         metrics: &mut std::fs::File,
         bar: &ProgressBar,
         smooth: f64,
     ) -> Result<f64> {
-        let (nll, se, bpd) = self.evaluate()?;
-        let line = json!({"step": self.step, "eval_nll": nll, "eval_stderr": se,
+        let has_nll = !self.model.likelihoods().is_empty();
+        let (nll, se, bpd) = if has_nll {
+            self.evaluate()?
+        } else {
+            (f64::NAN, f64::NAN, f64::NAN)
+        };
+        let select_by = self.cfg.train.select_by.clone();
+        let mut line = json!({"step": self.step, "eval_nll": nll, "eval_stderr": se,
             "eval_bits_per_dim": bpd, "examples": self.eval_examples(), "split": "val"});
-        writeln!(metrics, "{line}").map_err(|e| Error::io(&self.dir, e))?;
-        bar.println(format!(
+        let mut msg = format!(
             "step {:>6}  loss {:.4}  validation NLL {:.4} ± {:.4} nats ({:.4} bits/dim)",
             self.step, smooth, nll, se, bpd
-        ));
-        if self.best.is_none_or(|b| nll < b) {
-            self.best = Some(nll);
+        );
+        let score = if select_by == "nll" {
+            if !has_nll {
+                return Err(Error::Config(format!(
+                    "the {} family has no likelihood: set train.select_by to a sample metric \
+                     (energy-distance, mmd, sliced-wasserstein)",
+                    self.model.family()
+                )));
+            }
+            nll
+        } else {
+            let m = self.evaluate_metric(&select_by)?;
+            line[format!("eval_{select_by}")] = json!(m.value);
+            msg.push_str(&format!("  {select_by} {:.5}", m.value));
+            m.value
+        };
+        writeln!(metrics, "{line}").map_err(|e| Error::io(&self.dir, e))?;
+        bar.println(msg);
+        if self.best.is_none_or(|b| score < b) {
+            self.best = Some(score);
             self.evals_since_best = 0;
             self.save_checkpoint(&self.dir.join("best"))?;
         } else {
             self.evals_since_best += 1;
         }
         Ok(nll)
+    }
+
+    /// A sample metric of `eval_examples` samples (EMA weights) against as many validation
+    /// examples.
+    pub fn evaluate_metric(
+        &mut self,
+        name: &str,
+    ) -> Result<crate::eval::sample_metric::MetricValue> {
+        let metric = crate::eval::sample_metric::metric_by_name(name)?;
+        let device = self.model.device().clone();
+        let val = self.data.val_set(&device)?;
+        let n = val.dim(0)?.min(self.cfg.train.eval_examples.max(2));
+        let val: Vec<f32> = val.narrow(0, 0, n)?.flatten_all()?.to_vec1()?;
+        let mut rng = Rng::new(self.cfg.train.seed)
+            .fork(EVAL_STREAM)
+            .fork(self.step as u64)
+            .fork(1);
+        self.swap_ema()?;
+        let samples = self.model.sample(n, &self.cfg.sample, &mut rng);
+        self.swap_ema()?;
+        let samples: Vec<f32> = samples?.flatten_all()?.to_vec1()?;
+        metric.compute(&samples, &val, self.model.dim(), &mut rng)
     }
 
     fn eval_examples(&self) -> usize {
