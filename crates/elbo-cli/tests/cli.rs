@@ -81,13 +81,28 @@ fn train_sample_eval_cycle_writes_its_files() {
     // sample metrics beside the likelihood, in the same report
     let o = elbo(
         &[
-            "eval", "--run", "run", "--examples", "100", "--metrics", "energy,swd", "--set",
+            "eval",
+            "--run",
+            "run",
+            "--examples",
+            "100",
+            "--metrics",
+            "energy,swd",
+            "--set",
         ],
         d.path(),
     );
     assert!(!o.status.success(), "--set is not an eval flag");
     let o = elbo(
-        &["eval", "--run", "run", "--examples", "100", "--metrics", "energy,swd"],
+        &[
+            "eval",
+            "--run",
+            "run",
+            "--examples",
+            "100",
+            "--metrics",
+            "energy,swd",
+        ],
         d.path(),
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -97,7 +112,11 @@ fn train_sample_eval_cycle_writes_its_files() {
         "{md}"
     );
     let o = elbo(&["eval", "--run", "run", "--metrics", "fid"], d.path());
-    assert!(!o.status.success() && stderr(&o).contains("mmd"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("mmd"),
+        "{}",
+        stderr(&o)
+    );
     // resume to a longer total continues from step 30
     let o = elbo(
         &["train", "--resume", "run", "--steps", "40", "--quiet"],

@@ -23,7 +23,9 @@ fn text(o: &Output) -> String {
 
 /// A writable copy of the fixture run `name`.
 fn copy_run(name: &str, to: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/legacy").join(name);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/legacy")
+        .join(name);
     let dst = to.join(name);
     copy_dir(&src, &dst);
     dst
@@ -55,18 +57,34 @@ fn legacy_runs_sample_identically_evaluate_the_same_and_resume() {
         let r = run.to_str().unwrap();
         let out = run.join("s.npy");
         let o = elbo(
-            &["sample", "--run", r, "-n", "3", "--seed", "5", "--out", out.to_str().unwrap()],
+            &[
+                "sample",
+                "--run",
+                r,
+                "-n",
+                "3",
+                "--seed",
+                "5",
+                "--out",
+                out.to_str().unwrap(),
+            ],
             d.path(),
         );
         assert!(o.status.success(), "{name}: {}", text(&o));
         let got = elbo::data::npy::read_npy(&out).unwrap();
         let want = elbo::data::npy::read_npy(&run.join("expected_samples.npy")).unwrap();
         assert_eq!(got, want, "{name}: samples differ from the old release's");
-        let o = elbo(&["eval", "--run", r, "--examples", "5", "--seed", "2"], d.path());
+        let o = elbo(
+            &["eval", "--run", r, "--examples", "5", "--seed", "2"],
+            d.path(),
+        );
         let t = text(&o);
         assert!(o.status.success(), "{name}: {t}");
         assert!(t.contains(nll) && t.contains(family), "{name}: {t}");
-        let o = elbo(&["train", "--resume", r, "--steps", "8", "--quiet"], d.path());
+        let o = elbo(
+            &["train", "--resume", r, "--steps", "8", "--quiet"],
+            d.path(),
+        );
         let t = text(&o);
         assert!(o.status.success(), "{name}: {t}");
         assert!(t.contains("step 8"), "{name}: {t}");

@@ -180,7 +180,11 @@ pub fn likelihood_choice(
     family: &str,
     choices: &[&'static str],
 ) -> Result<&'static str> {
-    let want = opts.likelihood.trim().to_ascii_lowercase().replace('_', "-");
+    let want = opts
+        .likelihood
+        .trim()
+        .to_ascii_lowercase()
+        .replace('_', "-");
     if want == "auto" {
         return choices.first().copied().ok_or_else(|| {
             Error::Config(format!(

@@ -104,7 +104,11 @@ fn check_resume(label: &str, cfg: &Config, build: Option<&ModelBuilder>) {
         let nll = |m: &dyn GenerativeModel| dataset_nll(m, &test, &opts, &mut Rng::new(7));
         let first = nll(run.model.as_ref()).unwrap();
         let again = LoadedRun::open(b.path(), CheckpointChoice::Latest, true, &CPU).unwrap();
-        assert_eq!(first.nats, nll(again.model.as_ref()).unwrap().nats, "{label}");
+        assert_eq!(
+            first.nats,
+            nll(again.model.as_ref()).unwrap().nats,
+            "{label}"
+        );
     }
 }
 
@@ -118,7 +122,11 @@ fn every_registered_family_keeps_the_contract() {
         let info = DataInfo::of(src.as_ref());
         let model = cfg.model.build(&info, &CPU, &mut Rng::new(0)).unwrap();
         assert_eq!(model.family(), fam.name, "family() is the registered name");
-        assert_eq!(model.likelihoods(), fam.likelihoods, "{label}: declared likelihoods");
+        assert_eq!(
+            model.likelihoods(),
+            fam.likelihoods,
+            "{label}: declared likelihoods"
+        );
         assert!(!fam.about.is_empty());
         assert!(!model.sampling(&cfg.sample).is_empty());
         let mut rng = Rng::new(3);
@@ -144,7 +152,9 @@ fn every_registered_family_keeps_the_contract() {
                 likelihood: lik.to_string(),
                 ..cfg.eval.clone()
             };
-            let nll: Nll = model.log_likelihood(&test, &opts, &mut Rng::new(5)).unwrap();
+            let nll: Nll = model
+                .log_likelihood(&test, &opts, &mut Rng::new(5))
+                .unwrap();
             assert_eq!(nll.nats.len(), 3, "{label}/{lik}");
             assert!(nll.nats.iter().all(|v| v.is_finite()), "{label}/{lik}");
             assert_ne!(nll.kind, NllKind::None, "{label}/{lik}: unlabelled");
@@ -157,7 +167,9 @@ fn every_registered_family_keeps_the_contract() {
             likelihood: "no-such-likelihood".into(),
             ..cfg.eval.clone()
         };
-        let e = model.log_likelihood(&test, &bad, &mut Rng::new(5)).unwrap_err();
+        let e = model
+            .log_likelihood(&test, &bad, &mut Rng::new(5))
+            .unwrap_err();
         assert!(e.to_string().contains("no-such-likelihood"), "{label}: {e}");
 
         check_resume(label, &cfg, None);
@@ -169,11 +181,13 @@ fn every_family_config_rejects_unknown_keys() {
     // serde does not enforce deny_unknown_fields through the tagged enum: check each variant
     for fam in FAMILIES {
         let toml = format!("[model]\nname = \"{}\"\nno_such_key = 1\n", fam.name);
-        let e = Config::from_toml_str(&toml, "c.toml").unwrap_err().to_string();
+        let e = Config::from_toml_str(&toml, "c.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no_such_key"), "{}: {e}", fam.name);
         for alias in fam.aliases {
-            let c = Config::from_toml_str(&format!("[model]\nname = \"{alias}\"\n"), "c.toml")
-                .unwrap();
+            let c =
+                Config::from_toml_str(&format!("[model]\nname = \"{alias}\"\n"), "c.toml").unwrap();
             assert_eq!(c.model.name(), fam.name);
         }
     }
@@ -217,9 +231,11 @@ impl TwoPlayer {
     }
 
     fn critic_loss(&self, batch: &Tensor) -> elbo::Result<Tensor> {
-        Ok((batch.broadcast_mul(self.critic.as_tensor())?.sum(1)? - 1.0)?
-            .sqr()?
-            .mean_all()?)
+        Ok(
+            (batch.broadcast_mul(self.critic.as_tensor())?.sum(1)? - 1.0)?
+                .sqr()?
+                .mean_all()?,
+        )
     }
 }
 
@@ -314,7 +330,10 @@ fn a_two_group_model_trains_through_the_step_hook_and_resumes_exactly() {
     let calls: Vec<f64> = l.files["model_state"]["calls"].to_vec1().unwrap();
     assert_eq!(calls, vec![4.0]);
     let groups = &l.state["groups"];
-    assert_eq!(groups["critic"]["optim_steps"], 8, "two critic steps per step");
+    assert_eq!(
+        groups["critic"]["optim_steps"], 8,
+        "two critic steps per step"
+    );
     assert_eq!(groups["gen"]["optim_steps"], 4);
     let metrics = std::fs::read_to_string(d.path().join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("critic_loss"), "{metrics}");
@@ -343,7 +362,10 @@ fn a_sample_metric_can_choose_the_best_checkpoint() {
     assert_eq!(best, scores.iter().cloned().fold(f64::INFINITY, f64::min));
     assert!(d.path().join("best").is_dir());
     let e = cfg.set("train.select_by=fid").unwrap_err().to_string();
-    assert!(e.contains("select_by") && e.contains("energy-distance"), "{e}");
+    assert!(
+        e.contains("select_by") && e.contains("energy-distance"),
+        "{e}"
+    );
     // a family without a likelihood cannot be selected by NLL: the error says what to use
     let build: &ModelBuilder = &|info, dev, rng| Ok(Box::new(TwoPlayer::new(info, dev, rng)?));
     let mut c = contract_config("flow-matching", "moons");

@@ -4,7 +4,7 @@
 use candle_core::Device;
 use elbo::config::Config;
 use elbo::data::DataKind;
-use elbo::model::{DataInfo};
+use elbo::model::DataInfo;
 use elbo::train::optim::named_vars;
 use elbo::train::{CheckpointChoice, LoadedRun, Trainer};
 use elbo::{NllKind, Rng};
@@ -273,8 +273,8 @@ fn discrete_digits_are_dequantized_into_a_bound() {
 #[test]
 fn forward_mode_divergence_matches_autograd() {
     use elbo::continuous::cnf::divergence;
-    use elbo::models::flow_matching::VelocityMlp;
     use elbo::continuous::VelocityField;
+    use elbo::models::flow_matching::VelocityMlp;
     use elbo::nn::ParamInit;
     let dev = Device::Cpu;
     for act in [elbo::nn::Activation::Silu, elbo::nn::Activation::Tanh] {

@@ -7,9 +7,9 @@
 use candle_core::{DType, Device, Tensor, Var};
 use elbo::config::SampleOptions;
 use elbo::continuous::diffusion::net::NetConfig;
-use elbo::models::flow_matching::{self, FlowMatching};
 use elbo::data::DataKind;
 use elbo::model::{DataInfo, GenerativeModel};
+use elbo::models::flow_matching::{self, FlowMatching};
 use elbo::nn::fused::{gelu_erf_f32, linear_gelu_erf, IGNORE_INDEX};
 use elbo::nn::transformer::{
     attention, attention_composed, attention_qkv, cross_entropy_rows, cross_entropy_weighted,

@@ -42,7 +42,9 @@ fn batch(rng: &mut Rng) -> Tensor {
 fn every_parameter_gets_a_gradient() {
     for name in ["ar", "ao-ar", "mdlm"] {
         let mut rng = Rng::new(0);
-        let m = small_cfg(name).build(&INFO, &Device::Cpu, &mut rng).unwrap();
+        let m = small_cfg(name)
+            .build(&INFO, &Device::Cpu, &mut rng)
+            .unwrap();
         let loss = m.loss(&batch(&mut rng), &mut rng).unwrap();
         let grads = loss.backward().unwrap();
         for (n, v) in named_vars(m.varmap()).unwrap() {
@@ -249,7 +251,9 @@ fn prompts_are_kept_and_samples_are_valid() {
     let prefix = [Some(1), Some(4), None, None, None, None, None, None];
     let infill = [Some(2), None, None, Some(3), None, None, None, Some(0)];
     for name in ["ar", "ao-ar", "mdlm"] {
-        let m = small_cfg(name).build(&INFO, &Device::Cpu, &mut rng).unwrap();
+        let m = small_cfg(name)
+            .build(&INFO, &Device::Cpu, &mut rng)
+            .unwrap();
         let x: Vec<Vec<f32>> = m
             .sample_conditional(5, &prefix, &opts, &mut rng)
             .unwrap()
@@ -287,7 +291,9 @@ fn prompts_are_kept_and_samples_are_valid() {
         assert!(m.loss(&bad, &mut rng).is_err());
     }
     let cont = DataInfo::flat(8, DataKind::Continuous);
-    assert!(small_cfg("mdlm").build(&cont, &Device::Cpu, &mut rng).is_err());
+    assert!(small_cfg("mdlm")
+        .build(&cont, &Device::Cpu, &mut rng)
+        .is_err());
 }
 
 /// A Markov chain over 4 symbols: next = prev + 1 (mod 4) w.p. 0.9, else one of the other 3.
@@ -423,7 +429,9 @@ fn conditional_and_llada_likelihoods() {
         .log_likelihood(&test, &opts("exact", 0), &mut rng)
         .is_err());
     let info = DataInfo::flat(16, DataKind::Discrete { levels: 4 });
-    let ao = small_cfg("ao-ar").build(&info, &Device::Cpu, &mut rng).unwrap();
+    let ao = small_cfg("ao-ar")
+        .build(&info, &Device::Cpu, &mut rng)
+        .unwrap();
     assert!(ao
         .log_likelihood(&test, &opts("auto", 8), &mut rng)
         .is_err());

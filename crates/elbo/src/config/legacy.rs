@@ -226,7 +226,6 @@ impl Default for LegacySample {
     }
 }
 
-
 impl LegacyConfig {
     /// The same run in today's layout. Values are carried over unchanged; names the old
     /// release normalised (case, `-` vs `_`) are normalised the same way.

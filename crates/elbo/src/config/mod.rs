@@ -247,7 +247,7 @@ impl Config {
             Ok(c) => c,
             Err(e) => {
                 let hint = if legacy::parse_toml(text).is_ok() {
-                    " (this is the flat [model] layout of elbo before 0.2: see docs/architecture.md, \
+                    " (this is the flat [model] layout of earlier elbo releases: see docs/architecture.md, \
                      \"Configs\", for the per-family layout)"
                 } else {
                     ""
@@ -331,7 +331,9 @@ impl Config {
         }
         if t.select_by != "nll" {
             crate::eval::sample_metric::metric_by_name(&t.select_by).map_err(|e| {
-                Error::Config(format!("train.select_by: use \"nll\" or a sample metric; {e}"))
+                Error::Config(format!(
+                    "train.select_by: use \"nll\" or a sample metric; {e}"
+                ))
             })?;
         }
         for m in &self.eval.metrics {

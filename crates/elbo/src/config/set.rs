@@ -26,7 +26,9 @@ impl Config {
         let raw = raw.trim();
         let path: Vec<&str> = key.split('.').collect();
         if path.iter().any(|p| p.is_empty()) {
-            return Err(Error::Config(format!("--set '{assignment}': empty key part")));
+            return Err(Error::Config(format!(
+                "--set '{assignment}': empty key part"
+            )));
         }
         if key == "model.name" {
             let wanted = family(raw.trim_matches('"'))?.name;
@@ -130,7 +132,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         c.set("model.sampling.sampler=ddim").unwrap();
-        let e = c.set("model.sampling.sampler=dddim").unwrap_err().to_string();
+        let e = c
+            .set("model.sampling.sampler=dddim")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("dpm++2m"), "{e}");
         let e = c.set("model.name=glow-worm").unwrap_err().to_string();
         assert!(e.contains("flow-matching"), "{e}");

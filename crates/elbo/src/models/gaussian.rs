@@ -177,11 +177,12 @@ impl Gaussian {
         let st = &mut self.stats;
         for r in &rows {
             st.n += 1.0;
-            for i in 0..d {
-                let xi = f64::from(r[i]);
+            for (i, &xi) in r.iter().enumerate() {
+                let xi = f64::from(xi);
                 st.sum[i] += xi;
-                for j in 0..=i {
-                    st.outer[i * d + j] += xi * f64::from(r[j]);
+                let row = &mut st.outer[i * d..i * d + i + 1];
+                for (o, &xj) in row.iter_mut().zip(r) {
+                    *o += xi * f64::from(xj);
                 }
             }
         }

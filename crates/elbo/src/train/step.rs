@@ -125,7 +125,9 @@ pub(crate) fn build_groups(
     train: &TrainConfig,
 ) -> Result<Vec<GroupState>> {
     if specs.is_empty() {
-        return Err(Error::Config("a model must declare at least one parameter group".into()));
+        return Err(Error::Config(
+            "a model must declare at least one parameter group".into(),
+        ));
     }
     if specs.iter().filter(|g| g.prefixes.is_empty()).count() > 1 {
         return Err(Error::Config(

@@ -195,11 +195,7 @@ impl Trainer {
                 ema.load(&subset(file("ema")?, &g.params), counters.ema_updates)?;
             }
         }
-        let state = loaded
-            .files
-            .get("model_state")
-            .cloned()
-            .unwrap_or_default();
+        let state = loaded.files.get("model_state").cloned().unwrap_or_default();
         model.load_state_tensors(&state)?;
         let step = st.step as usize;
         truncate_metrics(&dir.join("metrics.jsonl"), step)?;
