@@ -11,11 +11,12 @@ use crate::config::{EvalOptions, SampleOptions};
 use crate::continuous::diffusion::chain::{Chain, VarianceKind};
 use crate::continuous::diffusion::net::{check_batch, DataScale, DenoiserNet, NetConfig};
 use crate::continuous::diffusion::param::{
-    level_cross_entropy, simple_target, x0_from_output, Parameterization, ParameterizationChoice,
+    level_cross_entropy, simple_target, x0_from_output, ParameterizationChoice,
 };
 use crate::continuous::diffusion::pf_ode::{self, PathPoint, PfOde};
 use crate::continuous::diffusion::sampling::{self, DiffusionSampling, GaussianDiffusion, SamplerName};
 use crate::continuous::diffusion::vlb::{vlb, Decoder};
+use crate::continuous::parameterization::Parameterization;
 use crate::continuous::sampler::DdpmVariance;
 use crate::continuous::schedule::{BetaSchedule, NoiseSchedule};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};

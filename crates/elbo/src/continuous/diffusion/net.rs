@@ -22,8 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{DataKind, Layout};
 use crate::model::DataInfo;
 use crate::nn::{
-    sinusoidal_embedding, sinusoidal_row, Activation, Mlp, PackedMlp, ParamInit, UNet,
-    UNetConfig,
+    sinusoidal_embedding, sinusoidal_row, Activation, Mlp, PackedMlp, ParamInit, UNet, UNetConfig,
 };
 use crate::{Error, Result, Rng};
 

@@ -241,7 +241,9 @@ pub fn sample(
             let x = (rng.normal_tensor(&[n, d], device)? * (a * a + s * s).sqrt())?;
             let times = uniform_times(sch, steps.max(1) + 1);
             match name {
-                S::Pc => sampler::predictor_corrector(&den, sch, &times, 1, knobs.snr, true, &x, rng),
+                S::Pc => {
+                    sampler::predictor_corrector(&den, sch, &times, 1, knobs.snr, true, &x, rng)
+                }
                 S::Ode => {
                     let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
                     Ok(sampler::pf_ode(&den, sch, &solver, true, &x)?.0)
