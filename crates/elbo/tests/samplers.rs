@@ -6,12 +6,13 @@
 //! sampler.
 
 use candle_core::{DType, Device, Tensor};
+use elbo::continuous::diffusion::VarianceKind;
 use elbo::continuous::ode::Solver;
 use elbo::continuous::parameterization::Parameterization;
 use elbo::continuous::sampler::{
     ddim, ddim_invert, ddpm, dpmpp_2m, euler, euler_maruyama, flow_euler, heun, pf_ode,
-    predictor_corrector, Churn, DdpmVariance, Denoiser, DenoiserFlow, DenoiserNetwork,
-    ScheduledDenoiser, VelocityFieldDenoiser, VelocityFieldFlow,
+    predictor_corrector, Churn, Denoiser, DenoiserFlow, DenoiserNetwork, ScheduledDenoiser,
+    VelocityFieldDenoiser, VelocityFieldFlow,
 };
 use elbo::continuous::schedule::{
     karras_sigmas, uniform_times, with_final_zero, BetaSchedule, CondOt, DiscreteSchedule,
@@ -293,7 +294,7 @@ fn stochastic_samplers_reproduce_gaussian_moments() {
         .unwrap();
     let all: Vec<usize> = (0..1000).rev().collect();
     let tr = sched.transitions(&all).unwrap();
-    for var in [DdpmVariance::FixedSmall, DdpmVariance::FixedLarge] {
+    for var in [VarianceKind::FixedSmall, VarianceKind::FixedLarge] {
         let out = ddpm(&den, &tr, var, &x_vp, &mut rng).unwrap();
         assert_gaussian(&format!("ddpm {var:?}"), &out, 0.03);
     }
@@ -410,7 +411,7 @@ fn every_network_under_every_sampler() {
                 &sched
                     .transitions(&(0..1000).rev().collect::<Vec<_>>())
                     .unwrap(),
-                DdpmVariance::FixedSmall,
+                VarianceKind::FixedSmall,
                 &x_vp,
                 &mut rng,
             )
@@ -482,7 +483,7 @@ fn bad_sampler_inputs_are_errors() {
         alpha_bar: 0.5,
         alpha_bar_prev: 0.4,
     }];
-    assert!(ddpm(&gauss_denoiser, &up, DdpmVariance::FixedSmall, &x, &mut rng).is_err());
+    assert!(ddpm(&gauss_denoiser, &up, VarianceKind::FixedSmall, &x, &mut rng).is_err());
     assert!(euler(
         &gauss_denoiser,
         &[1.0, 2.0],

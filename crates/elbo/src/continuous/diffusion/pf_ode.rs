@@ -22,27 +22,15 @@ use crate::config::EvalOptions;
 use crate::continuous::cnf::{self, CnfOptions, Divergence};
 use crate::continuous::diffusion::net::DataScale;
 use crate::continuous::ode::Solver;
+use crate::continuous::parameterization::Coeffs;
 use crate::continuous::VelocityField;
 use crate::{Error, Result, Rng};
 use crate::{Nll, NllKind};
 
-/// α, σ and their derivatives with respect to the path parameter u.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PathPoint {
-    /// Signal scale α(u).
-    pub alpha: f64,
-    /// Noise scale σ(u).
-    pub sigma: f64,
-    /// dα/du.
-    pub d_alpha: f64,
-    /// dσ/du.
-    pub d_sigma: f64,
-}
-
 /// The probability-flow field of a path with an x̂_0 predictor, in CNF flow time s.
 pub struct PfOde<'a> {
-    /// The path as a function of u.
-    pub path: &'a dyn Fn(f64) -> PathPoint,
+    /// The path as a function of u: α(u), σ(u) and their derivatives in u.
+    pub path: &'a dyn Fn(f64) -> Coeffs,
     /// x̂_0(x_u, u): `[B, D]` -> `[B, D]` (must record gradients w.r.t. x_u for the exact /
     /// reverse-mode Hutchinson divergence).
     pub predict_x0: &'a dyn Fn(&Tensor, f64) -> Result<Tensor>,

@@ -41,7 +41,7 @@ pub use adapters::{
     VelocityFieldDenoiser, VelocityFieldFlow,
 };
 pub use ddim::{ddim, ddim_invert};
-pub use ddpm::{ddpm, DdpmVariance};
+pub use ddpm::ddpm;
 pub use dpm_solver::dpmpp_2m;
 pub use flow::flow_euler;
 pub use karras::{euler, heun, Churn};
