@@ -12,7 +12,7 @@ use elbo::continuous::parameterization::Parameterization;
 use elbo::continuous::sampler::{
     ddim, ddim_invert, ddpm, dpmpp_2m, euler, euler_maruyama, flow_euler, heun, pf_ode,
     predictor_corrector, Churn, Denoiser, DenoiserFlow, DenoiserNetwork, ScheduledDenoiser,
-    VelocityFieldDenoiser, VelocityFieldFlow,
+    TimeFlip, VelocityFieldDenoiser,
 };
 use elbo::continuous::schedule::{
     karras_sigmas, uniform_times, with_final_zero, BetaSchedule, CondOt, DiscreteSchedule,
@@ -381,14 +381,11 @@ fn every_network_under_every_sampler() {
     for s in [0.05, 0.7, 3.0, 40.0] {
         assert!(max_abs(&fm.denoise(&x, s).unwrap(), &exact(s)) < 1e-9);
     }
-    let (f1, f2) = (
-        VelocityFieldFlow(&gauss_velocity),
-        DenoiserFlow(&gauss_denoiser),
-    );
-    use elbo::continuous::sampler::FlowModel;
-    let v1 = f1.flow_velocity(&x, 0.3).unwrap();
-    assert!(max_abs(&v1, &f2.flow_velocity(&x, 0.3).unwrap()) < 1e-9);
-    assert!(f2.flow_velocity(&x, 1.0).is_err());
+    let (f1, f2) = (TimeFlip(&gauss_velocity), DenoiserFlow(&gauss_denoiser));
+    use elbo::continuous::VelocityField;
+    let v1 = f1.velocity(&x, 0.3).unwrap();
+    assert!(max_abs(&v1, &f2.velocity(&x, 0.3).unwrap()) < 1e-9);
+    assert!(f2.velocity(&x, 1.0).is_err());
 
     // one DDPM eps-network, sampled by DDPM, DDIM, Heun, DPM-Solver++, Euler-Maruyama on its own
     // schedule and rectified-flow Euler; a flow-matching network by Heun and an SDE sampler

@@ -117,7 +117,10 @@ pub fn sample(
     Ok((field.predict_x0)(&x, field.u_min)?.detach())
 }
 
-/// The CNF options (solver and divergence) of an eval config.
+/// The CNF options (solver and divergence) of an eval config: the one place that reads
+/// `EvalOptions::divergence` ("auto": exact up to `exact_max_dim` dimensions, else Hutchinson
+/// with `probes` probes; or a [`Divergence::parse`] name), for every continuous-time
+/// likelihood (the probability-flow ODE of the diffusion families and flow matching's CNF).
 pub fn cnf_options(opts: &EvalOptions, dim: usize) -> Result<CnfOptions> {
     let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
     let divergence = match opts.divergence.as_str() {
@@ -139,19 +142,30 @@ pub fn kind(div: &Divergence, discrete: bool) -> NllKind {
     }
 }
 
-/// Method line of a probability-flow likelihood.
-pub fn method(opts: &EvalOptions, dim: usize, what: &str) -> String {
-    let div = match cnf_options(opts, dim).map(|c| c.divergence) {
+/// "exact divergence", "Hutchinson divergence, K probe(s)" or "invalid options: ..." for the
+/// divergence [`cnf_options`] picks.
+pub fn divergence_label(opts: &EvalOptions, dim: usize) -> String {
+    match cnf_options(opts, dim).map(|c| c.divergence) {
         Ok(Divergence::Exact) => "exact divergence".to_string(),
         Ok(Divergence::Hutchinson { probes }) => {
             format!("Hutchinson divergence, {probes} probe(s)")
         }
         Err(e) => format!("invalid options: {e}"),
-    };
-    let solver = match opts.solver.as_str() {
-        "dopri5" => format!("dopri5 rtol {:e} atol {:e}", opts.rtol, opts.atol),
-        s => format!("{s} {} steps", opts.steps),
-    };
+    }
+}
+
+/// "dopri5 rtol 1e-5 atol 1e-5" or "heun 100 steps".
+pub fn solver_label(solver: &str, steps: usize, rtol: f64, atol: f64) -> String {
+    match solver {
+        "dopri5" => format!("dopri5 rtol {rtol:e} atol {atol:e}"),
+        s => format!("{s} {steps} steps"),
+    }
+}
+
+/// Method line of a probability-flow likelihood.
+pub fn method(opts: &EvalOptions, dim: usize, what: &str) -> String {
+    let div = divergence_label(opts, dim);
+    let solver = solver_label(&opts.solver, opts.steps, opts.rtol, opts.atol);
     format!("probability-flow ODE ({what}), {solver}, {div}")
 }
 
