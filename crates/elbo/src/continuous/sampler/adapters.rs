@@ -174,10 +174,10 @@ impl<V: VelocityField + ?Sized> Denoiser for VelocityFieldDenoiser<'_, V> {
 /// A [`VelocityField`] with its time reversed: s = 1 - t and dx/ds = -v(x, 1 - s).
 ///
 /// The crate has two time conventions for velocity fields. Flow matching and the CNF likelihood
-/// ([`crate::continuous::cnf`]) put the noise at t = 0 and the data at t = 1 (x_t = (1 - t) eps
-/// + t x_1, v = x_1 - eps; Lipman et al. 2023), while diffusion and diffusers' rectified-flow
-/// sampler put the noise at s = 1 (x_s = (1 - s) x_0 + s eps, dx_s/ds = eps - x_0; Esser et
-/// al. 2024). `TimeFlip(&field)` presents a field of either convention in the other one (e.g.
+/// ([`crate::continuous::cnf`]) put the noise at t = 0 and the data at t = 1
+/// (x_t = (1 - t) eps + t x_1, v = x_1 - eps; Lipman et al. 2023), while diffusion and
+/// diffusers' rectified-flow sampler put the noise at s = 1 (x_s = (1 - s) x_0 + s eps,
+/// dx_s/ds = eps - x_0; Esser et al. 2024). `TimeFlip(&field)` presents a field of either convention in the other one (e.g.
 /// a flow-matching network to [`flow_euler`](super::flow_euler)). Forward-mode JVPs of the
 /// wrapped field are passed through, negated.
 pub struct TimeFlip<'a, V: VelocityField + ?Sized>(pub &'a V);
