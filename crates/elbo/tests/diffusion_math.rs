@@ -9,9 +9,10 @@ use elbo::continuous::cnf::{CnfOptions, Divergence};
 use elbo::continuous::diffusion::gaussian::{
     discretized_gaussian_log_prob, level_value, normal_kl, normal_log_density,
 };
-use elbo::continuous::diffusion::pf_ode::{self, PathPoint, PfOde};
+use elbo::continuous::diffusion::pf_ode::{self, PfOde};
 use elbo::continuous::diffusion::{vlb, vlb_with_variances, Chain, Decoder, VarianceKind};
 use elbo::continuous::ode::Solver;
+use elbo::continuous::parameterization::Coeffs;
 use elbo::continuous::schedule::{NoiseSchedule, Vp};
 use elbo::Rng;
 
@@ -306,12 +307,7 @@ fn pf_ode_with_the_optimal_denoiser_is_the_exact_nll() {
     let chain = Chain::from_schedule("linear", 1000).unwrap();
     let schedules: [(&dyn NoiseSchedule, f64); 2] = [(&vp, 1e-5), (&chain, 1e-3)];
     for (sch, u_min) in schedules {
-        let path = |u: f64| PathPoint {
-            alpha: sch.alpha(u),
-            sigma: sch.sigma(u),
-            d_alpha: sch.d_alpha(u),
-            d_sigma: sch.d_sigma(u),
-        };
+        let path = |u: f64| Coeffs::at(sch, u);
         let pred = |x: &Tensor, u: f64| analytic_x0_of(x, sch.alpha(u), sch.sigma(u), PM, PS);
         let field = PfOde {
             path: &path,

@@ -6,12 +6,13 @@
 //! sampler.
 
 use candle_core::{DType, Device, Tensor};
+use elbo::continuous::diffusion::VarianceKind;
 use elbo::continuous::ode::Solver;
 use elbo::continuous::parameterization::Parameterization;
 use elbo::continuous::sampler::{
     ddim, ddim_invert, ddpm, dpmpp_2m, euler, euler_maruyama, flow_euler, heun, pf_ode,
-    predictor_corrector, Churn, DdpmVariance, Denoiser, DenoiserFlow, DenoiserNetwork,
-    ScheduledDenoiser, VelocityFieldDenoiser, VelocityFieldFlow,
+    predictor_corrector, Churn, Denoiser, DenoiserFlow, DenoiserNetwork, ScheduledDenoiser,
+    TimeFlip, VelocityFieldDenoiser,
 };
 use elbo::continuous::schedule::{
     karras_sigmas, uniform_times, with_final_zero, BetaSchedule, CondOt, DiscreteSchedule,
@@ -293,7 +294,7 @@ fn stochastic_samplers_reproduce_gaussian_moments() {
         .unwrap();
     let all: Vec<usize> = (0..1000).rev().collect();
     let tr = sched.transitions(&all).unwrap();
-    for var in [DdpmVariance::FixedSmall, DdpmVariance::FixedLarge] {
+    for var in [VarianceKind::FixedSmall, VarianceKind::FixedLarge] {
         let out = ddpm(&den, &tr, var, &x_vp, &mut rng).unwrap();
         assert_gaussian(&format!("ddpm {var:?}"), &out, 0.03);
     }
@@ -380,14 +381,11 @@ fn every_network_under_every_sampler() {
     for s in [0.05, 0.7, 3.0, 40.0] {
         assert!(max_abs(&fm.denoise(&x, s).unwrap(), &exact(s)) < 1e-9);
     }
-    let (f1, f2) = (
-        VelocityFieldFlow(&gauss_velocity),
-        DenoiserFlow(&gauss_denoiser),
-    );
-    use elbo::continuous::sampler::FlowModel;
-    let v1 = f1.flow_velocity(&x, 0.3).unwrap();
-    assert!(max_abs(&v1, &f2.flow_velocity(&x, 0.3).unwrap()) < 1e-9);
-    assert!(f2.flow_velocity(&x, 1.0).is_err());
+    let (f1, f2) = (TimeFlip(&gauss_velocity), DenoiserFlow(&gauss_denoiser));
+    use elbo::continuous::VelocityField;
+    let v1 = f1.velocity(&x, 0.3).unwrap();
+    assert!(max_abs(&v1, &f2.velocity(&x, 0.3).unwrap()) < 1e-9);
+    assert!(f2.velocity(&x, 1.0).is_err());
 
     // one DDPM eps-network, sampled by DDPM, DDIM, Heun, DPM-Solver++, Euler-Maruyama on its own
     // schedule and rectified-flow Euler; a flow-matching network by Heun and an SDE sampler
@@ -410,7 +408,7 @@ fn every_network_under_every_sampler() {
                 &sched
                     .transitions(&(0..1000).rev().collect::<Vec<_>>())
                     .unwrap(),
-                DdpmVariance::FixedSmall,
+                VarianceKind::FixedSmall,
                 &x_vp,
                 &mut rng,
             )
@@ -482,7 +480,7 @@ fn bad_sampler_inputs_are_errors() {
         alpha_bar: 0.5,
         alpha_bar_prev: 0.4,
     }];
-    assert!(ddpm(&gauss_denoiser, &up, DdpmVariance::FixedSmall, &x, &mut rng).is_err());
+    assert!(ddpm(&gauss_denoiser, &up, VarianceKind::FixedSmall, &x, &mut rng).is_err());
     assert!(euler(
         &gauss_denoiser,
         &[1.0, 2.0],

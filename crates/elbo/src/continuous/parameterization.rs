@@ -6,7 +6,10 @@
 //! - v = alpha eps - sigma x_0 (Salimans & Ho 2022, Sec. 4; with alpha^2 + sigma^2 = 1 as VP
 //!   schedules have, x_0 = alpha x_t - sigma v and eps = sigma x_t + alpha v),
 //! - the score grad log p(x_t) = -eps / sigma (Song et al. 2021b; Vincent 2011),
-//! - the velocity dx_t/dt = alpha' x_0 + sigma' eps (flow matching; Lipman et al. 2023).
+//! - the velocity dx_t/dt = alpha' x_0 + sigma' eps (flow matching; Lipman et al. 2023),
+//! - on discrete data, logits over the levels (DDPM's levels prediction; its x_0 estimate is
+//!   the posterior mean over the level grid, [`crate::continuous::diffusion::param`]), which is
+//!   not one of these affine maps and is rejected by the conversions here.
 //!
 //! [`EdmPrecond`] is the preconditioning of Karras et al. 2022, Table 1: D(x; sigma) = c_skip x +
 //! c_out F(c_in x; c_noise) for x = x_0 + sigma n.
@@ -20,21 +23,30 @@ use crate::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Parameterization {
-    /// The noise eps.
+    /// The noise eps (Ho et al. 2020, eq. 11).
     Eps,
     /// The clean sample x_0.
     X0,
-    /// v = alpha eps - sigma x_0.
+    /// v = alpha eps - sigma x_0 (Salimans & Ho 2022, Sec. 4).
     V,
     /// The score grad_x log p_t(x) = -eps / sigma.
     Score,
     /// The velocity dx_t/dt = alpha' x_0 + sigma' eps (needs the schedule's derivatives).
     Velocity,
+    /// Logits over the L levels of discrete data, with the exact likelihood of x_t as a skip
+    /// term (see [`crate::continuous::diffusion::param`]): `levels` outputs per dimension, so
+    /// not a per-dimension affine function of (x_0, eps).
+    Levels {
+        /// L.
+        levels: usize,
+    },
 }
 
 impl Parameterization {
     /// From a name: `eps` / `epsilon`, `x0` / `sample`, `v` / `v_prediction`, `score`,
-    /// `velocity` / `flow` (diffusers' `prediction_type` names are accepted).
+    /// `velocity` / `flow` (diffusers' `prediction_type` names are accepted). `levels` needs the
+    /// number of levels of the data: build [`Parameterization::Levels`] directly, or resolve a
+    /// [`ParameterizationChoice`](crate::continuous::diffusion::param::ParameterizationChoice).
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "eps" | "epsilon" => Ok(Self::Eps),
@@ -42,15 +54,39 @@ impl Parameterization {
             "v" | "v_prediction" => Ok(Self::V),
             "score" => Ok(Self::Score),
             "velocity" | "flow" | "flow_prediction" => Ok(Self::Velocity),
+            "levels" => Err(Error::Config(
+                "the levels parameterization needs the number of levels of discrete data".into(),
+            )),
             other => Err(Error::Config(format!(
                 "unknown parameterization '{other}'; known: eps, x0, v, score, velocity"
             ))),
         }
     }
+
+    /// A short name: eps, x0, v, score, velocity or levels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Eps => "eps",
+            Self::X0 => "x0",
+            Self::V => "v",
+            Self::Score => "score",
+            Self::Velocity => "velocity",
+            Self::Levels { .. } => "levels",
+        }
+    }
+
+    /// Network outputs per data dimension (L for levels, else 1).
+    pub fn outputs_per_dim(&self) -> usize {
+        match self {
+            Self::Levels { levels } => *levels,
+            _ => 1,
+        }
+    }
 }
 
-/// The schedule's coefficients at one time: x_t = alpha x_0 + sigma eps, and their time
-/// derivatives (only [`Parameterization::Velocity`] uses the derivatives).
+/// The schedule's coefficients at one time (or path parameter) t: x_t = alpha x_0 + sigma eps,
+/// and their derivatives in t (only [`Parameterization::Velocity`] and the probability-flow ODE
+/// use the derivatives).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Coeffs {
     /// alpha(t).
@@ -100,6 +136,14 @@ fn nonzero(v: f64, what: &str) -> Result<f64> {
     Ok(v)
 }
 
+/// The error for a conversion that the levels parameterization has no per-dimension form of.
+fn no_levels(what: &str) -> Error {
+    Error::Config(format!(
+        "the levels parameterization outputs logits over the levels, not one value per \
+         dimension; it has no {what} (use diffusion::param::x0_from_output)"
+    ))
+}
+
 impl Parameterization {
     /// The (x_0, eps) pair implied by a network output `out` at `x_t`.
     pub fn to_x0_eps(&self, out: &Tensor, x_t: &Tensor, c: &Coeffs) -> Result<(Tensor, Tensor)> {
@@ -129,6 +173,7 @@ impl Parameterization {
                 let eps = lin(out, a / det, x_t, -c.d_alpha / det)?;
                 Ok((x0, eps))
             }
+            Self::Levels { .. } => Err(no_levels("(x_0, eps) conversion")),
         }
     }
 
@@ -141,10 +186,12 @@ impl Parameterization {
             Self::V => lin(eps, a, x0, -s),
             Self::Score => Ok(eps.affine(-1.0 / nonzero(s, "sigma")?, 0.0)?),
             Self::Velocity => lin(x0, c.d_alpha, eps, c.d_sigma),
+            Self::Levels { .. } => Err(no_levels("prediction from (x_0, eps)")),
         }
     }
 
-    /// Converts an output of this kind into an output of kind `to`.
+    /// Converts an output of this kind into an output of kind `to` (an error for levels, unless
+    /// `to` is the same kind).
     pub fn convert(
         &self,
         to: Parameterization,

@@ -11,12 +11,12 @@ use crate::config::{EvalOptions, SampleOptions};
 use crate::continuous::diffusion::chain::{Chain, VarianceKind};
 use crate::continuous::diffusion::net::{check_batch, DataScale, DenoiserNet, NetConfig};
 use crate::continuous::diffusion::param::{
-    level_cross_entropy, simple_target, x0_from_output, Parameterization, ParameterizationChoice,
+    level_cross_entropy, simple_target, x0_from_output, ParameterizationChoice,
 };
-use crate::continuous::diffusion::pf_ode::{self, PathPoint, PfOde};
+use crate::continuous::diffusion::pf_ode::{self, PfOde};
 use crate::continuous::diffusion::sampling::{self, DiffusionSampling, GaussianDiffusion, SamplerName};
 use crate::continuous::diffusion::vlb::{vlb, Decoder};
-use crate::continuous::sampler::DdpmVariance;
+use crate::continuous::parameterization::{Coeffs, Parameterization};
 use crate::continuous::schedule::{BetaSchedule, NoiseSchedule};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
@@ -182,7 +182,7 @@ impl Ddpm {
     }
 
     /// α, σ and derivatives in u = t / T.
-    pub fn path_point(&self, u: f64) -> PathPoint {
+    pub fn path_point(&self, u: f64) -> Coeffs {
         self.chain.path_point(u)
     }
 
@@ -209,7 +209,7 @@ impl Ddpm {
 
     fn pf_field<'a>(
         &'a self,
-        path: &'a dyn Fn(f64) -> PathPoint,
+        path: &'a dyn Fn(f64) -> Coeffs,
         pred: &'a dyn Fn(&Tensor, f64) -> Result<Tensor>,
     ) -> PfOde<'a> {
         PfOde {
@@ -249,11 +249,8 @@ impl GaussianDiffusion for Ddpm {
     fn dim(&self) -> usize {
         self.dim
     }
-    fn ddpm_variance(&self) -> DdpmVariance {
-        match self.variance {
-            VarianceKind::FixedSmall => DdpmVariance::FixedSmall,
-            VarianceKind::FixedLarge => DdpmVariance::FixedLarge,
-        }
+    fn ddpm_variance(&self) -> VarianceKind {
+        self.variance
     }
 }
 

@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalOptions, SampleOptions};
 use crate::continuous::diffusion::net::{check_batch, DataScale, DenoiserNet, NetConfig};
-use crate::continuous::diffusion::pf_ode::{self, PathPoint, PfOde};
+use crate::continuous::diffusion::pf_ode::{self, PfOde};
 use crate::continuous::diffusion::sampling::{self, DiffusionSampling, GaussianDiffusion, SamplerName};
-use crate::continuous::parameterization::EdmPrecond;
+use crate::continuous::parameterization::{Coeffs, EdmPrecond};
 use crate::continuous::schedule::{Edm as EdmSchedule, NoiseSchedule};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
@@ -215,7 +215,7 @@ impl GenerativeModel for Edm {
         check_batch(batch, self.dim, "edm")?;
         likelihood_choice(opts, "edm", Config::LIKELIHOODS)?;
         // path in u = ln σ: α = 1, σ = e^u
-        let path = |u: f64| PathPoint {
+        let path = |u: f64| Coeffs {
             alpha: 1.0,
             sigma: u.exp(),
             d_alpha: 0.0,

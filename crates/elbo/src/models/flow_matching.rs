@@ -16,7 +16,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalOptions, SampleOptions};
-use crate::continuous::cnf::{self, CnfOptions, Divergence};
+use crate::continuous::cnf;
+use crate::continuous::diffusion::pf_ode;
 use crate::continuous::diffusion::net::{BackboneChoice, NetConfig};
 use crate::continuous::diffusion::sampling::{self, DiffusionSampling, SamplerName};
 use crate::continuous::ode::Solver;
@@ -25,7 +26,9 @@ use crate::data::DataKind;
 use crate::model::{DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
 use crate::nn::{sinusoidal_embedding, sinusoidal_row, Mlp, PackedMlp, ParamInit};
-use crate::{Error, Nll, NllKind, Result, Rng};
+use crate::{Error, Nll, Result, Rng};
+
+pub use crate::continuous::diffusion::pf_ode::solver_label;
 
 /// The `[model]` table of `flow-matching`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -195,26 +198,6 @@ impl FlowMatching {
             ))),
         }
     }
-
-    fn cnf_options(&self, opts: &EvalOptions) -> Result<CnfOptions> {
-        let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
-        let divergence = match opts.divergence.as_str() {
-            "exact" => Divergence::Exact,
-            "hutchinson" => Divergence::Hutchinson {
-                probes: opts.probes,
-            },
-            "auto" if self.dim <= opts.exact_max_dim => Divergence::Exact,
-            "auto" => Divergence::Hutchinson {
-                probes: opts.probes,
-            },
-            other => {
-                return Err(Error::Config(format!(
-                    "unknown divergence '{other}'; use auto, exact or hutchinson"
-                )))
-            }
-        };
-        Ok(CnfOptions { solver, divergence })
-    }
 }
 
 impl GenerativeModel for FlowMatching {
@@ -296,7 +279,7 @@ impl GenerativeModel for FlowMatching {
     fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
         self.check_batch(batch)?;
         crate::model::likelihood_choice(opts, self.family(), Config::LIKELIHOODS)?;
-        let co = self.cnf_options(opts)?;
+        let co = pf_ode::cnf_options(opts, self.dim)?;
         let x = self.to_model_space(batch, rng)?;
         let ll = cnf::log_likelihood(&self.net, &x, &co, rng)?;
         // Jacobian of x = 2y/L - 1 for dequantized discrete data: log p_y = log p_x + D log(2/L)
@@ -305,26 +288,15 @@ impl GenerativeModel for FlowMatching {
             Some(l) => self.dim as f64 * (2.0 / l as f64).ln(),
         };
         let nats = ll.logp.iter().map(|lp| -(lp + offset)).collect();
-        let kind = match (&co.divergence, self.levels) {
-            (Divergence::Hutchinson { probes }, _) => NllKind::Estimate { samples: *probes },
-            (Divergence::Exact, None) => NllKind::Exact,
-            (Divergence::Exact, Some(_)) => NllKind::Bound,
-        };
         Ok(Nll {
             nats,
             dims: self.dim,
-            kind,
+            kind: pf_ode::kind(&co.divergence, self.levels.is_some()),
         })
     }
 
     fn likelihood_method(&self, opts: &EvalOptions) -> String {
-        let div = match self.cnf_options(opts).map(|c| c.divergence) {
-            Ok(Divergence::Exact) => "exact divergence".to_string(),
-            Ok(Divergence::Hutchinson { probes }) => {
-                format!("Hutchinson divergence, {probes} probe(s)")
-            }
-            Err(e) => format!("invalid options: {e}"),
-        };
+        let div = pf_ode::divergence_label(opts, self.dim);
         let solver = solver_label(&opts.solver, opts.steps, opts.rtol, opts.atol);
         let deq = match self.levels {
             None => String::new(),
@@ -333,13 +305,5 @@ impl GenerativeModel for FlowMatching {
             }
         };
         format!("CNF instantaneous change of variables, {solver}, {div}{deq}")
-    }
-}
-
-/// "dopri5 rtol 1e-5 atol 1e-5" or "heun 100 steps".
-pub fn solver_label(solver: &str, steps: usize, rtol: f64, atol: f64) -> String {
-    match solver {
-        "dopri5" => format!("dopri5 rtol {rtol:e} atol {atol:e}"),
-        s => format!("{s} {steps} steps"),
     }
 }

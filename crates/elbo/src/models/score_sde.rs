@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalOptions, SampleOptions};
 use crate::continuous::diffusion::net::{check_batch, DataScale, DenoiserNet, NetConfig};
-use crate::continuous::diffusion::pf_ode::{self, PathPoint, PfOde};
+use crate::continuous::diffusion::pf_ode::{self, PfOde};
+use crate::continuous::parameterization::Coeffs;
 use crate::continuous::diffusion::sampling::{self, DiffusionSampling, GaussianDiffusion, SamplerName};
 use crate::continuous::schedule::{NoiseSchedule, SubVp, Ve, Vp};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
@@ -197,14 +198,8 @@ impl ScoreSde {
         self.net.forward(&x_t.broadcast_mul(&c_in)?, &tau, grad)
     }
 
-    fn path_point(&self, t: f64) -> PathPoint {
-        let s = self.kind.schedule();
-        PathPoint {
-            alpha: s.alpha(t),
-            sigma: s.sigma(t),
-            d_alpha: s.d_alpha(t),
-            d_sigma: s.d_sigma(t),
-        }
+    fn path_point(&self, t: f64) -> Coeffs {
+        Coeffs::at(self.kind.schedule(), t)
     }
 }
 

@@ -16,20 +16,24 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::continuous::diffusion::pf_ode::PathPoint;
+use crate::continuous::parameterization::Coeffs;
 use crate::continuous::schedule::{BetaSchedule, DiscreteSchedule, NoiseSchedule, Precision};
 use crate::{Error, Result};
 
-/// Variance of the reverse step p_θ(x_{i-1} | x_i) (Ho et al. 2020, sec. 3.2).
+/// Variance of the reverse step p_θ(x_{i-1} | x_i) (Ho et al. 2020, sec. 3.2): the chain's
+/// [`Chain::model_variance`] (VLB, training weights) and the ancestral sampler
+/// [`sampler::ddpm`](fn@crate::continuous::sampler::ddpm) both take it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum VarianceKind {
-    /// σ_i² = β̃_i, the posterior variance (optimal for a point mass x_0); at i = 1 it is
-    /// clipped to β̃_2 as in Nichol & Dhariwal 2021 (β̃_1 = 0).
+    /// σ_i² = β̃_i, the posterior variance (optimal for a point mass x_0); in
+    /// [`Chain::model_variance`] i = 1 is clipped to β̃_2 as in Nichol & Dhariwal 2021
+    /// (β̃_1 = 0).
     #[default]
     #[serde(alias = "small", alias = "fixed-small")]
     FixedSmall,
-    /// σ_i² = β_i (optimal for x_0 ~ N(0, I)); i = 1 uses β̃_2 as above.
+    /// σ_i² = β_i (optimal for x_0 ~ N(0, I)); [`Chain::model_variance`] uses β̃_2 at i = 1
+    /// as above.
     #[serde(alias = "large", alias = "fixed-large")]
     FixedLarge,
 }
@@ -186,12 +190,12 @@ impl Chain {
 
 impl Chain {
     /// α, σ and their derivatives at u = t/T (log ᾱ linear between grid points).
-    pub fn path_point(&self, u: f64) -> PathPoint {
+    pub fn path_point(&self, u: f64) -> Coeffs {
         let (la, dla) = self.log_alpha_bar_at(u);
         let ab = la.exp();
         let alpha = ab.sqrt();
         let sigma = (1.0 - ab).max(0.0).sqrt();
-        PathPoint {
+        Coeffs {
             alpha,
             sigma,
             d_alpha: 0.5 * alpha * dla,

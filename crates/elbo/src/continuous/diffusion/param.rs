@@ -12,7 +12,7 @@
 //! where the network's f_θ supplies what the pixel alone cannot (the prior over levels given the
 //! rest of the image). At small t the first term dominates and x̂_0 snaps to the right level,
 //! so the small-t KL terms of the bound, which dominate the textbook eps-prediction bound on
-//! 17-level digits (DESIGN.md), vanish; training uses the cross-entropy of the true level.
+//! 17-level digits, vanish; training uses the cross-entropy of the true level.
 //!
 //! Measured on digits (MLP 512 x 3, T = 1000 linear, fixed_small, batch 128, lr 1e-3, 600
 //! steps, EMA 0.995, full VLB on the 297 test images): eps prediction 211.8 nats = 4.77
@@ -24,10 +24,11 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::continuous::parameterization::Parameterization;
 use crate::{Error, Result};
 
 /// The parameterization a config asks for; [`ParameterizationChoice::resolve`] fixes it for
-/// the data.
+/// the data as a [`Parameterization`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ParameterizationChoice {
@@ -59,62 +60,20 @@ impl ParameterizationChoice {
         }
     }
 
-    /// The parameterization for data of `dim` dimensions with `levels`.
+    /// The parameterization for data of `dim` dimensions with `levels` (`None`: continuous).
     pub fn resolve(&self, dim: usize, levels: Option<usize>) -> Result<Parameterization> {
-        Parameterization::parse(self.name(), dim, levels)
-    }
-}
-
-/// The network's target.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Parameterization {
-    /// The noise ε.
-    Eps,
-    /// The clean data x_0.
-    X0,
-    /// v = α ε - σ x_0 (Salimans & Ho 2022; variance-preserving paths).
-    V,
-    /// Logits over the L levels of discrete data, with the exact likelihood skip term.
-    Levels {
-        /// L.
-        levels: usize,
-    },
-}
-
-impl Parameterization {
-    /// From "eps", "x0", "v", "levels" or "auto" for data of `dim` dims with `levels`.
-    pub fn parse(name: &str, dim: usize, levels: Option<usize>) -> Result<Self> {
-        match (name.trim().to_ascii_lowercase().as_str(), levels) {
-            ("eps" | "epsilon", _) => Ok(Self::Eps),
-            ("x0" | "sample", _) => Ok(Self::X0),
-            ("v" | "v_prediction", _) => Ok(Self::V),
-            ("levels", Some(l)) => Ok(Self::Levels { levels: l }),
-            ("levels", None) => Err(Error::Config(
+        match (self, levels) {
+            (Self::Eps, _) => Ok(Parameterization::Eps),
+            (Self::X0, _) => Ok(Parameterization::X0),
+            (Self::V, _) => Ok(Parameterization::V),
+            (Self::Levels, Some(l)) => Ok(Parameterization::Levels { levels: l }),
+            (Self::Levels, None) => Err(Error::Config(
                 "the levels parameterization needs discrete data".into(),
             )),
-            ("auto", Some(l)) if dim * l <= 65_536 => Ok(Self::Levels { levels: l }),
-            ("auto", _) => Ok(Self::Eps),
-            (other, _) => Err(Error::Config(format!(
-                "unknown parameterization '{other}'; use eps, x0, v, levels or auto"
-            ))),
-        }
-    }
-
-    /// Network outputs per data dimension.
-    pub fn outputs_per_dim(&self) -> usize {
-        match self {
-            Self::Levels { levels } => *levels,
-            _ => 1,
-        }
-    }
-
-    /// A short name.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Eps => "eps",
-            Self::X0 => "x0",
-            Self::V => "v",
-            Self::Levels { .. } => "levels",
+            (Self::Auto, Some(l)) if dim * l <= 65_536 => {
+                Ok(Parameterization::Levels { levels: l })
+            }
+            (Self::Auto, _) => Ok(Parameterization::Eps),
         }
     }
 }
@@ -128,7 +87,8 @@ pub struct X0Prediction {
 }
 
 /// Turn the raw network output `out: [B, D · k]` at `x: [B, D]` with per-example path scales
-/// `alpha, sigma: [B, 1]` into x̂_0.
+/// `alpha, sigma: [B, 1]` into x̂_0 (eps, x0, v or levels; the score and velocity
+/// parameterizations are an error here: convert them with [`Parameterization::to_x0_eps`]).
 pub fn x0_from_output(
     param: Parameterization,
     out: &Tensor,
@@ -142,6 +102,9 @@ pub fn x0_from_output(
         Parameterization::X0 => out.clone(),
         // x_0 = α x - σ v when α² + σ² = 1
         Parameterization::V => (x.broadcast_mul(alpha)? - out.broadcast_mul(sigma)?)?,
+        Parameterization::Score | Parameterization::Velocity => {
+            return Err(unsupported(param, "the DDPM network"))
+        }
         Parameterization::Levels { levels } => {
             let (b, d) = x.dims2()?;
             let grid: Vec<f32> = (0..levels)
@@ -173,7 +136,15 @@ pub fn x0_from_output(
     })
 }
 
-/// The network's regression target for L_simple (eps, x0 or v) given the draw.
+fn unsupported(param: Parameterization, what: &str) -> Error {
+    Error::Config(format!(
+        "the {} parameterization is not supported by {what}; use eps, x0, v or levels",
+        param.name()
+    ))
+}
+
+/// The network's regression target for L_simple (eps, x0 or v) given the draw; `None` for
+/// levels (trained by [`level_cross_entropy`]).
 pub fn simple_target(
     param: Parameterization,
     x0: &Tensor,
@@ -186,6 +157,9 @@ pub fn simple_target(
         Parameterization::X0 => Some(x0.clone()),
         Parameterization::V => Some((eps.broadcast_mul(alpha)? - x0.broadcast_mul(sigma)?)?),
         Parameterization::Levels { .. } => None,
+        Parameterization::Score | Parameterization::Velocity => {
+            return Err(unsupported(param, "the L_simple target"))
+        }
     })
 }
 

@@ -22,27 +22,15 @@ use crate::config::EvalOptions;
 use crate::continuous::cnf::{self, CnfOptions, Divergence};
 use crate::continuous::diffusion::net::DataScale;
 use crate::continuous::ode::Solver;
+use crate::continuous::parameterization::Coeffs;
 use crate::continuous::VelocityField;
 use crate::{Error, Result, Rng};
 use crate::{Nll, NllKind};
 
-/// α, σ and their derivatives with respect to the path parameter u.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PathPoint {
-    /// Signal scale α(u).
-    pub alpha: f64,
-    /// Noise scale σ(u).
-    pub sigma: f64,
-    /// dα/du.
-    pub d_alpha: f64,
-    /// dσ/du.
-    pub d_sigma: f64,
-}
-
 /// The probability-flow field of a path with an x̂_0 predictor, in CNF flow time s.
 pub struct PfOde<'a> {
-    /// The path as a function of u.
-    pub path: &'a dyn Fn(f64) -> PathPoint,
+    /// The path as a function of u: α(u), σ(u) and their derivatives in u.
+    pub path: &'a dyn Fn(f64) -> Coeffs,
     /// x̂_0(x_u, u): `[B, D]` -> `[B, D]` (must record gradients w.r.t. x_u for the exact /
     /// reverse-mode Hutchinson divergence).
     pub predict_x0: &'a dyn Fn(&Tensor, f64) -> Result<Tensor>,
@@ -129,7 +117,10 @@ pub fn sample(
     Ok((field.predict_x0)(&x, field.u_min)?.detach())
 }
 
-/// The CNF options (solver and divergence) of an eval config.
+/// The CNF options (solver and divergence) of an eval config: the one place that reads
+/// `EvalOptions::divergence` ("auto": exact up to `exact_max_dim` dimensions, else Hutchinson
+/// with `probes` probes; or a [`Divergence::parse`] name), for every continuous-time
+/// likelihood (the probability-flow ODE of the diffusion families and flow matching's CNF).
 pub fn cnf_options(opts: &EvalOptions, dim: usize) -> Result<CnfOptions> {
     let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
     let divergence = match opts.divergence.as_str() {
@@ -151,19 +142,30 @@ pub fn kind(div: &Divergence, discrete: bool) -> NllKind {
     }
 }
 
-/// Method line of a probability-flow likelihood.
-pub fn method(opts: &EvalOptions, dim: usize, what: &str) -> String {
-    let div = match cnf_options(opts, dim).map(|c| c.divergence) {
+/// "exact divergence", "Hutchinson divergence, K probe(s)" or "invalid options: ..." for the
+/// divergence [`cnf_options`] picks.
+pub fn divergence_label(opts: &EvalOptions, dim: usize) -> String {
+    match cnf_options(opts, dim).map(|c| c.divergence) {
         Ok(Divergence::Exact) => "exact divergence".to_string(),
         Ok(Divergence::Hutchinson { probes }) => {
             format!("Hutchinson divergence, {probes} probe(s)")
         }
         Err(e) => format!("invalid options: {e}"),
-    };
-    let solver = match opts.solver.as_str() {
-        "dopri5" => format!("dopri5 rtol {:e} atol {:e}", opts.rtol, opts.atol),
-        s => format!("{s} {} steps", opts.steps),
-    };
+    }
+}
+
+/// "dopri5 rtol 1e-5 atol 1e-5" or "heun 100 steps".
+pub fn solver_label(solver: &str, steps: usize, rtol: f64, atol: f64) -> String {
+    match solver {
+        "dopri5" => format!("dopri5 rtol {rtol:e} atol {atol:e}"),
+        s => format!("{s} {steps} steps"),
+    }
+}
+
+/// Method line of a probability-flow likelihood.
+pub fn method(opts: &EvalOptions, dim: usize, what: &str) -> String {
+    let div = divergence_label(opts, dim);
+    let solver = solver_label(&opts.solver, opts.steps, opts.rtol, opts.atol);
     format!("probability-flow ODE ({what}), {solver}, {div}")
 }
 

@@ -16,8 +16,9 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::SampleOptions;
+use crate::continuous::diffusion::chain::VarianceKind;
 use crate::continuous::ode::Solver;
-use crate::continuous::sampler::{self, Churn, DdpmVariance, Denoiser};
+use crate::continuous::sampler::{self, Churn, Denoiser};
 use crate::continuous::schedule::{
     karras_sigmas, uniform_times, with_final_zero, NoiseSchedule, Transition,
 };
@@ -138,8 +139,8 @@ pub trait GaussianDiffusion {
     /// Dimensions of one example.
     fn dim(&self) -> usize;
     /// The ancestral sampler's variance.
-    fn ddpm_variance(&self) -> DdpmVariance {
-        DdpmVariance::FixedSmall
+    fn ddpm_variance(&self) -> VarianceKind {
+        VarianceKind::FixedSmall
     }
 }
 

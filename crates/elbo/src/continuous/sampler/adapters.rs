@@ -1,4 +1,6 @@
-//! Adapters between networks and the sampler contracts ([`Denoiser`], [`FlowModel`]).
+//! Adapters between networks and the sampler contracts ([`Denoiser`], and a [`VelocityField`]
+//! in noise time for [`flow_euler`](super::flow_euler); [`TimeFlip`] converts between the two
+//! time directions of a velocity field).
 //!
 //! With x = x_0 + sigma n the EDM variable and x_t = alpha(t) x_0 + sigma(t) eps a schedule's
 //! native variable, the two are related by x_t = alpha(t) x at the time where sigma(t) / alpha(t)
@@ -8,7 +10,7 @@
 
 use candle_core::Tensor;
 
-use super::{lin, Denoiser, FlowModel};
+use super::{lin, Denoiser};
 use crate::continuous::parameterization::{Coeffs, EdmPrecond, Parameterization};
 use crate::continuous::schedule::NoiseSchedule;
 use crate::continuous::VelocityField;
@@ -169,22 +171,37 @@ impl<V: VelocityField + ?Sized> Denoiser for VelocityFieldDenoiser<'_, V> {
     }
 }
 
-/// A [`VelocityField`] in this crate's convention as a [`FlowModel`]: s = 1 - t, dx/ds = -v.
-pub struct VelocityFieldFlow<'a, V: VelocityField + ?Sized>(pub &'a V);
+/// A [`VelocityField`] with its time reversed: s = 1 - t and dx/ds = -v(x, 1 - s).
+///
+/// The crate has two time conventions for velocity fields. Flow matching and the CNF likelihood
+/// ([`crate::continuous::cnf`]) put the noise at t = 0 and the data at t = 1
+/// (x_t = (1 - t) eps + t x_1, v = x_1 - eps; Lipman et al. 2023), while diffusion and
+/// diffusers' rectified-flow sampler put the noise at s = 1 (x_s = (1 - s) x_0 + s eps,
+/// dx_s/ds = eps - x_0; Esser et al. 2024). `TimeFlip(&field)` presents a field of either convention in the other one (e.g.
+/// a flow-matching network to [`flow_euler`](super::flow_euler)). Forward-mode JVPs of the
+/// wrapped field are passed through, negated.
+pub struct TimeFlip<'a, V: VelocityField + ?Sized>(pub &'a V);
 
-impl<V: VelocityField + ?Sized> FlowModel for VelocityFieldFlow<'_, V> {
-    fn flow_velocity(&self, x: &Tensor, s: f64) -> Result<Tensor> {
+impl<V: VelocityField + ?Sized> VelocityField for TimeFlip<'_, V> {
+    fn velocity(&self, x: &Tensor, s: f64) -> Result<Tensor> {
         Ok(self.0.velocity(x, 1.0 - s)?.neg()?)
+    }
+
+    fn jvp(&self, x: &Tensor, s: f64, tangents: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        match self.0.jvp(x, 1.0 - s, tangents)? {
+            Some((v, jv)) => Ok(Some((v.neg()?, jv.neg()?))),
+            None => Ok(None),
+        }
     }
 }
 
-/// A [`Denoiser`] as a [`FlowModel`] for 0 < s < 1: x = x_s / (1 - s) at sigma = s / (1 - s),
-/// velocity (x_s - x_0) / s. (A denoiser cannot be queried at pure noise, s = 1: start the flow
-/// grid below 1.)
+/// A [`Denoiser`] as a [`VelocityField`] in noise time (for [`flow_euler`](super::flow_euler))
+/// for 0 < s < 1: x = x_s / (1 - s) at sigma = s / (1 - s), velocity (x_s - x_0) / s. (A
+/// denoiser cannot be queried at pure noise, s = 1: start the flow grid below 1.)
 pub struct DenoiserFlow<'a, D: Denoiser + ?Sized>(pub &'a D);
 
-impl<D: Denoiser + ?Sized> FlowModel for DenoiserFlow<'_, D> {
-    fn flow_velocity(&self, x: &Tensor, s: f64) -> Result<Tensor> {
+impl<D: Denoiser + ?Sized> VelocityField for DenoiserFlow<'_, D> {
+    fn velocity(&self, x: &Tensor, s: f64) -> Result<Tensor> {
         if !(s > 0.0 && s < 1.0) {
             return Err(Error::Config(format!(
                 "a denoiser gives a flow velocity only for 0 < s < 1, got s = {s}"
@@ -194,14 +211,5 @@ impl<D: Denoiser + ?Sized> FlowModel for DenoiserFlow<'_, D> {
             .0
             .denoise(&x.affine(1.0 / (1.0 - s), 0.0)?, s / (1.0 - s))?;
         lin(x, 1.0 / s, &x0, -1.0 / s)
-    }
-}
-
-impl<F> FlowModel for F
-where
-    F: Fn(&Tensor, f64) -> Result<Tensor>,
-{
-    fn flow_velocity(&self, x: &Tensor, s: f64) -> Result<Tensor> {
-        self(x, s)
     }
 }

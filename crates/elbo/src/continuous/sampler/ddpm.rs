@@ -7,42 +7,22 @@
 //! and variance beta~ = (1 - abar_prev) / (1 - abar_t) beta (fixed_small) or beta (fixed_large).
 
 use candle_core::Tensor;
-use serde::{Deserialize, Serialize};
 
 use super::adapters::vp_predict;
 use super::{lin, noise_like, Denoiser};
+use crate::continuous::diffusion::chain::VarianceKind;
 use crate::continuous::schedule::Transition;
 use crate::{Error, Result, Rng};
 
-/// The reverse-step variance (Ho et al. 2020, Sec. 3.2: both give similar samples).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DdpmVariance {
-    /// The posterior variance beta~_t (optimal for deterministic x_0).
-    FixedSmall,
-    /// beta_t (optimal for x_0 ~ N(0, I)).
-    FixedLarge,
-}
-
-impl DdpmVariance {
-    /// From a name: `fixed_small` or `fixed_large`.
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "fixed_small" | "small" => Ok(Self::FixedSmall),
-            "fixed_large" | "large" => Ok(Self::FixedLarge),
-            other => Err(Error::Config(format!(
-                "unknown DDPM variance '{other}'; known: fixed_small, fixed_large"
-            ))),
-        }
-    }
-}
-
-/// Ancestral sampling through `transitions` from `x` (VP-scaled, x_T ~ N(0, I) for a full chain).
+/// Ancestral sampling through `transitions` from `x` (VP-scaled, x_T ~ N(0, I) for a full chain),
+/// with the reverse-step variance `variance` (Ho et al. 2020, Sec. 3.2: both give similar
+/// samples). Unlike [`Chain::model_variance`](crate::continuous::diffusion::Chain::model_variance)
+/// nothing is clipped: the last step to clean data adds no noise.
 /// No noise is added on a step to clean data (alpha_bar_prev = 1), as in Alg. 2 (z = 0 at t = 1).
 pub fn ddpm(
     den: &dyn Denoiser,
     transitions: &[Transition],
-    variance: DdpmVariance,
+    variance: VarianceKind,
     x: &Tensor,
     rng: &mut Rng,
 ) -> Result<Tensor> {
@@ -65,8 +45,8 @@ pub fn ddpm(
         x = lin(&x0, c0, &x, ct)?;
         if ap < 1.0 {
             let var = match variance {
-                DdpmVariance::FixedSmall => (1.0 - ap) / (1.0 - a) * beta,
-                DdpmVariance::FixedLarge => beta,
+                VarianceKind::FixedSmall => (1.0 - ap) / (1.0 - a) * beta,
+                VarianceKind::FixedLarge => beta,
             };
             x = (&x + noise_like(&x, rng)?.affine(var.max(0.0).sqrt(), 0.0)?)?;
         }

@@ -5,11 +5,16 @@
 
 use candle_core::Tensor;
 
-use super::{lin, FlowModel};
+use super::lin;
+use crate::continuous::VelocityField;
 use crate::{Error, Result};
 
 /// Euler over the decreasing flow times `sigmas` (in [0, 1], s = 1 noise) from `x` at sigmas[0].
-pub fn flow_euler(model: &dyn FlowModel, sigmas: &[f64], x: &Tensor) -> Result<Tensor> {
+///
+/// `model` is a field in diffusers' (noise) time: on x_s = (1 - s) x_0 + s eps it returns
+/// dx_s/ds = eps - x_0 at `s`. A flow-matching field in this crate's time (data at t = 1, as
+/// [`crate::continuous::cnf`] integrates it) is passed as [`TimeFlip`](super::TimeFlip)`(&field)`.
+pub fn flow_euler(model: &dyn VelocityField, sigmas: &[f64], x: &Tensor) -> Result<Tensor> {
     if sigmas.len() < 2
         || sigmas.iter().any(|s| !(0.0..=1.0).contains(s))
         || sigmas.windows(2).any(|w| w[1] >= w[0])
@@ -20,7 +25,7 @@ pub fn flow_euler(model: &dyn FlowModel, sigmas: &[f64], x: &Tensor) -> Result<T
     }
     let mut x = x.clone();
     for w in sigmas.windows(2) {
-        let v = model.flow_velocity(&x, w[0])?;
+        let v = model.velocity(&x, w[0])?;
         x = lin(&x, 1.0, &v, w[1] - w[0])?;
     }
     Ok(x)

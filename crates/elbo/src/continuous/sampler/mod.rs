@@ -18,7 +18,9 @@
 //! - [`sde`]: Euler-Maruyama on the reverse SDE and predictor-corrector with a Langevin corrector
 //!   (Song et al. 2021b, Alg. 1-3 and App. G), plus the probability-flow ODE through
 //!   [`super::ode`] (eq. 13),
-//! - [`flow`]: rectified-flow Euler with diffusers' `shift` over a [`FlowModel`].
+//! - [`flow`]: rectified-flow Euler with diffusers' `shift` over a
+//!   [`VelocityField`](super::VelocityField) in noise time (s = 1 pure noise; a field in this
+//!   crate's flow-matching time, data at t = 1, goes through the [`TimeFlip`] adapter).
 //!
 //! The VP-native samplers (DDPM, DDIM) work on VP-scaled x_t and convert to and from the
 //! denoiser with [`adapters::vp_predict`]; [`adapters::DenoiserNetwork`] is the reverse adapter
@@ -37,11 +39,11 @@ pub mod karras;
 pub mod sde;
 
 pub use adapters::{
-    vp_predict, DenoiserFlow, DenoiserNetwork, EdmDenoiser, Network, ScheduledDenoiser,
-    VelocityFieldDenoiser, VelocityFieldFlow,
+    vp_predict, DenoiserFlow, DenoiserNetwork, EdmDenoiser, Network, ScheduledDenoiser, TimeFlip,
+    VelocityFieldDenoiser,
 };
 pub use ddim::{ddim, ddim_invert};
-pub use ddpm::{ddpm, DdpmVariance};
+pub use ddpm::ddpm;
 pub use dpm_solver::dpmpp_2m;
 pub use flow::flow_euler;
 pub use karras::{euler, heun, Churn};
@@ -60,13 +62,6 @@ where
     fn denoise(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
         self(x, sigma)
     }
-}
-
-/// A rectified-flow model in diffusers' direction: x_s = (1 - s) x_0 + s eps with s = 1 pure
-/// noise; returns the velocity dx_s/ds = eps - x_0.
-pub trait FlowModel {
-    /// The velocity at flow time `s` in [0, 1] for a batch `x`.
-    fn flow_velocity(&self, x: &Tensor, s: f64) -> Result<Tensor>;
 }
 
 /// `a * ca + b * cb`, in the dtype of the inputs.
