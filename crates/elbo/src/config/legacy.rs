@@ -262,9 +262,12 @@ impl LegacyConfig {
         });
         let tokens = json!({"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p});
         let model: Value = match family.as_str() {
-            "flow" | "flow-matching" | "flow_matching" | "rectified-flow" | "fm" => json!({
-                "name": "flow-matching", "net": net, "sampling": diffusion_sampling,
-            }),
+            "flow" | "flow-matching" | "flow_matching" | "rectified-flow" | "fm" => {
+                // flow matching ran only on the MLP then, whatever the backbone said
+                let mut net = net.clone();
+                net["backbone"] = json!("mlp");
+                json!({"name": "flow-matching", "net": net, "sampling": diffusion_sampling})
+            }
             "ddpm" | "ddim" => json!({
                 "name": "ddpm",
                 "net": net,

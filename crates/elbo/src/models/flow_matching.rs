@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{EvalOptions, SampleOptions};
 use crate::continuous::cnf;
 use crate::continuous::diffusion::pf_ode;
-use crate::continuous::diffusion::net::{BackboneChoice, NetConfig};
+use crate::continuous::diffusion::net::{BackboneKind, DenoiserNet, NetConfig};
 use crate::continuous::diffusion::sampling::{self, DiffusionSampling, SamplerName};
 use crate::continuous::ode::Solver;
 use crate::continuous::VelocityField;
@@ -34,7 +34,8 @@ pub use crate::continuous::diffusion::pf_ode::solver_label;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// The velocity network (`[model.net]`; the MLP backbone).
+    /// The velocity network (`[model.net]`: the MLP, or the U-Net on images of at least 16x16
+    /// with `backbone = "auto"` or `"unet"`).
     pub net: NetConfig,
     /// The sampler (`[model.sampling]`): "auto" integrates the ODE with `[sample] solver`; any
     /// diffusion sampler runs on the CondOT path.
@@ -130,10 +131,36 @@ impl VelocityField for VelocityMlp {
     }
 }
 
-/// Rectified-flow / CondOT flow matching with an MLP velocity field.
+/// The velocity network: the MLP (with the packed sampling path) or the U-Net of the
+/// diffusion families, which predicts the velocity as its one output per pixel.
+enum Field {
+    Mlp(VelocityMlp),
+    UNet(DenoiserNet),
+}
+
+impl VelocityField for Field {
+    fn velocity(&self, x: &Tensor, t: f64) -> Result<Tensor> {
+        match self {
+            Field::Mlp(m) => m.velocity(x, t),
+            Field::UNet(u) => {
+                let tt = Tensor::full(t as f32, x.dim(0)?, x.device())?;
+                Ok(u.forward(x, &tt, true)?.to_dtype(x.dtype())?)
+            }
+        }
+    }
+
+    fn jvp(&self, x: &Tensor, t: f64, tangents: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        match self {
+            Field::Mlp(m) => m.jvp(x, t, tangents),
+            Field::UNet(_) => Ok(None),
+        }
+    }
+}
+
+/// Rectified-flow / CondOT flow matching with an MLP or U-Net velocity field.
 pub struct FlowMatching {
     core: ModelCore,
-    net: VelocityMlp,
+    net: Field,
     sampling: DiffusionSampling,
     dim: usize,
     levels: Option<usize>,
@@ -148,15 +175,15 @@ impl FlowMatching {
                 "flow matching needs data with at least 1 dimension".into(),
             ));
         }
-        if cfg.net.backbone == BackboneChoice::Unet {
-            return Err(Error::Config(
-                "flow matching runs on the MLP backbone; use model.net.backbone = \"mlp\"".into(),
-            ));
-        }
         let core = ModelCore::new(data.dim, device);
         let net = {
             let mut p = ParamInit::new(&core.varmap, rng, device);
-            VelocityMlp::new(&mut p, data.dim, &cfg.net)?
+            match BackboneKind::resolve(cfg.net.backbone, &data)? {
+                BackboneKind::Mlp => Field::Mlp(VelocityMlp::new(&mut p, data.dim, &cfg.net)?),
+                BackboneKind::UNet { .. } => {
+                    Field::UNet(DenoiserNet::new(&mut p, &data, 1, &cfg.net)?)
+                }
+            }
         };
         let levels = match data.kind {
             DataKind::Continuous => None,
@@ -172,9 +199,12 @@ impl FlowMatching {
         })
     }
 
-    /// The velocity network.
-    pub fn net(&self) -> &VelocityMlp {
-        &self.net
+    /// The MLP velocity network (`None` on the U-Net backbone).
+    pub fn net(&self) -> Option<&VelocityMlp> {
+        match &self.net {
+            Field::Mlp(m) => Some(m),
+            Field::UNet(_) => None,
+        }
     }
 
     /// Data units -> model space (dequantizing discrete levels with `rng`).
@@ -230,7 +260,10 @@ impl GenerativeModel for FlowMatching {
         let tc = t.reshape((b, 1))?;
         let xt = (x0.broadcast_mul(&(1.0 - &tc)?)? + x1.broadcast_mul(&tc)?)?; // [B, D]
         let target = (&x1 - &x0)?;
-        let v = self.net.forward(&xt, &t)?;
+        let v = match &self.net {
+            Field::Mlp(m) => m.forward(&xt, &t)?,
+            Field::UNet(u) => u.forward(&xt, &t, true)?,
+        };
         Ok((v - target)?.sqr()?.mean_all()?)
     }
 
@@ -240,17 +273,21 @@ impl GenerativeModel for FlowMatching {
             let z0 = rng.normal_tensor(&[n, self.dim], &self.device)?;
             // The ODE runs on the inference path: no step records an autograd graph. On the
             // CPU the weights are packed once for the whole solve.
-            let packed = if self.device.is_cpu() {
-                self.net.packed()?
-            } else {
-                None
+            let packed = match &self.net {
+                Field::Mlp(m) if self.device.is_cpu() => m.packed()?,
+                _ => None,
             };
             let field = |x: &Tensor, t: f64| -> Result<Tensor> {
-                if let Some(p) = &packed {
-                    return Ok(self.net.forward_packed(p, x, t)?.to_dtype(x.dtype())?);
-                }
                 let tt = Tensor::full(t as f32, x.dim(0)?, x.device())?;
-                Ok(self.net.forward_inference(x, &tt)?.to_dtype(x.dtype())?)
+                match &self.net {
+                    Field::Mlp(m) => {
+                        if let Some(p) = &packed {
+                            return Ok(m.forward_packed(p, x, t)?.to_dtype(x.dtype())?);
+                        }
+                        Ok(m.forward_inference(x, &tt)?.to_dtype(x.dtype())?)
+                    }
+                    Field::UNet(u) => Ok(u.forward(x, &tt, false)?.to_dtype(x.dtype())?),
+                }
             };
             cnf::sample(&field, &z0, &solver)?.0
         } else {
