@@ -417,3 +417,71 @@ fn flow_matching_runs_on_the_unet() {
     let e = c.model.build(&moons, &CPU, &mut Rng::new(0)).err().unwrap();
     assert!(e.to_string().contains("backbone = \"mlp\""), "{e}");
 }
+
+#[test]
+fn one_dequantization_convention_with_its_jacobian() {
+    use elbo::continuous::diffusion::net::{Bins, DataScale};
+    let l = 5;
+    let levels: Vec<f32> = (0..l).map(|k| k as f32).collect();
+    let k = Tensor::from_vec(levels.repeat(200), (200, l), &CPU).unwrap(); // [200, L]
+    for (bins, width) in [
+        (Bins::Centred, 2.0 / (l - 1) as f64),
+        (Bins::Tiled, 2.0 / l as f64),
+    ] {
+        let s = DataScale::with_bins(DataKind::Discrete { levels: l }, bins).unwrap();
+        // the Jacobian is the log of one bin's width, per dimension
+        assert!(
+            (s.log_jacobian(3) - 3.0 * width.ln()).abs() < 1e-12,
+            "{bins:?}"
+        );
+        let x = s.dequantize(&k, &mut Rng::new(1)).unwrap();
+        let back: Vec<f32> = s
+            .to_data(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(
+            back,
+            levels.repeat(200),
+            "{bins:?}: decode(dequantize(k)) != k"
+        );
+        let grid: Vec<f32> = s
+            .to_data(&s.to_grid(&k).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(grid, levels.repeat(200), "{bins:?}: decode(centre(k)) != k");
+        // each level's dequantized values fill (nearly all of) a bin of that width, and the
+        // bins of neighbouring levels do not overlap
+        let xs: Vec<Vec<f32>> = x.to_vec2().unwrap();
+        let mut prev_hi = f64::NEG_INFINITY;
+        for j in 0..l {
+            let col: Vec<f64> = xs.iter().map(|r| f64::from(r[j])).collect();
+            let (lo, hi) = col
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            assert!(
+                hi - lo <= width + 1e-6 && hi - lo > 0.9 * width,
+                "{bins:?} level {j}"
+            );
+            assert!(lo >= prev_hi - 1e-6, "{bins:?}: bins overlap at level {j}");
+            prev_hi = hi;
+        }
+    }
+    // flow-matching runs of earlier releases keep their tiled bins; new ones use the shared ones
+    let old =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../elbo-cli/tests/fixtures/legacy/run-flow");
+    let c = Config::from_run_dir(&old).unwrap();
+    let elbo::config::ModelConfig::FlowMatching(f) = &c.model else {
+        panic!("{:?}", c.model)
+    };
+    assert_eq!(f.bins, Bins::Tiled);
+    let elbo::config::ModelConfig::FlowMatching(f) = Config::default().model else {
+        unreachable!()
+    };
+    assert_eq!(f.bins, Bins::Centred);
+}

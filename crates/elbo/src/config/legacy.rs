@@ -266,7 +266,9 @@ impl LegacyConfig {
                 // flow matching ran only on the MLP then, whatever the backbone said
                 let mut net = net.clone();
                 net["backbone"] = json!("mlp");
-                json!({"name": "flow-matching", "net": net, "sampling": diffusion_sampling})
+                // and put levels in the tiled bins 2(k + u)/L - 1
+                json!({"name": "flow-matching", "net": net, "sampling": diffusion_sampling,
+                       "bins": "tiled"})
             }
             "ddpm" | "ddim" => json!({
                 "name": "ddpm",

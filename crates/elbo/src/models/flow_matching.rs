@@ -6,10 +6,10 @@
 //! normalizing flow whose exact log-likelihood follows from the instantaneous change of
 //! variables (see [`super::cnf`]).
 //!
-//! Discrete data (levels 0..L-1) is modelled through uniform dequantization: y = v + u,
-//! u ~ U[0,1)^D, rescaled to x = 2y/L - 1. Then log P(v) >= E_u[log p_y(v + u)] (Jensen; Theis et
-//! al. 2016, Ho et al. 2019) and log p_y = log p_x + D log(2/L), so the reported number is an
-//! upper bound on the discrete NLL (a Monte-Carlo estimate of it when the divergence is
+//! Discrete data (levels 0..L-1) is modelled through uniform dequantization into the bins of
+//! [`DataScale`] (shared with every family). Then log P(v) >= E_u[log p_y(v + u)] (Jensen; Theis
+//! et al. 2016, Ho et al. 2019) and log p_y = log p_x + D log(bin width), so the reported number
+//! is an upper bound on the discrete NLL (a Monte-Carlo estimate of it when the divergence is
 //! estimated).
 
 use candle_core::{DType, Device, Tensor};
@@ -18,11 +18,10 @@ use serde::{Deserialize, Serialize};
 use crate::config::{EvalOptions, SampleOptions};
 use crate::continuous::cnf;
 use crate::continuous::diffusion::pf_ode;
-use crate::continuous::diffusion::net::{BackboneKind, DenoiserNet, NetConfig};
+use crate::continuous::diffusion::net::{BackboneKind, Bins, DataScale, DenoiserNet, NetConfig};
 use crate::continuous::diffusion::sampling::{self, DiffusionSampling, SamplerName};
 use crate::continuous::ode::Solver;
 use crate::continuous::VelocityField;
-use crate::data::DataKind;
 use crate::model::{DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
 use crate::nn::{sinusoidal_embedding, sinusoidal_row, Mlp, PackedMlp, ParamInit};
@@ -40,6 +39,9 @@ pub struct Config {
     /// The sampler (`[model.sampling]`): "auto" integrates the ODE with `[sample] solver`; any
     /// diffusion sampler runs on the CondOT path.
     pub sampling: DiffusionSampling,
+    /// Where discrete levels sit in model space: "centred" (every family's convention) or
+    /// "tiled" (flow matching's before the conventions were merged; old runs load with it).
+    pub bins: Bins,
 }
 
 impl FamilyConfig for Config {
@@ -163,7 +165,7 @@ pub struct FlowMatching {
     net: Field,
     sampling: DiffusionSampling,
     dim: usize,
-    levels: Option<usize>,
+    scale: DataScale,
     device: Device,
 }
 
@@ -185,16 +187,13 @@ impl FlowMatching {
                 }
             }
         };
-        let levels = match data.kind {
-            DataKind::Continuous => None,
-            DataKind::Discrete { levels } => Some(levels),
-        };
+        let scale = DataScale::with_bins(data.kind, cfg.bins)?;
         Ok(Self {
             core,
             net,
             sampling: cfg.sampling.clone(),
             dim: data.dim,
-            levels,
+            scale,
             device: device.clone(),
         })
     }
@@ -209,14 +208,7 @@ impl FlowMatching {
 
     /// Data units -> model space (dequantizing discrete levels with `rng`).
     fn to_model_space(&self, batch: &Tensor, rng: &mut Rng) -> Result<Tensor> {
-        let batch = batch.to_dtype(DType::F32)?;
-        match self.levels {
-            None => Ok(batch),
-            Some(l) => {
-                let u = rng.uniform_tensor(batch.dims(), &self.device)?; // [B, D]
-                Ok((((batch + u)? * (2.0 / l as f64))? - 1.0)?)
-            }
-        }
+        self.scale.dequantize(batch, rng)
     }
 
     fn check_batch(&self, batch: &Tensor) -> Result<()> {
@@ -303,14 +295,7 @@ impl GenerativeModel for FlowMatching {
                 &self.device,
             )?
         };
-        match self.levels {
-            None => Ok(x),
-            Some(l) => {
-                // model space -> levels: y = (x + 1) L / 2, level = floor(y) clamped
-                let y = ((x + 1.0)? * (l as f64 / 2.0))?;
-                Ok(y.floor()?.clamp(0f32, (l - 1) as f32)?)
-            }
-        }
+        self.scale.to_data(&x)
     }
 
     fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
@@ -319,28 +304,20 @@ impl GenerativeModel for FlowMatching {
         let co = pf_ode::cnf_options(opts, self.dim)?;
         let x = self.to_model_space(batch, rng)?;
         let ll = cnf::log_likelihood(&self.net, &x, &co, rng)?;
-        // Jacobian of x = 2y/L - 1 for dequantized discrete data: log p_y = log p_x + D log(2/L)
-        let offset = match self.levels {
-            None => 0.0,
-            Some(l) => self.dim as f64 * (2.0 / l as f64).ln(),
-        };
+        // the dequantization's Jacobian: log p_y = log p_x + D log(bin width)
+        let offset = self.scale.log_jacobian(self.dim);
         let nats = ll.logp.iter().map(|lp| -(lp + offset)).collect();
         Ok(Nll {
             nats,
             dims: self.dim,
-            kind: pf_ode::kind(&co.divergence, self.levels.is_some()),
+            kind: pf_ode::kind(&co.divergence, self.scale.levels.is_some()),
         })
     }
 
     fn likelihood_method(&self, opts: &EvalOptions) -> String {
         let div = pf_ode::divergence_label(opts, self.dim);
         let solver = solver_label(&opts.solver, opts.steps, opts.rtol, opts.atol);
-        let deq = match self.levels {
-            None => String::new(),
-            Some(l) => {
-                format!("; uniform dequantization of {l} levels (bound on the discrete NLL)")
-            }
-        };
+        let deq = self.scale.dequantization_note();
         format!("CNF instantaneous change of variables, {solver}, {div}{deq}")
     }
 }
