@@ -11,7 +11,7 @@
 //! other as backward. 1x1 convolutions are the fused linear op of [`crate::nn::fused`]. Other
 //! devices fall back to candle's `conv2d` (NCHW).
 //!
-//! candle's own CPU `conv2d` is the reference in `tests/unet.rs`; its backward (a naive
+//! candle's own CPU `conv2d` is the reference in `tests/nn/unet.rs`; its backward (a naive
 //! transposed convolution, gradients accumulated through the graph) made a U-Net training step
 //! several times slower, and it derives the width of the input gradient from the height, which
 //! is wrong for strided inputs whose height and width leave different remainders.

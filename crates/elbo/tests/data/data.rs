@@ -13,11 +13,11 @@ use elbo::data::toy2d::Toy2d;
 use elbo::data::{open, split_train_val, DataConfig, DataKind, KNOWN_DATASETS};
 use elbo::{Error, Rng};
 
-#[path = "data/files.rs"]
+#[path = "files.rs"]
 mod files;
-#[path = "data/splits.rs"]
+#[path = "splits.rs"]
 mod splits;
-#[path = "data/toy2d.rs"]
+#[path = "toy2d.rs"]
 mod toy2d;
 
 /// Assert `got` is within `tol` of `want`.
