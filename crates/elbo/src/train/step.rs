@@ -230,15 +230,14 @@ impl StepContext<'_> {
     /// gradient norm, one AdamW step at the scheduled learning rate, EMA update. A NaN or
     /// infinite loss is an error and changes nothing.
     pub fn minimize(&mut self, group: &str, loss: &Tensor) -> Result<StepOutput> {
-        let names = self.group_names().join(", ");
         let step = self.step;
-        let g = self
-            .groups
-            .iter_mut()
-            .find(|g| g.name == group)
-            .ok_or_else(|| {
-                Error::Config(format!("no parameter group '{group}' (groups: {names})"))
-            })?;
+        let Some(idx) = self.groups.iter().position(|g| g.name == group) else {
+            let names = self.group_names().join(", ");
+            return Err(Error::Config(format!(
+                "no parameter group '{group}' (groups: {names})"
+            )));
+        };
+        let g = &mut self.groups[idx];
         let loss_val = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_val.is_finite() {
             return Err(Error::NonFiniteLoss {
