@@ -53,6 +53,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     if let Some(dir) = &a.resume {
         let mut t = Trainer::resume(dir, a.steps, &dev)
             .with_context(|| format!("cannot resume the run in {}", dir.display()))?;
+        print_notes(&t);
         eprintln!(
             "resuming {} at step {} of {}",
             dir.display(),
@@ -96,7 +97,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
             .unwrap_or_else(|| cfg.data.name.clone());
         PathBuf::from("runs").join(format!("{}-{}", cfg.model.name(), data))
     });
-    let mut t = Trainer::create(cfg, &dir, &dev)?;
+    let mut t = if a.force {
+        Trainer::create_replacing(cfg, &dir, &dev)?
+    } else {
+        Trainer::create(cfg, &dir, &dev)?
+    };
+    print_notes(&t);
     eprintln!(
         "training {} on {} ({} dims) for {} steps -> {}",
         t.config().model.name(),
@@ -107,6 +113,13 @@ pub fn train(a: TrainArgs) -> Result<()> {
     );
     let out = t.run(!a.quiet)?;
     finish_train(&dir, &out)
+}
+
+/// What opening the run directory did (a stale lock, leftovers of a crash, a restart).
+fn print_notes(t: &Trainer) {
+    for n in t.notes() {
+        eprintln!("note: {n}");
+    }
 }
 
 fn finish_train(dir: &Path, out: &elbo::train::TrainOutcome) -> Result<()> {
@@ -199,6 +212,9 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     }
     overrides.extend(a.set.iter().cloned());
     let run = LoadedRun::open_with(&a.run, which, !a.no_ema, &dev, &overrides)?;
+    if let Some(why) = &run.data_changed {
+        eprintln!("warning: {why}");
+    }
     let tokenizer = run.data.tokenizer().cloned();
     let n_samples = a.n.unwrap_or(if tokenizer.is_some() { 4 } else { 2000 });
     if n_samples == 0 {
@@ -227,7 +243,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
             all.push_str(&format!("--- sample {} ---\n{text}\n", i + 1));
         }
         let txt = a.run.join("samples.txt");
-        std::fs::write(&txt, all).with_context(|| format!("writing {}", txt.display()))?;
+        elbo::atomic_file::write(&txt, all.as_bytes())?;
         eprintln!("wrote {}", txt.display());
     }
     let (n, d) = x.dims2()?;
@@ -304,6 +320,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let dev = device()?;
     let which = CheckpointChoice::parse(&a.checkpoint)?;
     let run = LoadedRun::open(&a.run, which, !a.no_ema, &dev)?;
+    if let Some(why) = &run.data_changed {
+        bail!("cannot evaluate {}: {why}", a.run.display());
+    }
     let mut opts = run.config.eval.clone();
     if let Some(v) = a.divergence {
         opts.divergence = v;

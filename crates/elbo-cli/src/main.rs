@@ -98,6 +98,10 @@ pub struct TrainArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Delete the run that --out already holds (checkpoints, best/, metrics, reports) and
+    /// start over. Without it, a directory holding any part of a run is refused.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     #[command(flatten)]
     pub diffusion: DiffusionSampleArgs,
     /// Override any config key by its dotted path, typed and validated like the config file

@@ -2,9 +2,7 @@
 //! checkerboard, evaluates the exact CNF likelihood on each fixed held-out set, and prints it
 //! beside the data's true entropy (the lowest NLL any model can reach on fresh samples).
 
-use std::path::Path;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use elbo::config::Config;
 use elbo::continuous::diffusion::net::NetConfig;
 use elbo::eval::report::LikelihoodReport;
@@ -67,13 +65,14 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
             cfg.train.checkpoint_every = cfg.train.checkpoint_every.min(s);
         }
         let dir = a.out.join(data);
-        clear_previous(&dir)?;
         eprintln!(
             "== {data}: training flow matching for {} steps -> {}",
             cfg.train.steps,
             dir.display()
         );
-        let mut t = Trainer::create(cfg, &dir, &dev)?;
+        // the quickstart owns its output folder: a previous quickstart run there is replaced
+        // (under the run's lock, so never one that is still training)
+        let mut t = Trainer::create_replacing(cfg, &dir, &dev)?;
         let out = t.run(!a.quiet)?;
         eprintln!("   {} steps in {:.1} s", out.steps, out.seconds);
         plot_losses(&dir)?;
@@ -102,20 +101,5 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         secs = started.elapsed().as_secs_f64(),
         out = a.out.display()
     );
-    Ok(())
-}
-
-/// The quickstart owns its output folder: remove a previous quickstart run there (only a
-/// folder that looks like an elbo run, i.e. holds config.json).
-fn clear_previous(dir: &Path) -> Result<()> {
-    if dir.join("config.json").exists() {
-        std::fs::remove_dir_all(dir)
-            .with_context(|| format!("removing old run {}", dir.display()))?;
-    } else if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-        anyhow::bail!(
-            "{} exists and is not an elbo run; choose another --out",
-            dir.display()
-        );
-    }
     Ok(())
 }

@@ -44,6 +44,21 @@ pub enum Error {
         /// What is on disk, e.g. "the checkpoint of step 1000 is kept".
         kept: String,
     },
+    /// Training diverged: weights or loss stopped being finite.
+    #[error("training diverged at step {step}: {what}; {kept} (try a lower train.lr, train.grad_clip > 0, or a warm-up)")]
+    Diverged {
+        step: usize,
+        what: String,
+        /// What is on disk, e.g. "the last checkpoint with finite weights (step 1000) is kept".
+        kept: String,
+    },
+    /// A run directory that cannot be used as asked: another process is training into it, or
+    /// a new run would overwrite one that is there.
+    #[error("{0}")]
+    RunDir(String),
+    /// A piece of work ran past its time budget.
+    #[error("time budget exceeded: {0}")]
+    Budget(String),
     /// A numerical routine failed (e.g. an ODE solver could not meet its tolerance).
     #[error("numerical failure: {0}")]
     Numerical(String),

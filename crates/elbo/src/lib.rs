@@ -17,7 +17,9 @@
 //! - [`train`]: the training layer candle lacks (AdamW, EMA, clipping, schedules, checkpoints, loop).
 //! - [`eval`]: likelihood reports, sample metrics and plots.
 //! - [`config`]: the run configuration.
+//! - [`atomic_file`]: every file elbo writes is replaced atomically (temporary, fsync, rename).
 
+pub mod atomic_file;
 pub mod config;
 pub mod continuous;
 pub mod data;

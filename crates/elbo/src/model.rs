@@ -211,10 +211,28 @@ pub fn dataset_nll(
     opts: &EvalOptions,
     rng: &mut Rng,
 ) -> Result<Nll> {
+    dataset_nll_within(model, data, opts, rng, None)
+}
+
+/// [`dataset_nll`] that gives up with [`Error::Budget`] when `deadline` has passed before a
+/// batch starts (the result, when there is one, is the same as without a deadline).
+pub fn dataset_nll_within(
+    model: &dyn GenerativeModel,
+    data: &Tensor,
+    opts: &EvalOptions,
+    rng: &mut Rng,
+    deadline: Option<std::time::Instant>,
+) -> Result<Nll> {
     let n = data.dim(0)?;
     let mut parts = Vec::new();
     let mut start = 0;
     while start < n {
+        if deadline.is_some_and(|d| std::time::Instant::now() > d) {
+            return Err(Error::Budget(format!(
+                "the likelihood evaluation ran out of its time budget after {start} of {n} \
+                 examples (raise train.eval_budget_s, or lower eval.batch_size for finer steps)"
+            )));
+        }
         let len = opts.batch_size.min(n - start);
         parts.push(model.log_likelihood(&data.narrow(0, start, len)?, opts, rng)?);
         start += len;

@@ -128,6 +128,9 @@ pub struct TrainConfig {
     /// (the family's default likelihood) or a sample metric ("energy-distance", "mmd",
     /// "sliced-wasserstein"), the only choice for a family without a likelihood.
     pub select_by: String,
+    /// Seconds a periodic held-out evaluation may take (checked between likelihood batches);
+    /// one that runs over is reported and skipped, and training goes on (0: no limit).
+    pub eval_budget_s: f64,
 }
 
 impl Default for TrainConfig {
@@ -150,6 +153,7 @@ impl Default for TrainConfig {
             checkpoint_every: 1000,
             patience: 0,
             select_by: "nll".into(),
+            eval_budget_s: 3600.0,
         }
     }
 }

@@ -93,7 +93,8 @@ pub fn read_npy_bytes(bytes: &[u8], name: &str) -> Result<(Vec<f32>, Vec<usize>)
     Ok((values, h.shape))
 }
 
-/// Write `data` with `shape` as a version 1.0 `<f4` `.npy` file.
+/// Write `data` with `shape` as a version 1.0 `<f4` `.npy` file (atomically: a crash leaves the
+/// old file or the new one).
 pub fn write_npy(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
     let count: usize = shape.iter().product();
     if count != data.len() {
@@ -130,7 +131,7 @@ pub fn write_npy(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
     for v in data {
         out.extend_from_slice(&v.to_le_bytes());
     }
-    std::fs::write(path, out).map_err(|e| Error::io(path, e))
+    crate::atomic_file::write(path, &out)
 }
 
 /// The fields of a `.npy` header dictionary.

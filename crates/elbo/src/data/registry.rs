@@ -351,3 +351,24 @@ pub(crate) fn sample_rows(
     }
     Ok(out)
 }
+
+/// The user file a data-set name reads (`text:PATH`, `npy:PATH`, `csv:PATH`, or a path ending
+/// in `.txt`, `.npy` or `.csv`), `None` for the built-in and generated sets. A run records this
+/// file's fingerprint, so that a later resume or evaluation can tell when it changed.
+pub fn user_file(name: &str) -> Option<std::path::PathBuf> {
+    if Toy2d::from_name(name).is_some()
+        || matches!(name, "digits" | "shakespeare" | "mnist" | "mnist-binary")
+    {
+        return None;
+    }
+    for prefix in ["text:", "npy:", "csv:"] {
+        if let Some(p) = name.strip_prefix(prefix) {
+            return Some(p.into());
+        }
+    }
+    let lower = name.to_ascii_lowercase();
+    [".txt", ".npy", ".csv"]
+        .iter()
+        .any(|ext| lower.ends_with(ext))
+        .then(|| name.into())
+}

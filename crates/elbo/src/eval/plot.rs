@@ -66,6 +66,15 @@ fn plot_error(path: &Path, e: Box<dyn std::error::Error>) -> Error {
     Error::io(path, std::io::Error::other(format!("plotting failed: {e}")))
 }
 
+/// Draw into a temporary PNG beside `path` and move it into place atomically (a failed or
+/// interrupted plot leaves the previous picture, never a truncated one).
+fn render<F>(path: &Path, draw: F) -> Result<()>
+where
+    F: FnOnce(&Path) -> Drawn,
+{
+    crate::atomic_file::write_with(path, |tmp| draw(tmp).map_err(|e| plot_error(path, e)))
+}
+
 /// Parse row-major [n, 2] coordinates, dropping non-finite points.
 fn points(name: &str, xy: &[f32]) -> Result<Vec<(f64, f64)>> {
     if xy.is_empty() {
@@ -203,7 +212,7 @@ pub fn scatter_compare(path: &Path, data: &[f32], samples: &[f32], title: &str) 
     prepare(path)?;
     let xr = robust_range(data.iter().map(|p| p.0));
     let yr = robust_range(data.iter().map(|p| p.1));
-    let draw = || -> Drawn {
+    let draw = |path: &Path| -> Drawn {
         let root = BitMapBackend::new(path, (1000, 520)).into_drawing_area();
         root.fill(&WHITE)?;
         let body = root.titled(title, (FONT, 22))?;
@@ -220,7 +229,7 @@ pub fn scatter_compare(path: &Path, data: &[f32], samples: &[f32], title: &str) 
         root.present()?;
         Ok(())
     };
-    draw().map_err(|e| plot_error(path, e))
+    render(path, draw)
 }
 
 /// A viridis-like colour for `t` in [0, 1].
@@ -291,7 +300,7 @@ pub fn density_compare(
     }
     prepare(path)?;
     let (dx, dy) = ((x1 - x0) / cols as f64, (y1 - y0) / rows as f64);
-    let draw = || -> Drawn {
+    let draw = |path: &Path| -> Drawn {
         let root = BitMapBackend::new(path, (1000, 520)).into_drawing_area();
         root.fill(&WHITE)?;
         let body = root.titled(title, (FONT, 22))?;
@@ -327,7 +336,7 @@ pub fn density_compare(
         root.present()?;
         Ok(())
     };
-    draw().map_err(|e| plot_error(path, e))
+    render(path, draw)
 }
 
 #[cfg(test)]

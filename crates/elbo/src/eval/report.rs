@@ -409,9 +409,9 @@ impl LikelihoodReport {
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let json_path = dir.join(format!("{stem}.json"));
-        std::fs::write(&json_path, self.to_json()?).map_err(|e| Error::io(&json_path, e))?;
+        crate::atomic_file::write(&json_path, self.to_json()?.as_bytes())?;
         let md_path = dir.join(format!("{stem}.md"));
-        std::fs::write(&md_path, self.to_markdown()).map_err(|e| Error::io(&md_path, e))?;
+        crate::atomic_file::write(&md_path, self.to_markdown().as_bytes())?;
         Ok(())
     }
 }

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor, Var};
 use serde_json::{json, Map, Value};
 
+use crate::atomic_file::sync_dir;
 use crate::error::{Error, Result};
 
 /// The version written to `state.json` and required on load.
@@ -77,24 +78,6 @@ fn check_name(dir: &Path, name: &str) -> Result<()> {
             ),
         ))
     }
-}
-
-/// fsync a directory so that renames and creations inside it are durable (no-op off Unix).
-fn sync_dir(dir: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        let d = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        fs::File::open(d)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io(d, e))?;
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
 }
 
 fn remove_dir_if_exists(dir: &Path) -> Result<()> {

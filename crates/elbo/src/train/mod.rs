@@ -6,6 +6,7 @@ pub mod clip;
 pub mod ema;
 pub mod optim;
 pub mod run;
+pub mod run_dir;
 pub mod schedule;
 pub mod step;
 pub mod trainer;

@@ -1,10 +1,12 @@
 //! Loading a finished (or running) run directory for sampling and evaluation.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
 use super::checkpoint;
+use super::run_dir::{DataFingerprint, RunLock};
 use super::trainer::open_parts;
 use crate::config::Config;
 use crate::data::DataSource;
@@ -59,6 +61,9 @@ pub struct LoadedRun {
     pub step: usize,
     /// A label such as "ema, latest, step 3000".
     pub label: String,
+    /// Set when the run's data file changed since training started: what changed. Evaluation
+    /// refuses such a run; sampling warns.
+    pub data_changed: Option<String>,
 }
 
 impl LoadedRun {
@@ -90,9 +95,29 @@ impl LoadedRun {
         }
         let mut config = Config::from_run_dir(dir)?;
         config.set_all(overrides)?;
+        let data_changed = DataFingerprint::changed(dir, &config.data.name)?;
+        // a data file that changed shape fails to build or load: say that it changed
+        Self::restore(dir, which, use_ema, device, config)
+            .map(|mut run| {
+                run.data_changed = data_changed.clone();
+                run
+            })
+            .map_err(|e| match &data_changed {
+                Some(why) => Error::RunDir(format!("{why} ({e})")),
+                None => e,
+            })
+    }
+
+    fn restore(
+        dir: &Path,
+        which: CheckpointChoice,
+        use_ema: bool,
+        device: &Device,
+        config: Config,
+    ) -> Result<Self> {
         let (data, mut model, params) = open_parts(&config, device)?;
         let ck = dir.join(which.dir_name());
-        let loaded = checkpoint::load(&ck, device)?;
+        let loaded = load_consistent(dir, &ck, device)?;
         let (name, weights) = match (use_ema, loaded.files.get("ema")) {
             (true, Some(w)) => ("ema", w),
             _ => (
@@ -123,6 +148,24 @@ impl LoadedRun {
             data,
             step,
             label,
+            data_changed: None,
         })
+    }
+}
+
+/// Read the checkpoint `ck` of the run in `dir`. While a training process holds the run's
+/// lock, a save may replace the checkpoint in the middle of the read; the manifest check then
+/// fails, and the read is retried (for up to 10 s) until it sees one complete checkpoint. A
+/// checkpoint that fails without a trainer at work is reported at once.
+fn load_consistent(dir: &Path, ck: &Path, device: &Device) -> Result<checkpoint::Loaded> {
+    let patience = Instant::now() + Duration::from_secs(10);
+    loop {
+        match checkpoint::load(ck, device) {
+            Ok(l) => return Ok(l),
+            Err(_) if RunLock::holder(dir).is_some() && Instant::now() < patience => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }

@@ -9,7 +9,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -20,12 +20,17 @@ use serde_json::json;
 
 use super::checkpoint;
 use super::optim::named_vars;
+use super::run_dir::{self, DataFingerprint, RunLock};
 use super::step::{build_groups, subset, GroupState, StepContext, StepOutput};
+use crate::atomic_file;
 use crate::config::Config;
 use crate::data::{self, DataSource};
-use crate::model::{dataset_nll, DataInfo, GenerativeModel};
+use crate::model::{dataset_nll_within, DataInfo, GenerativeModel};
 use crate::rng::RngState;
 use crate::{Error, Result, Rng};
+
+/// The training log of a run directory.
+pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Fork tags of the run seed.
 pub(crate) const INIT_STREAM: u64 = 1;
@@ -52,6 +57,13 @@ struct TrainState {
     /// Per-group counters.
     #[serde(default)]
     groups: BTreeMap<String, GroupCounters>,
+    /// The checkpoint was written before this step's held-out evaluation, which a resumed run
+    /// therefore runs first.
+    #[serde(default)]
+    eval_pending: bool,
+    /// The training loss of the step the checkpoint was written after.
+    #[serde(default)]
+    last_loss: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -91,13 +103,27 @@ pub struct Trainer {
     step: usize,
     best: Option<f64>,
     evals_since_best: usize,
+    /// This step's held-out evaluation has not run yet (its checkpoint was written first).
+    eval_pending: bool,
+    last_loss: Option<f64>,
+    /// What opening the run directory did (stale lock taken over, temporaries removed, ...).
+    notes: Vec<String>,
+    /// Held for the trainer's lifetime: no other process trains into the directory meanwhile.
+    _lock: RunLock,
 }
 
 impl Trainer {
-    /// Start a new run in `dir` (created if needed). Refuses a directory that already holds a
-    /// checkpoint, so no run is overwritten by accident.
+    /// Start a new run in `dir` (created if needed). Refuses a directory that holds any part
+    /// of a run (see [`run_dir::run_parts`]), so no run is overwritten by accident, and one
+    /// that another process is training into.
     pub fn create(cfg: Config, dir: &Path, device: &Device) -> Result<Self> {
-        Self::create_with(cfg, dir, device, None)
+        Self::start(cfg, dir, device, None, false)
+    }
+
+    /// [`Trainer::create`] that first deletes the run `dir` holds (`elbo train --force`). Files
+    /// in `dir` that are not part of a run are kept.
+    pub fn create_replacing(cfg: Config, dir: &Path, device: &Device) -> Result<Self> {
+        Self::start(cfg, dir, device, None, true)
     }
 
     /// [`Trainer::create`] for a model built by the caller (a family outside the registry):
@@ -109,28 +135,63 @@ impl Trainer {
         device: &Device,
         build: Option<&ModelBuilder>,
     ) -> Result<Self> {
+        Self::start(cfg, dir, device, build, false)
+    }
+
+    fn start(
+        cfg: Config,
+        dir: &Path,
+        device: &Device,
+        build: Option<&ModelBuilder>,
+        replace: bool,
+    ) -> Result<Self> {
         cfg.validate()?;
-        if dir.join("checkpoint").exists() {
-            return Err(Error::Config(format!(
-                "{} already holds a run; use `elbo train --resume {}` to continue it or choose another --out",
-                dir.display(),
-                dir.display()
-            )));
+        if !replace {
+            // fail before any work; checked again under the lock below
+            run_dir::ensure_free(dir)?;
         }
-        let (mut data, mut model, params) = open_parts_with(&cfg, device, build)?;
+        let parts = open_parts_with(&cfg, device, build)?;
+        let existed = dir.exists();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let started = RunLock::acquire(dir).and_then(|lock| {
+            if replace {
+                run_dir::remove_run(dir)?;
+            } else {
+                run_dir::ensure_no_run(dir)?;
+            }
+            Self::fresh(cfg, dir, parts, lock)
+        });
+        if started.is_err() && !existed {
+            // leave no trace of a run that never started
+            let _ = std::fs::remove_file(dir.join(run_dir::LOCK_FILE));
+            let _ = std::fs::remove_dir(dir);
+        }
+        started
+    }
+
+    /// Step 0 of a run in `dir`, whose lock is held: the data-dependent initialisation, then
+    /// `config.json`, an empty `metrics.jsonl` and the data fingerprint.
+    fn fresh(cfg: Config, dir: &Path, parts: Parts, lock: RunLock) -> Result<Self> {
+        let (mut data, mut model, params) = parts;
         let groups = build_groups(&model.param_groups(), params, &cfg.train)?;
         let seed = Rng::new(cfg.train.seed);
         // a data-dependent initialisation sees one batch from its own stream, so the training
         // generator (and every family without the hook) is unaffected
         let mut init_rng = seed.fork(DATA_INIT_STREAM);
-        let first = data.train_batch(cfg.train.batch_size, &mut init_rng, device)?;
+        let device = model.device().clone();
+        let first = data.train_batch(cfg.train.batch_size, &mut init_rng, &device)?;
         model.init_from_data(&first, &mut init_rng)?;
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut notes = run_dir::clean_stale(dir)?;
+        if let Some(pid) = lock.stale_owner {
+            notes.push(format!(
+                "took over the lock of process {pid}, which ended without releasing it"
+            ));
+        }
         let cfg_json = serde_json::to_string_pretty(&cfg)
             .map_err(|e| Error::Config(format!("cannot serialise config: {e}")))?;
-        write_atomic(&dir.join("config.json"), cfg_json.as_bytes())?;
-        std::fs::write(dir.join("metrics.jsonl"), b"")
-            .map_err(|e| Error::io(dir.join("metrics.jsonl"), e))?;
+        atomic_file::write(&dir.join("config.json"), cfg_json.as_bytes())?;
+        atomic_file::write(&dir.join(METRICS_FILE), b"")?;
+        DataFingerprint::record(dir, &cfg.data.name)?;
         Ok(Self {
             rng: seed.fork(TRAIN_STREAM),
             cfg,
@@ -141,6 +202,10 @@ impl Trainer {
             step: 0,
             best: None,
             evals_since_best: 0,
+            eval_pending: false,
+            last_loss: None,
+            notes,
+            _lock: lock,
         })
     }
 
@@ -151,19 +216,46 @@ impl Trainer {
     }
 
     /// [`Trainer::resume`] for a model built by the caller (see [`Trainer::create_with`]).
+    ///
+    /// Takes the directory's lock, removes what crashed writers left, and refuses to go on when
+    /// the user data file changed since the run started. A run interrupted before its first
+    /// checkpoint starts again from step 0 (the same run: every random draw comes from the
+    /// seed). A hand-edited or inconsistent `state.json` is an error.
     pub fn resume_with(
         dir: &Path,
         steps: Option<usize>,
         device: &Device,
         build: Option<&ModelBuilder>,
     ) -> Result<Self> {
+        if !dir.join("config.json").is_file() {
+            return Err(Error::RunDir(format!(
+                "{} holds no run (no config.json); start one with `elbo train --out {}`",
+                dir.display(),
+                dir.display()
+            )));
+        }
+        let lock = RunLock::acquire(dir)?;
         let mut cfg = Config::from_run_dir(dir)?;
         if let Some(s) = steps {
             cfg.train.steps = s;
         }
-        let (data, mut model, params) = open_parts_with(&cfg, device, build)?;
-        let mut groups = build_groups(&model.param_groups(), params, &cfg.train)?;
+        if let Some(msg) = DataFingerprint::changed(dir, &cfg.data.name)? {
+            return Err(Error::RunDir(format!(
+                "cannot resume {}: {msg}",
+                dir.display()
+            )));
+        }
+        let mut notes = run_dir::clean_stale(dir)?;
+        let parts = open_parts_with(&cfg, device, build)?;
         let ck_dir = dir.join("checkpoint");
+        if !ck_dir.exists() {
+            let mut t = Self::fresh(cfg, dir, parts, lock)?;
+            notes.push("no checkpoint had been written: the run starts again from step 0".into());
+            t.notes.extend(notes);
+            return Ok(t);
+        }
+        let (data, mut model, params) = parts;
+        let mut groups = build_groups(&model.param_groups(), params, &cfg.train)?;
         let loaded = checkpoint::load(&ck_dir, device)?;
         let st: TrainState = serde_json::from_value(loaded.state.clone())
             .map_err(|e| Error::checkpoint(&ck_dir, format!("state.json: {e}")))?;
@@ -198,18 +290,33 @@ impl Trainer {
         let state = loaded.files.get("model_state").cloned().unwrap_or_default();
         model.load_state_tensors(&state)?;
         let step = st.step as usize;
-        truncate_metrics(&dir.join("metrics.jsonl"), step)?;
+        truncate_metrics(&dir.join(METRICS_FILE), step, st.eval_pending)?;
+        if let Some(pid) = lock.stale_owner {
+            notes.push(format!(
+                "took over the lock of process {pid}, which ended without releasing it"
+            ));
+        }
         Ok(Self {
             rng: Rng::from_state(&st.rng)?,
             best: st.best_eval,
             evals_since_best: st.evals_since_best as usize,
+            eval_pending: st.eval_pending,
+            last_loss: st.last_loss,
             cfg,
             dir: dir.to_path_buf(),
             model,
             data,
             groups,
             step,
+            notes,
+            _lock: lock,
         })
+    }
+
+    /// What opening the run directory did that a user should know (a stale lock taken over,
+    /// temporaries of an interrupted write removed, a restart from step 0), one line each.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// Steps completed so far.
@@ -239,15 +346,21 @@ impl Trainer {
 
     /// Train until `stop_at` steps are done (at most the configured total), checkpointing on
     /// the way and at the end. Stopping early and resuming gives the same losses as one call.
+    ///
+    /// A step due for held-out evaluation is checkpointed first, so an evaluation that fails,
+    /// runs over `train.eval_budget_s` or is interrupted never costs the training before it: a
+    /// failure is reported (terminal and `metrics.jsonl`) and training goes on, and a resumed
+    /// run re-runs an evaluation its checkpoint was written before.
     pub fn run_until(&mut self, stop_at: usize, progress: bool) -> Result<TrainOutcome> {
         let tc = self.cfg.train.clone();
         let stop_at = stop_at.min(tc.steps);
         let bar = progress_bar(progress, tc.steps as u64, self.step as u64);
+        let metrics_path = self.dir.join(METRICS_FILE);
         let mut metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("metrics.jsonl"))
-            .map_err(|e| Error::io(self.dir.join("metrics.jsonl"), e))?;
+            .open(&metrics_path)
+            .map_err(|e| Error::io(&metrics_path, e))?;
         let start = Instant::now();
         let mut out = TrainOutcome {
             steps: self.step,
@@ -258,7 +371,14 @@ impl Trainer {
             stopped_early: false,
             seconds: 0.0,
         };
-        let mut smooth = f64::NAN;
+        let mut smooth = self.last_loss.unwrap_or(f64::NAN);
+        if self.eval_pending {
+            // the checkpoint this run resumed from was written before its evaluation
+            if self.evaluate_and_select(&mut metrics, &bar, smooth, &mut out)? {
+                bar.finish_and_clear();
+                return Ok(self.finish(out, start));
+            }
+        }
         while self.step < stop_at {
             let s = match self.train_step() {
                 Ok(s) => s,
@@ -268,6 +388,7 @@ impl Trainer {
                 }
             };
             self.step += 1;
+            self.last_loss = Some(s.loss);
             out.losses.push((self.step, s.loss));
             smooth = if smooth.is_nan() {
                 s.loss
@@ -282,31 +403,69 @@ impl Trainer {
                 for (k, v) in &s.extra {
                     line[k] = json!(v);
                 }
-                writeln!(metrics, "{line}").map_err(|e| Error::io(&self.dir, e))?;
+                writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
             }
-            let eval_due = tc.eval_every > 0 && self.step % tc.eval_every == 0;
-            if eval_due || self.step == tc.steps {
-                let nll = self.periodic_eval(&mut metrics, &bar, smooth)?;
-                out.evals.push((self.step, nll));
-                if tc.patience > 0 && self.evals_since_best >= tc.patience {
-                    out.stopped_early = true;
-                    bar.println(format!(
-                        "early stop: {} evaluations without improvement",
-                        tc.patience
-                    ));
-                    self.save_checkpoint(&self.dir.join("checkpoint"))?;
+            let eval_due =
+                (tc.eval_every > 0 && self.step % tc.eval_every == 0) || self.step == tc.steps;
+            if eval_due {
+                self.eval_pending = true;
+                self.save_latest(&bar)?;
+                if self.evaluate_and_select(&mut metrics, &bar, smooth, &mut out)? {
                     break;
                 }
-            }
-            if self.step % tc.checkpoint_every == 0 || self.step == stop_at {
-                self.save_checkpoint(&self.dir.join("checkpoint"))?;
+            } else if self.step % tc.checkpoint_every == 0 || self.step == stop_at {
+                self.save_latest(&bar)?;
             }
         }
         bar.finish_and_clear();
+        Ok(self.finish(out, start))
+    }
+
+    fn finish(&self, mut out: TrainOutcome, start: Instant) -> TrainOutcome {
         out.steps = self.step;
         out.best_eval = self.best;
         out.seconds = start.elapsed().as_secs_f64();
-        Ok(out)
+        out
+    }
+
+    /// The held-out evaluation of the current step (its checkpoint is already written), the
+    /// choice of `best/` and early stopping. An evaluation that fails or runs out of time is
+    /// reported and counts as no evaluation. The checkpoint is written again when the run
+    /// ends here (last step or early stop) or when this step is due one anyway, so it holds
+    /// the evaluation's outcome. Returns whether training stops early.
+    fn evaluate_and_select(
+        &mut self,
+        metrics: &mut std::fs::File,
+        bar: &ProgressBar,
+        smooth: f64,
+        out: &mut TrainOutcome,
+    ) -> Result<bool> {
+        let tc = self.cfg.train.clone();
+        match self.periodic_eval(metrics, bar, smooth) {
+            Ok(nll) => out.evals.push((self.step, nll)),
+            Err(e @ Error::Config(_)) => return Err(e),
+            Err(e) => {
+                self.eval_pending = false;
+                let msg = format!(
+                    "held-out evaluation at step {} failed: {e}; the checkpoint of step {} is                      saved and training continues",
+                    self.step, self.step
+                );
+                bar.println(format!("warning: {msg}"));
+                let line = json!({"step": self.step, "eval_error": e.to_string(), "split": "val"});
+                writeln!(metrics, "{line}").map_err(|e| Error::io(&self.dir, e))?;
+            }
+        }
+        let stop = tc.patience > 0 && self.evals_since_best >= tc.patience;
+        if stop {
+            bar.println(format!(
+                "early stop: {} evaluations without improvement",
+                tc.patience
+            ));
+        }
+        if stop || self.step == tc.steps || self.step % tc.checkpoint_every == 0 {
+            self.save_latest(bar)?;
+        }
+        Ok(stop)
     }
 
     /// The family's training step in a context over this run's data, generator and groups.
@@ -323,23 +482,73 @@ impl Trainer {
         self.model.train_step(&mut ctx)
     }
 
+    /// What is on disk after a failed step: the last checkpoint, which [`Trainer::save_latest`]
+    /// only ever writes with finite weights after a finite loss.
+    fn kept_checkpoint(&self) -> String {
+        let ck = self.dir.join("checkpoint");
+        match checkpoint::load(&ck, self.model.device()) {
+            Ok(l) => {
+                let loss = l.state["last_loss"]
+                    .as_f64()
+                    .map_or(String::new(), |v| format!(", loss {v:.4}"));
+                format!(
+                    "the last checkpoint with finite weights (step {}{loss}) is kept in {}",
+                    l.state["step"],
+                    ck.display()
+                )
+            }
+            Err(_) => "no checkpoint had been written yet".to_string(),
+        }
+    }
+
     /// A non-finite loss names what is on disk.
     fn explain_failure(&self, e: Error) -> Error {
         match e {
-            Error::NonFiniteLoss { step, loss, .. } => {
-                let ck = self.dir.join("checkpoint");
-                let kept = match checkpoint::load(&ck, self.model.device()) {
-                    Ok(l) => format!(
-                        "the checkpoint of step {} in {} is kept",
-                        l.state["step"],
-                        ck.display()
-                    ),
-                    Err(_) => "no checkpoint had been written yet".to_string(),
-                };
-                Error::NonFiniteLoss { step, loss, kept }
-            }
+            Error::NonFiniteLoss { step, loss, .. } => Error::NonFiniteLoss {
+                step,
+                loss,
+                kept: self.kept_checkpoint(),
+            },
             other => other,
         }
+    }
+
+    /// Write `checkpoint/`, unless the weights (or the last loss) are no longer finite: then
+    /// the previous checkpoint stays and training stops with [`Error::Diverged`].
+    fn save_latest(&self, bar: &ProgressBar) -> Result<()> {
+        let bad_loss = self.last_loss.filter(|l| !l.is_finite());
+        let bad_param = self.first_non_finite_param()?;
+        if bad_loss.is_some() || bad_param.is_some() {
+            bar.abandon();
+            let what = match (bad_param, bad_loss) {
+                (Some(p), _) => format!("parameter '{p}' holds NaN or infinite values"),
+                (None, Some(l)) => format!("the loss is {l}"),
+                (None, None) => unreachable!("checked above"),
+            };
+            return Err(Error::Diverged {
+                step: self.step,
+                what,
+                kept: self.kept_checkpoint(),
+            });
+        }
+        self.save_checkpoint(&self.dir.join("checkpoint"))
+    }
+
+    /// The first parameter (by name) with a NaN or infinite entry.
+    fn first_non_finite_param(&self) -> Result<Option<String>> {
+        for g in &self.groups {
+            for (name, var) in &g.params {
+                let v: Vec<f32> = var
+                    .as_tensor()
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                if v.iter().any(|x| !x.is_finite()) {
+                    return Ok(Some(name.clone()));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Evaluate, log, keep `best/` (by `train.select_by`) and count evaluations without
@@ -380,7 +589,10 @@ impl Trainer {
         };
         writeln!(metrics, "{line}").map_err(|e| Error::io(&self.dir, e))?;
         bar.println(msg);
-        if self.best.is_none_or(|b| score < b) {
+        // the evaluation is done: the state saved with best/ (and every later checkpoint)
+        // says so
+        self.eval_pending = false;
+        if score.is_finite() && self.best.is_none_or(|b| score < b) {
             self.best = Some(score);
             self.evals_since_best = 0;
             self.save_checkpoint(&self.dir.join("best"))?;
@@ -417,7 +629,9 @@ impl Trainer {
     }
 
     /// Validation NLL (mean, stderr, bits/dim) on the first `eval_examples` examples of the
-    /// validation split, with the EMA weights when EMA is on.
+    /// validation split, with the EMA weights when EMA is on. Past `train.eval_budget_s`
+    /// seconds (checked between batches of `eval.batch_size` examples) it stops with
+    /// [`Error::Budget`].
     pub fn evaluate(&mut self) -> Result<(f64, f64, f64)> {
         let device = self.model.device().clone();
         // model selection reads the validation split; only `elbo eval` reads the test split
@@ -427,8 +641,16 @@ impl Trainer {
         let mut rng = Rng::new(self.cfg.train.seed)
             .fork(EVAL_STREAM)
             .fork(self.step as u64);
+        let budget = self.cfg.train.eval_budget_s;
+        let deadline = (budget > 0.0).then(|| Instant::now() + Duration::from_secs_f64(budget));
         self.swap_ema()?;
-        let res = dataset_nll(self.model.as_ref(), &val, &self.cfg.eval, &mut rng);
+        let res = dataset_nll_within(
+            self.model.as_ref(),
+            &val,
+            &self.cfg.eval,
+            &mut rng,
+            deadline,
+        );
         self.swap_ema()?;
         let s = res?.summary();
         Ok((s.nats, s.stderr_nats, s.bits_per_dim))
@@ -489,6 +711,8 @@ impl Trainer {
                 .iter()
                 .map(|g| (g.name.clone(), counters(g)))
                 .collect(),
+            eval_pending: self.eval_pending,
+            last_loss: self.last_loss,
         };
         let state = serde_json::to_value(&state)
             .map_err(|e| Error::Config(format!("cannot serialise the training state: {e}")))?;
@@ -538,29 +762,26 @@ fn progress_bar(visible: bool, len: u64, pos: u64) -> ProgressBar {
     bar
 }
 
-/// Keep only metric lines whose step is at most `step` (a resumed run re-does later steps).
-fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+/// Keep only the metric lines of steps up to `step` (a resumed run re-does later steps), and
+/// when the checkpoint was written before that step's evaluation, not that evaluation's lines
+/// (it runs again). Lines cut short by a crash are dropped. The file is replaced atomically.
+fn truncate_metrics(path: &Path, step: usize, eval_pending: bool) -> Result<()> {
+    let text = match std::fs::read(path) {
+        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(Error::io(path, e)),
     };
+    let keep = |v: &serde_json::Value| {
+        let Some(s) = v["step"].as_u64().map(|s| s as usize) else {
+            return false;
+        };
+        let of_eval = v.get("eval_nll").is_some() || v.get("eval_error").is_some();
+        s < step || (s == step && !(eval_pending && of_eval))
+    };
     let kept: String = text
         .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s as usize <= step)
-        })
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| keep(&v)))
         .map(|l| format!("{l}\n"))
         .collect();
-    write_atomic(path, kept.as_bytes())
-}
-
-/// Write a file through a temporary name and a rename, so readers never see half of it.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    atomic_file::write(path, kept.as_bytes())
 }

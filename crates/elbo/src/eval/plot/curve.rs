@@ -5,7 +5,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use super::{
-    padded, plot_error, prepare, quantile, tick_format, Drawn, DATA_COLOR, FONT, GRID_LINE,
+    padded, prepare, quantile, render, tick_format, Drawn, DATA_COLOR, FONT, GRID_LINE,
     SAMPLE_COLOR,
 };
 use crate::{Error, Result};
@@ -73,7 +73,7 @@ pub fn loss_curve(
     });
     let xr = padded(s0, s1, 0.02);
     let clamp = |(s, y): (f64, f64)| (s, y.clamp(yr.start, yr.end));
-    let draw = || -> Drawn {
+    let draw = |path: &Path| -> Drawn {
         let root = BitMapBackend::new(path, (900, 540)).into_drawing_area();
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
@@ -126,7 +126,7 @@ pub fn loss_curve(
         root.present()?;
         Ok(())
     };
-    draw().map_err(|e| plot_error(path, e))
+    render(path, draw)
 }
 
 #[cfg(test)]

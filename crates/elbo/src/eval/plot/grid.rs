@@ -4,7 +4,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::{plot_error, prepare, Drawn};
+use super::{prepare, render, Drawn};
 use crate::{Error, Result};
 
 /// Largest width or height of an image grid in pixels.
@@ -83,11 +83,11 @@ pub fn image_grid(
             }
         }
     }
-    let draw = || -> Drawn {
+    let draw = |path: &Path| -> Drawn {
         let mut backend = BitMapBackend::new(path, (width as u32, height as u32));
         backend.blit_bitmap((0, 0), (width as u32, height as u32), &buf)?;
         backend.present()?;
         Ok(())
     };
-    draw().map_err(|e| plot_error(path, e))
+    render(path, draw)
 }
