@@ -2,8 +2,10 @@
 //!
 //! A checkpoint is a directory `DIR` holding `NAME.safetensors` for each tensor file (model
 //! weights, EMA weights, optimiser moments, ...) and `state.json` (step, RNG state, config, ...).
-//! `state.json` also records `"format_version": 1` and a `"manifest"` giving every tensor file's
-//! byte length and 64-bit FNV-1a hash, so truncation and corruption are detected on load.
+//! `state.json` also records `"format_version": 1`, a `"manifest"` giving every tensor file's
+//! byte length and 64-bit FNV-1a hash, so truncation and corruption are detected on load, and
+//! `"state_fnv1a64"`, the hash of the rest of the state, so a hand edit (a step that no longer
+//! matches the optimiser's counts) is detected too.
 //!
 //! [`save`] never leaves a half-written `DIR`: it writes everything into the sibling
 //! `DIR.tmp-<pid>`, fsyncs the files and the directory, then renames the old `DIR` to `DIR.old`,
@@ -46,6 +48,14 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+/// The FNV-1a hash of the state's compact JSON (keys in serde_json's map order), recorded as
+/// `state_fnv1a64` so that a `state.json` edited by hand is detected on load.
+fn state_hash(state: &Map<String, Value>) -> Result<String> {
+    let bytes = serde_json::to_vec(state)
+        .map_err(|e| Error::Config(format!("cannot serialise checkpoint state: {e}")))?;
+    Ok(format!("{:016x}", fnv1a64(&bytes)))
 }
 
 /// `DIR` with `suffix` appended to its last component (`run/ckpt` -> `run/ckpt.old`).
@@ -130,6 +140,7 @@ pub fn save(dir: &Path, files: &[(&str, &HashMap<String, Tensor>)], state: &Valu
         );
     }
     let mut full = user_state.clone();
+    full.insert("state_fnv1a64".into(), json!(state_hash(user_state)?));
     full.insert("format_version".into(), json!(FORMAT_VERSION));
     full.insert("manifest".into(), Value::Object(manifest));
     let state_path = tmp.join(STATE_FILE);
@@ -186,6 +197,17 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
     let Some(Value::Object(manifest)) = state.remove("manifest") else {
         return Err(bad_state("missing or malformed manifest".into()));
     };
+    // checkpoints written before the state hash have none; any other must match it
+    if let Some(recorded) = state.remove("state_fnv1a64") {
+        if recorded.as_str() != Some(state_hash(&state)?.as_str()) {
+            return Err(bad_state(
+                "its contents do not match the hash recorded when it was written (edited by \
+                 hand?); elbo cannot trust a step, RNG or optimiser count that disagrees with the \
+                 tensors: restore the file, or start again from best/"
+                    .into(),
+            ));
+        }
+    }
 
     let mut files = HashMap::with_capacity(manifest.len());
     for (name, entry) in &manifest {

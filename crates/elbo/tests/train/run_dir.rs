@@ -445,3 +445,25 @@ fn readers_see_whole_checkpoints_while_a_trainer_replaces_them() {
     });
     drop(t);
 }
+
+#[test]
+fn a_hand_edited_state_json_is_refused() {
+    let dev = Device::Cpu;
+    let d = tempfile::tempdir().unwrap();
+    Trainer::create(tiny(10), d.path(), &dev)
+        .unwrap()
+        .run(false)
+        .unwrap();
+    let p = d.path().join("checkpoint/state.json");
+    let text = fs::read_to_string(&p).unwrap();
+    assert!(text.contains("\"step\": 10"), "{text}");
+    fs::write(&p, text.replace("\"step\": 10", "\"step\": 3")).unwrap();
+    let e = Trainer::resume(d.path(), Some(20), &dev).err().unwrap();
+    assert!(e.to_string().contains("edited by hand"), "{e}");
+    assert!(e.to_string().contains("state.json"), "{e}");
+    // unchanged (re-indented) JSON still loads: the hash is over the values, not the layout
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+    let t = Trainer::resume(d.path(), Some(20), &dev).unwrap();
+    assert_eq!(t.step(), 10);
+}
