@@ -23,6 +23,7 @@ pub mod atomic_file;
 pub mod config;
 pub mod continuous;
 pub mod data;
+pub mod deadline;
 pub mod discrete;
 pub mod error;
 pub mod eval;

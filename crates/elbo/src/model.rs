@@ -214,8 +214,9 @@ pub fn dataset_nll(
     dataset_nll_within(model, data, opts, rng, None)
 }
 
-/// [`dataset_nll`] that gives up with [`Error::Budget`] when `deadline` has passed before a
-/// batch starts (the result, when there is one, is the same as without a deadline).
+/// [`dataset_nll`] that gives up with [`Error::Budget`] once `deadline` has passed: checked
+/// before each batch and inside the adaptive ODE solver (see [`crate::deadline`]). The result,
+/// when there is one, is the same as without a deadline.
 pub fn dataset_nll_within(
     model: &dyn GenerativeModel,
     data: &Tensor,
@@ -226,16 +227,18 @@ pub fn dataset_nll_within(
     let n = data.dim(0)?;
     let mut parts = Vec::new();
     let mut start = 0;
-    while start < n {
-        if deadline.is_some_and(|d| std::time::Instant::now() > d) {
-            return Err(Error::Budget(format!(
-                "the likelihood evaluation ran out of its time budget after {start} of {n} \
-                 examples (raise train.eval_budget_s, or lower eval.batch_size for finer steps)"
-            )));
+    crate::deadline::within(deadline, || {
+        while start < n {
+            crate::deadline::check(|| {
+                format!(
+                    "the likelihood evaluation stopped after {start} of {n} examples (raise \
+                     train.eval_budget_s, or lower eval.batch_size for finer steps)"
+                )
+            })?;
+            let len = opts.batch_size.min(n - start);
+            parts.push(model.log_likelihood(&data.narrow(0, start, len)?, opts, rng)?);
+            start += len;
         }
-        let len = opts.batch_size.min(n - start);
-        parts.push(model.log_likelihood(&data.narrow(0, start, len)?, opts, rng)?);
-        start += len;
-    }
-    Nll::concat(parts)
+        Nll::concat(std::mem::take(&mut parts))
+    })
 }

@@ -321,6 +321,9 @@ fn dopri5(
     let mut h = initial_step(f, &y, &k1, t0, dir, rtol, atol)?.min(span);
     loop {
         let attempts = f.stats.steps + f.stats.rejected;
+        crate::deadline::check(|| {
+            format!("dopri5 stopped at t = {t} integrating {t0} -> {t1} after {attempts} steps")
+        })?;
         if attempts >= MAX_STEPS {
             return Err(Error::Numerical(format!(
                 "dopri5: more than {MAX_STEPS} steps integrating {t0} -> {t1} (stopped at t = {t})"

@@ -585,3 +585,22 @@ fn dopri5_gives_up_after_max_steps() {
     }
     println!("max-steps failure after {:?}", start.elapsed());
 }
+
+#[test]
+fn dopri5_stops_at_the_deadline_of_its_caller() {
+    // the same endless integration under a 50 ms budget stops with a budget error well before
+    // its 100000 steps
+    let mut f = |y: &Tensor, t: f64| -> Result<Tensor> { Ok(y.affine(0.0, t.cos())?) };
+    let y = Tensor::new(&[0.0f64], &DEV).unwrap();
+    let s = Solver::Dopri5 {
+        rtol: 1e-13,
+        atol: 1e-13,
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
+    let r = elbo::deadline::within(Some(deadline), || integrate(&mut f, &y, 0.0, 1e6, &s));
+    match r {
+        Err(Error::Budget(m)) => assert!(m.contains("dopri5 stopped"), "{m}"),
+        other => panic!("expected a budget error, got {:?}", other.map(|_| ())),
+    }
+    assert!(std::time::Instant::now() < deadline + std::time::Duration::from_secs(5));
+}
