@@ -124,11 +124,21 @@ fn print_notes(t: &Trainer) {
 
 fn finish_train(dir: &Path, out: &elbo::train::TrainOutcome) -> Result<()> {
     let Some(last) = out.losses.last().map(|l| l.1) else {
-        eprintln!(
-            "nothing to do: the run in {} already has {} steps (extend it with --steps N)",
-            dir.display(),
-            out.steps
-        );
+        if out.stopped_early {
+            eprintln!(
+                "nothing to do: the run in {} stopped early at step {}",
+                dir.display(),
+                out.steps
+            );
+        } else {
+            eprintln!(
+                "nothing to do: the run in {} already has {} steps (extend it with --steps N)",
+                dir.display(),
+                out.steps
+            );
+        }
+        // a run killed while plotting gets its plot back
+        plot_losses(dir)?;
         return Ok(());
     };
     let best = match (out.best_eval, out.selected_by.as_str()) {
@@ -248,9 +258,21 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     }
     let (n, d) = x.dims2()?;
     let flat: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    let out = a.out.unwrap_or_else(|| a.run.join("samples.npy"));
-    elbo::data::npy::write_npy(&out, &flat, &[n, d])?;
+    let out = a.out.clone().unwrap_or_else(|| a.run.join("samples.npy"));
     let png = out.with_extension("png");
+    if a.out.is_some() && !a.force {
+        // the default files in the run are elbo's own; a path the user chose may hold data
+        for p in [&out, &png] {
+            if p.exists() {
+                bail!(
+                    "{} exists; elbo does not overwrite a file it was pointed at: choose another \
+                     --out, or add --force to replace it",
+                    p.display()
+                );
+            }
+        }
+    }
+    elbo::data::npy::write_npy(&out, &flat, &[n, d])?;
     let wrote_png = write_sample_plot(&run, &flat, &png)?;
     let method = run.model.sampling(&opts);
     let files = if wrote_png {

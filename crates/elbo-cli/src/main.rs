@@ -49,6 +49,7 @@ enum Command {
     Eval(EvalArgs),
     /// The main demo: flow matching on 8gaussians and checkerboard, likelihood table vs the
     /// true entropy, PNGs of data vs samples and of the loss curves (about 4 minutes on 2 cores).
+    /// Replaces a previous quickstart in --out, never another run.
     Quickstart(QuickstartArgs),
     /// Time a reference workload (see scripts/bench_compare.sh): prints one JSON line per figure.
     Bench(BenchArgs),
@@ -154,9 +155,13 @@ pub struct SampleArgs {
     /// Use the live weights instead of the EMA weights.
     #[arg(long)]
     pub no_ema: bool,
-    /// Output .npy path (default RUN/samples.npy); a PNG is written beside it.
+    /// Output .npy path (default RUN/samples.npy, replaced on each call); a PNG is written
+    /// beside it. An existing file at --out (or its PNG) is refused without --force.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace the files at --out if they exist.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub diffusion: DiffusionSampleArgs,
     /// Text models: condition on this text. Without `_` it is a prefix to continue; each `_`

@@ -70,9 +70,15 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
             cfg.train.steps,
             dir.display()
         );
-        // the quickstart owns its output folder: a previous quickstart run there is replaced
-        // (under the run's lock, so never one that is still training)
-        let mut t = Trainer::create_replacing(cfg, &dir, &dev)?;
+        // the quickstart replaces its own previous run (under the run's lock, so never one
+        // that is still training), and refuses anything else
+        let previous = Config::from_run_dir(&dir).ok();
+        let mut t = match previous {
+            Some(p) if p.model.name() == cfg.model.name() && p.data.name == cfg.data.name => {
+                Trainer::create_replacing(cfg, &dir, &dev)?
+            }
+            _ => Trainer::create(cfg, &dir, &dev)?,
+        };
         let out = t.run(!a.quiet)?;
         eprintln!("   {} steps in {:.1} s", out.steps, out.seconds);
         plot_losses(&dir)?;

@@ -62,17 +62,29 @@ solver = "heun"
 steps = 4
 "#;
 
+/// A child process killed when the test ends, also when it fails.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn a_busy_run_is_refused_read_consistently_and_resumed_after_sigkill() {
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("long.toml"), LONG).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_elbo"))
-        .args(["train", "--config", "long.toml", "--out", "run", "--quiet"])
-        .current_dir(d.path())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id().to_string();
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_elbo"))
+            .args(["train", "--config", "long.toml", "--out", "run", "--quiet"])
+            .current_dir(d.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id().to_string();
     let ck = d.path().join("run/checkpoint/state.json");
     let t0 = Instant::now();
     while !ck.exists() {
@@ -88,15 +100,16 @@ fn a_busy_run_is_refused_read_consistently_and_resumed_after_sigkill() {
         assert_clean_failure(&elbo(args, d.path()), &["in use", &pid]);
     }
     // readers see whole checkpoints while it keeps replacing them
-    for _ in 0..3 {
+    for i in 0..3 {
+        let out = format!("s{i}.npy");
         let o = elbo(
-            &["sample", "--run", "run", "-n", "50", "--out", "s.npy"],
+            &["sample", "--run", "run", "-n", "50", "--out", &out],
             d.path(),
         );
         assert!(o.status.success(), "{}", stderr(&o));
     }
-    child.kill().unwrap(); // SIGKILL: no chance to clean up
-    child.wait().unwrap();
+    child.0.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.0.wait().unwrap();
     let o = elbo(&["train", "--resume", "run", "--steps", "120"], d.path());
     assert!(o.status.success(), "{}", stderr(&o));
     let e = stderr(&o);
@@ -189,4 +202,40 @@ fn eval_refuses_a_run_whose_data_file_changed() {
     let o = elbo(&["sample", "--run", "run", "-n", "10"], d.path());
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("warning"), "{}", stderr(&o));
+}
+
+#[test]
+fn sample_out_does_not_overwrite_a_file_without_force() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("short.toml"), SHORT).unwrap();
+    let o = elbo(
+        &["train", "--config", "short.toml", "--out", "run", "--quiet"],
+        d.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::write(d.path().join("mine.npy"), b"precious").unwrap();
+    let o = elbo(
+        &["sample", "--run", "run", "-n", "10", "--out", "mine.npy"],
+        d.path(),
+    );
+    assert_clean_failure(&o, &["mine.npy", "exists", "--force"]);
+    assert_eq!(
+        std::fs::read(d.path().join("mine.npy")).unwrap(),
+        b"precious"
+    );
+    // the run's own default file is replaced freely; --force replaces a chosen one
+    for args in [
+        &["sample", "--run", "run", "-n", "10"][..],
+        &["sample", "--run", "run", "-n", "10"],
+        &[
+            "sample", "--run", "run", "-n", "10", "--out", "mine.npy", "--force",
+        ],
+    ] {
+        let o = elbo(args, d.path());
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert_ne!(
+        std::fs::read(d.path().join("mine.npy")).unwrap(),
+        b"precious"
+    );
 }

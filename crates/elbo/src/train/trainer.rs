@@ -64,6 +64,9 @@ struct TrainState {
     /// The training loss of the step the checkpoint was written after.
     #[serde(default)]
     last_loss: Option<f64>,
+    /// Early stopping ended the run: resuming it trains no further.
+    #[serde(default)]
+    stopped_early: bool,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -106,6 +109,7 @@ pub struct Trainer {
     /// This step's held-out evaluation has not run yet (its checkpoint was written first).
     eval_pending: bool,
     last_loss: Option<f64>,
+    stopped_early: bool,
     /// What opening the run directory did (stale lock taken over, temporaries removed, ...).
     notes: Vec<String>,
     /// Held for the trainer's lifetime: no other process trains into the directory meanwhile.
@@ -204,6 +208,7 @@ impl Trainer {
             evals_since_best: 0,
             eval_pending: false,
             last_loss: None,
+            stopped_early: false,
             notes,
             _lock: lock,
         })
@@ -302,6 +307,7 @@ impl Trainer {
             evals_since_best: st.evals_since_best as usize,
             eval_pending: st.eval_pending,
             last_loss: st.last_loss,
+            stopped_early: st.stopped_early,
             cfg,
             dir: dir.to_path_buf(),
             model,
@@ -372,6 +378,10 @@ impl Trainer {
             seconds: 0.0,
         };
         let mut smooth = self.last_loss.unwrap_or(f64::NAN);
+        if self.stopped_early {
+            out.stopped_early = true;
+            return Ok(self.finish(out, start));
+        }
         if self.eval_pending {
             // the checkpoint this run resumed from was written before its evaluation
             if self.evaluate_and_select(&mut metrics, &bar, smooth, &mut out)? {
@@ -457,6 +467,8 @@ impl Trainer {
         }
         let stop = tc.patience > 0 && self.evals_since_best >= tc.patience;
         if stop {
+            self.stopped_early = true;
+            out.stopped_early = true;
             bar.println(format!(
                 "early stop: {} evaluations without improvement",
                 tc.patience
@@ -713,6 +725,7 @@ impl Trainer {
                 .collect(),
             eval_pending: self.eval_pending,
             last_loss: self.last_loss,
+            stopped_early: self.stopped_early,
         };
         let state = serde_json::to_value(&state)
             .map_err(|e| Error::Config(format!("cannot serialise the training state: {e}")))?;

@@ -467,3 +467,27 @@ fn a_hand_edited_state_json_is_refused() {
     let t = Trainer::resume(d.path(), Some(20), &dev).unwrap();
     assert_eq!(t.step(), 10);
 }
+
+#[test]
+fn a_run_that_stopped_early_stays_stopped_when_resumed() {
+    let dev = Device::Cpu;
+    let mut cfg = tiny(400);
+    cfg.train.eval_every = 5;
+    cfg.train.patience = 1;
+    cfg.train.lr = 0.3;
+    let d = tempfile::tempdir().unwrap();
+    let out = Trainer::create(cfg, d.path(), &dev)
+        .unwrap()
+        .run(false)
+        .unwrap();
+    assert!(out.stopped_early && out.steps < 400, "{out:?}");
+    let before = file_bytes(&d.path().join("checkpoint"));
+    let again = Trainer::resume(d.path(), None, &dev)
+        .unwrap()
+        .run(false)
+        .unwrap();
+    assert!(again.stopped_early);
+    assert_eq!(again.steps, out.steps);
+    assert!(again.losses.is_empty());
+    assert_eq!(file_bytes(&d.path().join("checkpoint")), before);
+}
