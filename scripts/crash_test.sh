@@ -323,6 +323,7 @@ while :; do
     say "round $ROUND: $DIR"
     cmd=(train --config "$CFG" --out "$DIR" --quiet)
     finished=0
+    max_ck=0 # the latest checkpoint step seen on disk in this run: it must never go back
     while :; do
         PROCS=$((PROCS + 1))
         start=$(ckpt_step "$DIR")
@@ -355,6 +356,22 @@ while :; do
         pid=$CHILD
         CHILD=""
         what="process $PROCS (pid $pid): elbo ${cmd[*]} from step $start, $deadline_text"
+        # a resume must start from the checkpoint on disk, not from an older one or from scratch
+        at=$(sed -n 's/^resuming .* at step \([0-9]*\) of [0-9]*$/\1/p' "$err" | head -n1)
+        if [[ -n "$at" && "$at" != "$start" ]]; then
+            log "$what: exit $rc after $(secs "$ran") s"
+            sed 's/^/    | /' "$err" >>"$LOG"
+            fail "process $PROCS resumed at step $at, but the checkpoint on disk was of step $start"
+            break
+        fi
+        ck=$(ckpt_step "$DIR")
+        if ((ck < max_ck)); then
+            log "$what: exit $rc after $(secs "$ran") s"
+            sed 's/^/    | /' "$err" >>"$LOG"
+            fail "the checkpoint on disk went back from step $max_ck to step $ck"
+            break
+        fi
+        max_ck=$ck
         if [[ "$rc" == 137 && "$killed" == 1 ]]; then
             if ((KILLS >= CYCLES)); then
                 log "$what: exit $rc after $(secs "$ran") s"
@@ -377,6 +394,11 @@ while :; do
             break
         fi
         if [[ "${cmd[1]}" == --resume && ! -e "$DIR/checkpoint" && ! -e "$DIR/checkpoint.old" ]]; then
+            if ((max_ck > 0)); then
+                fail "process $PROCS: the run had a checkpoint, now it has none (lost); its stderr:"
+                sed 's/^/      /' "$err" | tee -a "$LOG"
+                break
+            fi
             FALLBACKS=$((FALLBACKS + 1))
             log "  --resume refused a run killed before its first checkpoint: running the original command again"
             cmd=(train --config "$CFG" --out "$DIR" --quiet)
