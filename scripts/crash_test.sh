@@ -21,25 +21,33 @@
 #                    of the uninterrupted run's duration); one kill in eight instead comes within
 #                    0.1 s of the start, so that start-up (config, metrics truncation, checkpoint
 #                    loading) is hit too
-#   --quick          a tiny config (about 2 s uninterrupted) for CI: scripts/crash_test.sh
-#                    --cycles 3 --quick
+#   --quick          a tiny config (1-2 s uninterrupted; the whole test well under a minute) for
+#                    CI: scripts/crash_test.sh --cycles 3 --quick
 #   --strict         fail (instead of warn) when leftovers of a crashed save (`*.tmp-*`, `*.old`)
 #                    are still in a run directory at the end
 #   --keep           keep the work directory on success too
 #
-# What it does: writes a small DDPM-on-digits config (checkpoint every 4 steps, evaluation and
-# `best/` every 50, one metrics line per step), trains it uninterrupted into WORK/ref, then
-# starts the same training into WORK/crash-1 and loops: let it run a random time, `kill -9` it,
-# `elbo train --resume` it. Should a run finish before all kills have landed, it is checked and a
-# new round starts in WORK/crash-2, and so on; once N kills have landed, the last process runs to
-# the end. Only kills that hit a live process count. Nothing inside a run directory is ever
-# touched by this script between cycles: elbo must recover by itself. If `--resume` fails while
-# the run has no checkpoint yet (killed before its first one; older elbo cannot resume that), the
-# original `elbo train --config ... --out ...` is run again and the fallback is logged.
+# What it does: writes a small DDPM-on-digits config (400 steps, about 20 s on one shared core;
+# checkpoint every 4 steps, evaluation and `best/` every 50, one metrics line per step; 50 kills
+# take 2-3 minutes), trains it uninterrupted into WORK/ref, then starts the same training into
+# WORK/crash-1 and loops: let it run a random time, `kill -9` it, `elbo train --resume` it.
+# Should a run finish before all kills have landed, it is checked and a new round starts in
+# WORK/crash-2, and so on; once N kills have landed, the last process runs to the end. Only kills
+# that hit a live process count. Nothing inside a run directory is ever touched by this script
+# between cycles: elbo must recover by itself. If `--resume` fails while the run has never had a
+# checkpoint (killed before its first one; older elbo cannot resume that), the original
+# `elbo train --config ... --out ...` is run again and the fallback is logged.
+#
+# Failures on the way: a resume that exits with an error (other than that fallback), a resume
+# that starts from another step than the checkpoint on disk (its "resuming ... at step K" line),
+# a checkpoint on disk that goes back to an earlier step or disappears, a process that dies of
+# anything but the script's SIGKILL, a last run that hangs.
 #
 # Each round passes when its final checkpoint/ and best/ hold the same files as ref/ with
 # byte-identical contents (every *.safetensors and state.json), config.json is identical, and
 # metrics.jsonl is identical line for line once the wall-clock `elapsed_s` field is removed.
+# Warnings (failures only with --strict for the first): leftovers such as `checkpoint.tmp-PID`,
+# `best.tmp-PID` or `checkpoint.old`; a loss.png missing or unlike the uninterrupted run's.
 # Every process's command, exit code, kill delay, the phase the kill landed in (as far as the
 # files tell) and its stderr go to WORK/crash.log. Exit status 0 on PASS, 1 on FAIL, 2 on bad use.
 # Training runs on one thread (RAYON_NUM_THREADS=1 unless set), the same for ref and crash runs.
