@@ -203,20 +203,20 @@ pub struct EvalArgs {
     pub no_ema: bool,
     /// Divergence: auto (exact up to 16 dims), exact, or hutchinson.
     #[arg(long)]
-    pub divergence: Option<String>,
-    /// Hutchinson probes per example.
+    pub divergence: Option<elbo::config::DivergenceChoice>,
+    /// Hutchinson probes per example (at least 1).
     #[arg(long)]
     pub probes: Option<usize>,
     /// ODE solver: dopri5 (adaptive), heun or euler.
     #[arg(long)]
-    pub solver: Option<String>,
-    /// Relative tolerance of dopri5.
+    pub solver: Option<elbo::config::SolverName>,
+    /// Relative tolerance of dopri5 (>= 0; rtol and atol not both 0).
     #[arg(long)]
     pub rtol: Option<f64>,
-    /// Absolute tolerance of dopri5.
+    /// Absolute tolerance of dopri5 (>= 0).
     #[arg(long)]
     pub atol: Option<f64>,
-    /// Evaluate only the first N held-out examples.
+    /// Evaluate only the first N held-out examples (at least 1).
     #[arg(long)]
     pub examples: Option<usize>,
     /// Seed for Monte-Carlo parts (probes, dequantization noise, orders, diffusion times).

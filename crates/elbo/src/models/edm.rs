@@ -64,6 +64,20 @@ impl FamilyConfig for Config {
     fn validate(&self) -> Result<()> {
         self.net.validate()?;
         self.sampling.validate()?;
+        for (key, v) in [
+            ("p_mean", self.p_mean),
+            ("p_std", self.p_std),
+            ("sigma_data", self.sigma_data),
+            ("sigma_min", self.sigma_min),
+            ("sigma_max", self.sigma_max),
+            ("rho", self.rho),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::Config(format!(
+                    "model.{key} must be a finite number, got {v}"
+                )));
+            }
+        }
         if !(self.sigma_min > 0.0 && self.sigma_max > self.sigma_min && self.sigma_data > 0.0) {
             return Err(Error::Config(
                 "model needs 0 < sigma_min < sigma_max and sigma_data > 0".into(),

@@ -237,7 +237,10 @@ impl GenerativeModel for FlowMatching {
 
     fn sampling(&self, opts: &SampleOptions) -> String {
         match self.sampling.sampler {
-            SamplerName::Auto => format!("ODE {}", solver_label(&opts.solver, opts.steps, opts.rtol, opts.atol)),
+            SamplerName::Auto => {
+                let solver = solver_label(opts.solver.as_str(), opts.steps, opts.rtol, opts.atol);
+                format!("ODE {solver}")
+            }
             s => format!("{} sampler on the CondOT path, {} steps", s.name(), opts.steps),
         }
     }
@@ -261,7 +264,7 @@ impl GenerativeModel for FlowMatching {
 
     fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
         let x = if self.sampling.sampler == SamplerName::Auto {
-            let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
+            let solver = Solver::parse(opts.solver.as_str(), opts.steps, opts.rtol, opts.atol)?;
             let z0 = rng.normal_tensor(&[n, self.dim], &self.device)?;
             // The ODE runs on the inference path: no step records an autograd graph. On the
             // CPU the weights are packed once for the whole solve.
@@ -316,7 +319,7 @@ impl GenerativeModel for FlowMatching {
 
     fn likelihood_method(&self, opts: &EvalOptions) -> String {
         let div = pf_ode::divergence_label(opts, self.dim);
-        let solver = solver_label(&opts.solver, opts.steps, opts.rtol, opts.atol);
+        let solver = solver_label(opts.solver.as_str(), opts.steps, opts.rtol, opts.atol);
         let deq = self.scale.dequantization_note();
         format!("CNF instantaneous change of variables, {solver}, {div}{deq}")
     }

@@ -146,9 +146,31 @@ impl TryFrom<serde_json::Value> for ModelConfig {
             map.entry("name")
                 .or_insert_with(|| serde_json::Value::String(FAMILIES[0].name.into()));
         }
+        let mut nulls = Vec::new();
+        null_keys(&v, "model", &mut nulls);
         serde_json::from_value::<Tagged>(v)
             .map(Self::from)
-            .map_err(|e| e.to_string())
+            .map_err(|e| {
+                if nulls.is_empty() {
+                    e.to_string()
+                } else {
+                    // a NaN or infinity reaches the tagged table as a JSON null
+                    format!("{e}: {} must be finite numbers", nulls.join(", "))
+                }
+            })
+    }
+}
+
+/// The dotted keys under `prefix` whose value is null.
+fn null_keys(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Null => out.push(prefix.to_string()),
+        serde_json::Value::Object(map) => {
+            for (k, x) in map {
+                null_keys(x, &format!("{prefix}.{k}"), out);
+            }
+        }
+        _ => {}
     }
 }
 

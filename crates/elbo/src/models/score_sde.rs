@@ -64,6 +64,18 @@ impl FamilyConfig for Config {
     fn validate(&self) -> Result<()> {
         self.net.validate()?;
         self.sampling.validate()?;
+        for (key, v) in [
+            ("beta_min", self.beta_min),
+            ("beta_max", self.beta_max),
+            ("ve_sigma_min", self.ve_sigma_min),
+            ("ve_sigma_max", self.ve_sigma_max),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::Config(format!(
+                    "model.{key} must be a finite number, got {v}"
+                )));
+            }
+        }
         if !(self.beta_min > 0.0 && self.beta_max > self.beta_min) {
             return Err(Error::Config("model needs 0 < beta_min < beta_max".into()));
         }
