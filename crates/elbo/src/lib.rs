@@ -17,6 +17,7 @@
 //! - [`train`]: the training layer candle lacks (AdamW, EMA, clipping, schedules, checkpoints, loop).
 //! - [`eval`]: likelihood reports, sample metrics and plots.
 //! - [`config`]: the run configuration.
+//! - [`resources`]: the memory estimate checked before any work starts.
 
 pub mod config;
 pub mod continuous;
@@ -28,6 +29,7 @@ pub mod likelihood;
 pub mod model;
 pub mod models;
 pub mod nn;
+pub mod resources;
 pub mod rng;
 pub mod train;
 

@@ -16,6 +16,7 @@ use crate::continuous::parameterization::{Coeffs, EdmPrecond};
 use crate::continuous::schedule::{Edm as EdmSchedule, NoiseSchedule};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::ParamInit;
 use crate::{Error, Nll, Result, Rng};
 
@@ -87,6 +88,14 @@ impl FamilyConfig for Config {
             return Err(Error::Config("model.p_std and model.rho must be positive".into()));
         }
         Ok(())
+    }
+
+    fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
+        estimate::denoiser(&self.net, data, 1, batch)
+    }
+
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        estimate::denoiser_eval(&self.net, data, 1, eval)
     }
 
     fn build(

@@ -24,6 +24,7 @@ use crate::continuous::ode::Solver;
 use crate::continuous::VelocityField;
 use crate::model::{DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::{sinusoidal_embedding, sinusoidal_row, Mlp, PackedMlp, ParamInit};
 use crate::{Error, Nll, Result, Rng};
 
@@ -52,6 +53,14 @@ impl FamilyConfig for Config {
     fn validate(&self) -> Result<()> {
         self.net.validate()?;
         self.sampling.validate()
+    }
+
+    fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
+        estimate::denoiser(&self.net, data, 1, batch)
+    }
+
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        estimate::denoiser_eval(&self.net, data, 1, eval)
     }
 
     fn build(

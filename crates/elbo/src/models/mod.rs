@@ -16,7 +16,9 @@ use candle_core::Device;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::config::EvalOptions;
 use crate::model::{DataInfo, GenerativeModel};
+use crate::resources::MemoryEstimate;
 use crate::{Error, Result, Rng};
 
 /// What a family's `[model]` table must provide.
@@ -31,6 +33,15 @@ pub trait FamilyConfig:
     /// Ranges serde cannot check.
     fn validate(&self) -> Result<()> {
         Ok(())
+    }
+    /// Rough memory of training on batches of `batch` examples shaped like `data`: the exact
+    /// parameter count and an upper-ish estimate of the activations (see [`crate::resources`]),
+    /// from the settings alone, before anything is allocated.
+    fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate;
+    /// Bytes of one held-out likelihood batch under `eval` (default: the activations of a
+    /// training batch of `eval.batch_size` examples).
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        self.memory_estimate(data, eval.batch_size).activations
     }
     /// The model for data of the given shape, initial weights drawn from `rng`.
     fn build(
@@ -98,6 +109,15 @@ macro_rules! families {
             /// Ranges serde cannot check.
             pub fn validate(&self) -> Result<()> {
                 match self { $(Self::$variant(c) => c.validate(),)* }
+            }
+            /// The family's memory estimate for training batches of `batch` examples
+            /// ([`FamilyConfig::memory_estimate`]).
+            pub fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
+                match self { $(Self::$variant(c) => c.memory_estimate(data, batch),)* }
+            }
+            /// Bytes of one held-out likelihood batch ([`FamilyConfig::eval_memory`]).
+            pub fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+                match self { $(Self::$variant(c) => c.eval_memory(data, eval),)* }
             }
             /// Build the family's model for the data, drawing its initial weights from `rng`.
             pub fn build(

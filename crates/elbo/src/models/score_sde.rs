@@ -16,6 +16,7 @@ use crate::continuous::diffusion::sampling::{self, DiffusionSampling, GaussianDi
 use crate::continuous::schedule::{NoiseSchedule, SubVp, Ve, Vp};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::ParamInit;
 use crate::{Error, Nll, Result, Rng};
 
@@ -88,6 +89,14 @@ impl FamilyConfig for Config {
             return Err(Error::Config("model.t_eps must be in (0, 1)".into()));
         }
         Ok(())
+    }
+
+    fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
+        estimate::denoiser(&self.net, data, 1, batch)
+    }
+
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        estimate::denoiser_eval(&self.net, data, 1, eval)
     }
 
     fn build(
