@@ -8,7 +8,7 @@ use elbo::config::{Config, EvalOptions};
 use elbo::data::DataKind;
 use elbo::eval::plot;
 use elbo::eval::report::{LikelihoodReport, ReportRow};
-use elbo::model::dataset_nll;
+use elbo::model::{dataset_nll, sample_chunked};
 use elbo::train::{CheckpointChoice, LoadedRun, Trainer};
 use elbo::Rng;
 
@@ -49,6 +49,7 @@ pub fn device() -> Result<Device> {
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
+    crate::flags::check_train(&a)?;
     let dev = device()?;
     if let Some(dir) = &a.resume {
         let mut t = Trainer::resume(dir, a.steps, &dev)
@@ -201,6 +202,7 @@ pub fn plot_losses(dir: &Path) -> Result<()> {
 }
 
 pub fn sample(a: SampleArgs) -> Result<()> {
+    crate::flags::check_sample(&a)?;
     let dev = device()?;
     let which = CheckpointChoice::parse(&a.checkpoint)?;
     let mut overrides = sampler_overrides(&a.diffusion);
@@ -233,14 +235,18 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     let opts = run.config.sample.clone();
     let mut rng = Rng::new(a.seed);
     let t0 = std::time::Instant::now();
+    let info = elbo::model::DataInfo::of(run.data.as_ref());
+    elbo::resources::check_sampling(&run.config, &info, n_samples)?;
+    let chunk = opts.batch_size;
     let x = match (&a.prompt, &tokenizer) {
         (Some(p), Some(tok)) => {
             let template = prompt_template(p, tok, run.data.dim())?;
-            run.model
-                .sample_conditional(n_samples, &template, &opts, &mut rng)?
+            elbo::model::in_chunks(n_samples, chunk, true, |m| {
+                run.model.sample_conditional(m, &template, &opts, &mut rng)
+            })?
         }
         (Some(_), None) => bail!("--prompt needs a text data set (shakespeare or a .txt file)"),
-        (None, _) => run.model.sample(n_samples, &opts, &mut rng)?,
+        (None, _) => sample_chunked(run.model.as_ref(), n_samples, &opts, &mut rng, chunk, true)?,
     };
     let secs = t0.elapsed().as_secs_f64();
     if let Some(tok) = &tokenizer {
@@ -339,6 +345,7 @@ pub fn write_sample_plot(run: &LoadedRun, samples: &[f32], png: &Path) -> Result
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
+    crate::flags::check_eval(&a)?;
     let dev = device()?;
     let which = CheckpointChoice::parse(&a.checkpoint)?;
     let run = LoadedRun::open(&a.run, which, !a.no_ema, &dev)?;
@@ -386,6 +393,15 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         Some(l) => l.split(',').map(|s| s.trim().to_string()).collect(),
         None => vec![opts.likelihood.clone()],
     };
+    // the final options, each likelihood, checked before any is computed
+    opts.validate()?;
+    for c in &choices {
+        let o = EvalOptions {
+            likelihood: c.clone(),
+            ..opts.clone()
+        };
+        o.validate_likelihood(run.config.model.name())?;
+    }
     let mut rows = Vec::new();
     for c in choices {
         opts.likelihood = c;
@@ -447,7 +463,10 @@ pub fn evaluate(
     } else {
         let m = opts.metric_samples.min(n);
         let mut srng = Rng::new(seed).fork(1);
-        let samples = run.model.sample(m, &run.config.sample, &mut srng)?;
+        let so = &run.config.sample;
+        let info = elbo::model::DataInfo::of(run.data.as_ref());
+        elbo::resources::check_sampling(&run.config, &info, m)?;
+        let samples = sample_chunked(run.model.as_ref(), m, so, &mut srng, so.batch_size, true)?;
         let samples: Vec<f32> = samples.flatten_all()?.to_vec1()?;
         let held: Vec<f32> = test.narrow(0, 0, m)?.flatten_all()?.to_vec1()?;
         elbo::eval::sample_metric::compute_all(

@@ -28,6 +28,7 @@ fn keep_freed_memory() {
 
 mod bench;
 mod commands;
+mod flags;
 mod quickstart;
 
 /// Generative models of every family, fit by maximum likelihood (exactly or through the ELBO),
@@ -78,13 +79,14 @@ pub struct TrainArgs {
     /// .txt file (byte-level text; also text:PATH).
     #[arg(long)]
     pub data: Option<String>,
-    /// Optimisation steps.
+    /// Optimisation steps (at least 1).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Examples per step.
+    /// Examples per step (at least 1; with the model's size, checked against the available
+    /// memory before training starts).
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Peak learning rate.
+    /// Peak learning rate (> 0).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Seed of the run.
@@ -120,13 +122,13 @@ pub struct DiffusionSampleArgs {
     /// low-confidence or random.
     #[arg(long)]
     pub sampler: Option<String>,
-    /// Steps of the diffusion sampler (and of fixed-step ODE solvers).
+    /// Steps of the diffusion sampler (and of fixed-step ODE solvers; at least 1).
     #[arg(long)]
     pub sample_steps: Option<usize>,
     /// DDIM eta in [0, 1].
     #[arg(long)]
     pub eta: Option<f64>,
-    /// EDM Heun / Euler S_churn.
+    /// EDM Heun / Euler S_churn (>= 0).
     #[arg(long)]
     pub churn: Option<f64>,
 }
@@ -137,13 +139,14 @@ pub struct SampleArgs {
     /// Run directory written by `elbo train`.
     #[arg(long)]
     pub run: PathBuf,
-    /// Number of samples (default 2000; 4 for text).
+    /// Number of samples (default 2000; 4 for text), drawn sample.batch_size at a time; a count
+    /// whose output cannot fit in memory is refused.
     #[arg(short, long)]
     pub n: Option<usize>,
     /// ODE solver: euler, heun or dopri5 (default: the run's config).
     #[arg(long)]
     pub solver: Option<String>,
-    /// Steps of a fixed-step solver.
+    /// Steps of the sampler or of a fixed-step solver (at least 1; sample.steps).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Seed for the sampling noise.
@@ -168,13 +171,13 @@ pub struct SampleArgs {
     /// is a blank to fill in (ao-ar, mdlm), the positions after the text are generated too.
     #[arg(long)]
     pub prompt: Option<String>,
-    /// Language models: softmax temperature.
+    /// Language models: softmax temperature (> 0).
     #[arg(long)]
     pub temperature: Option<f64>,
     /// Language models: keep the k most likely tokens (0: all).
     #[arg(long)]
     pub top_k: Option<usize>,
-    /// Language models: nucleus sampling mass (1: all).
+    /// Language models: nucleus sampling mass in (0, 1] (1: all).
     #[arg(long)]
     pub top_p: Option<f64>,
     /// MDLM semi-autoregressive block length (0: one block).
@@ -212,20 +215,20 @@ pub struct EvalArgs {
     pub no_ema: bool,
     /// Divergence: auto (exact up to 16 dims), exact, or hutchinson.
     #[arg(long)]
-    pub divergence: Option<String>,
-    /// Hutchinson probes per example.
+    pub divergence: Option<elbo::config::DivergenceChoice>,
+    /// Hutchinson probes per example (at least 1).
     #[arg(long)]
     pub probes: Option<usize>,
     /// ODE solver: dopri5 (adaptive), heun or euler.
     #[arg(long)]
-    pub solver: Option<String>,
-    /// Relative tolerance of dopri5.
+    pub solver: Option<elbo::config::SolverName>,
+    /// Relative tolerance of dopri5 (>= 0; rtol and atol not both 0).
     #[arg(long)]
     pub rtol: Option<f64>,
-    /// Absolute tolerance of dopri5.
+    /// Absolute tolerance of dopri5 (>= 0).
     #[arg(long)]
     pub atol: Option<f64>,
-    /// Evaluate only the first N held-out examples.
+    /// Evaluate only the first N held-out examples (at least 1).
     #[arg(long)]
     pub examples: Option<usize>,
     /// Seed for Monte-Carlo parts (probes, dequantization noise, orders, diffusion times).
@@ -239,17 +242,18 @@ pub struct EvalArgs {
     /// -log p(rest | first N) (ar: exact; mdlm: with --likelihood llada).
     #[arg(long)]
     pub prompt_len: Option<usize>,
-    /// Steps of fixed-step ODE solvers.
+    /// Steps of fixed-step ODE solvers (at least 1).
     #[arg(long)]
     pub ode_steps: Option<usize>,
-    /// Language models: Monte-Carlo samples per example of the any-order / MDLM bounds.
+    /// Language models: Monte-Carlo samples per example of the any-order / MDLM bounds (at
+    /// least 1).
     #[arg(long)]
     pub lm_samples: Option<usize>,
     /// Sample metrics to report beside the likelihood, comma-separated: energy-distance,
     /// mmd, sliced-wasserstein (samples of the run against the same held-out examples).
     #[arg(long)]
     pub metrics: Option<String>,
-    /// Samples drawn for --metrics (default 2000, at most the held-out examples).
+    /// Samples drawn for --metrics (default 2000, at most the held-out examples; at least 1).
     #[arg(long)]
     pub metric_samples: Option<usize>,
 }

@@ -18,6 +18,8 @@
 //! - [`eval`]: likelihood reports, sample metrics and plots.
 //! - [`config`]: the run configuration.
 //! - [`atomic_file`]: every file elbo writes is replaced atomically (temporary, fsync, rename).
+//! - [`resources`]: the memory estimate checked before any work starts.
+//! - [`deadline`]: cooperative time budgets.
 
 pub mod atomic_file;
 pub mod config;
@@ -31,6 +33,7 @@ pub mod likelihood;
 pub mod model;
 pub mod models;
 pub mod nn;
+pub mod resources;
 pub mod rng;
 pub mod train;
 

@@ -242,3 +242,58 @@ pub fn dataset_nll_within(
         Nll::concat(std::mem::take(&mut parts))
     })
 }
+
+/// `n` samples `[n, D]` drawn `chunk` at a time (the last chunk smaller), so the sampler's
+/// memory is bounded by one chunk whatever `n`; with `progress` a bar counts the chunks when
+/// there are several. For `n <= chunk` this is exactly one [`GenerativeModel::sample`] call, so
+/// the result is the same as drawing all at once with the same generator.
+pub fn sample_chunked(
+    model: &dyn GenerativeModel,
+    n: usize,
+    opts: &SampleOptions,
+    rng: &mut Rng,
+    chunk: usize,
+    progress: bool,
+) -> Result<Tensor> {
+    in_chunks(n, chunk, progress, |m| model.sample(m, opts, rng))
+}
+
+/// `draw(m)` for consecutive chunks of at most `chunk` of `n` rows, concatenated along the
+/// first dimension (a single call when `n <= chunk`).
+pub fn in_chunks(
+    n: usize,
+    chunk: usize,
+    progress: bool,
+    mut draw: impl FnMut(usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if n == 0 || chunk == 0 {
+        return Err(Error::Config(format!(
+            "cannot draw {n} samples in chunks of {chunk}: both must be at least 1"
+        )));
+    }
+    if n <= chunk {
+        return draw(n);
+    }
+    let chunks = n.div_ceil(chunk);
+    let bar = if progress {
+        let bar = indicatif::ProgressBar::new(chunks as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "sampling [{elapsed_precise}] {bar:30} {pos}/{len} chunks ETA {eta}",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut parts = Vec::with_capacity(chunks);
+    let mut done = 0;
+    while done < n {
+        let m = chunk.min(n - done);
+        parts.push(draw(m)?);
+        done += m;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(Tensor::cat(&parts, 0)?)
+}

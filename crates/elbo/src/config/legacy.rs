@@ -336,10 +336,11 @@ impl LegacyConfig {
             data: self.data,
             train: self.train,
             sample: SampleOptions {
-                solver: s.solver.clone(),
+                solver: s.solver.parse()?,
                 steps: s.steps,
                 rtol: s.rtol,
                 atol: s.atol,
+                ..SampleOptions::default()
             },
             eval: self.eval,
         })

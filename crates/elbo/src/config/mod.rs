@@ -17,8 +17,12 @@ use crate::data::DataConfig;
 pub use crate::models::ModelConfig;
 use crate::{Error, Result};
 
+pub mod choices;
 pub mod legacy;
 pub mod set;
+mod validate;
+
+pub use choices::{DivergenceChoice, SolverName};
 
 /// Everything a run needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
@@ -164,7 +168,7 @@ impl Default for TrainConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct SampleOptions {
     /// ODE solver of ODE-based sampling: "euler", "heun" or "dopri5".
-    pub solver: String,
+    pub solver: SolverName,
     /// Steps of the sampler (network calls of fixed-step solvers, denoising steps of diffusion
     /// and masked-diffusion samplers).
     pub steps: usize,
@@ -172,15 +176,19 @@ pub struct SampleOptions {
     pub rtol: f64,
     /// Absolute tolerance for adaptive solvers.
     pub atol: f64,
+    /// Samples drawn per call of the model by `elbo sample` and the sample metrics of `elbo
+    /// eval`; more are drawn in further batches of this size (bounds the sampler's memory).
+    pub batch_size: usize,
 }
 
 impl Default for SampleOptions {
     fn default() -> Self {
         Self {
-            solver: "dopri5".into(),
+            solver: SolverName::Dopri5,
             steps: 100,
             rtol: 1e-5,
             atol: 1e-5,
+            batch_size: 2000,
         }
     }
 }
@@ -189,8 +197,8 @@ impl Default for SampleOptions {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvalOptions {
-    /// ODE solver for the probability-flow likelihood.
-    pub solver: String,
+    /// ODE solver for the probability-flow likelihood: "euler", "heun" or "dopri5".
+    pub solver: SolverName,
     /// Steps for fixed-step solvers.
     pub steps: usize,
     /// Relative tolerance.
@@ -198,7 +206,7 @@ pub struct EvalOptions {
     /// Absolute tolerance.
     pub atol: f64,
     /// "auto" (exact up to `exact_max_dim` dimensions, else Hutchinson), "exact" or "hutchinson".
-    pub divergence: String,
+    pub divergence: DivergenceChoice,
     /// Hutchinson probes per example.
     pub probes: usize,
     /// Largest dimension for which "auto" uses the exact divergence.
@@ -227,11 +235,11 @@ pub struct EvalOptions {
 impl Default for EvalOptions {
     fn default() -> Self {
         Self {
-            solver: "dopri5".into(),
+            solver: SolverName::Dopri5,
             steps: 100,
             rtol: 1e-5,
             atol: 1e-5,
-            divergence: "auto".into(),
+            divergence: DivergenceChoice::Auto,
             probes: 1,
             exact_max_dim: 16,
             batch_size: 2500,
@@ -291,63 +299,6 @@ impl Config {
         };
         cfg.validate()?;
         Ok(cfg)
-    }
-
-    /// Check ranges that serde cannot.
-    pub fn validate(&self) -> Result<()> {
-        let t = &self.train;
-        let bad = |m: String| Err(Error::Config(m));
-        if t.steps == 0 {
-            return bad("train.steps must be at least 1".into());
-        }
-        if t.batch_size == 0 {
-            return bad("train.batch_size must be at least 1".into());
-        }
-        if !(t.lr.is_finite() && t.lr > 0.0) {
-            return bad(format!("train.lr must be a positive number, got {}", t.lr));
-        }
-        if !(0.0..1.0).contains(&t.ema_decay) {
-            return bad(format!(
-                "train.ema_decay must be in [0, 1), got {}",
-                t.ema_decay
-            ));
-        }
-        if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
-            return bad("train.beta1 and train.beta2 must be in [0, 1)".into());
-        }
-        if t.grad_clip < 0.0 || !t.grad_clip.is_finite() {
-            return bad("train.grad_clip must be >= 0 (0 disables clipping)".into());
-        }
-        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
-            return bad("train.min_lr_ratio must be in [0, 1]".into());
-        }
-        if self.eval.batch_size == 0 || self.eval.probes == 0 {
-            return bad("eval.batch_size and eval.probes must be at least 1".into());
-        }
-        if self.data.seq_len == 0 || self.eval.lm_samples == 0 {
-            return bad("data.seq_len and eval.lm_samples must be at least 1".into());
-        }
-        if t.log_every == 0 || t.checkpoint_every == 0 {
-            return bad("train.log_every and train.checkpoint_every must be at least 1".into());
-        }
-        if self.sample.steps == 0 {
-            return bad("sample.steps must be at least 1".into());
-        }
-        if t.select_by != "nll" {
-            crate::eval::sample_metric::metric_by_name(&t.select_by).map_err(|e| {
-                Error::Config(format!(
-                    "train.select_by: use \"nll\" or a sample metric; {e}"
-                ))
-            })?;
-        }
-        for m in &self.eval.metrics {
-            crate::eval::sample_metric::metric_by_name(m)
-                .map_err(|e| Error::Config(format!("eval.metrics: {e}")))?;
-        }
-        if self.eval.metric_samples == 0 {
-            return bad("eval.metric_samples must be at least 1".into());
-        }
-        self.model.validate()
     }
 }
 

@@ -7,9 +7,12 @@ use serde::{Deserialize, Serialize};
 use crate::config::{EvalOptions, SampleOptions};
 use crate::discrete::any_order::{jensen_bound, order_nll, random_orders, OrderConditionals};
 use crate::discrete::filter::{TokenFilter, TokenSampling};
-use crate::discrete::{check_prompt_len, per_chunk, to_ids, vocab_of, TransformerSettings};
+use crate::discrete::{
+    check_prompt_len, per_chunk, to_ids, vocab_of, TransformerSettings, EVAL_CHUNK,
+};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::rotary::RotaryAt;
 use crate::nn::transformer::{log_softmax_last_dim, Positions, Transformer};
 use crate::nn::ParamInit;
@@ -32,6 +35,20 @@ impl FamilyConfig for Config {
     fn validate(&self) -> Result<()> {
         self.transformer.validate()?;
         self.sampling.filter().map(|_| ())
+    }
+
+    fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
+        let vocab = data.levels().unwrap_or(1);
+        let t = &self.transformer;
+        // the source and target position tables beside the transformer
+        let tables = estimate::prod(&[2 * data.dim + 1, t.d_model]);
+        estimate::transformer(t, vocab + 1, vocab, data.dim, tables, batch)
+    }
+
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        // held-out sequences are scored EVAL_CHUNK at a time
+        self.memory_estimate(data, eval.batch_size.min(EVAL_CHUNK))
+            .activations
     }
 
     fn build(

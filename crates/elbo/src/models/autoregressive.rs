@@ -10,9 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalOptions, SampleOptions};
 use crate::discrete::filter::{TokenFilter, TokenSampling};
-use crate::discrete::{check_prompt_len, gather_nll, per_chunk, to_ids, vocab_of, TransformerSettings};
+use crate::discrete::{
+    check_prompt_len, gather_nll, per_chunk, to_ids, vocab_of, TransformerSettings, EVAL_CHUNK,
+};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::transformer::{log_softmax_last_dim, Transformer};
 use crate::nn::ParamInit;
 use crate::{Error, Nll, NllKind, Result, Rng};
@@ -34,6 +37,18 @@ impl FamilyConfig for Config {
     fn validate(&self) -> Result<()> {
         self.transformer.validate()?;
         self.sampling.filter().map(|_| ())
+    }
+
+    fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
+        let vocab = data.levels().unwrap_or(1);
+        let t = &self.transformer;
+        estimate::transformer(t, vocab + 1, vocab, data.dim, 0, batch)
+    }
+
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        // held-out sequences are scored EVAL_CHUNK at a time
+        self.memory_estimate(data, eval.batch_size.min(EVAL_CHUNK))
+            .activations
     }
 
     fn build(

@@ -20,6 +20,7 @@ use crate::continuous::parameterization::{Coeffs, Parameterization};
 use crate::continuous::schedule::{BetaSchedule, NoiseSchedule};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::ParamInit;
 use crate::{Error, Nll, NllKind, Result, Rng};
 
@@ -87,6 +88,21 @@ impl FamilyConfig for Config {
         Ok(())
     }
 
+    fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
+        MemoryEstimate {
+            // the chain's per-step coefficients and their temporaries, in f64
+            fixed: estimate::prod(&[self.timesteps, 8, 8]),
+            ..estimate::denoiser(&self.net, data, self.outputs_per_dim(data), batch)
+        }
+    }
+
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        let opd = self.outputs_per_dim(data);
+        // the probability-flow likelihood, or the VLB's forward passes over the batch
+        let vlb = estimate::denoiser(&self.net, data, opd, eval.batch_size).activations / 3;
+        estimate::denoiser_eval(&self.net, data, opd, eval).max(vlb)
+    }
+
     fn build(
         &self,
         data: &DataInfo,
@@ -94,6 +110,16 @@ impl FamilyConfig for Config {
         rng: &mut Rng,
     ) -> Result<Box<dyn GenerativeModel>> {
         Ok(Box::new(Ddpm::new(self, *data, device, rng)?))
+    }
+}
+
+impl Config {
+    /// Network outputs per data dimension (the levels of the `levels` parameterization).
+    fn outputs_per_dim(&self, data: &DataInfo) -> usize {
+        self.parameterization
+            .resolve(data.dim, data.levels())
+            .map(|p| p.outputs_per_dim())
+            .unwrap_or(1)
     }
 }
 

@@ -16,6 +16,7 @@ use crate::continuous::parameterization::{Coeffs, EdmPrecond};
 use crate::continuous::schedule::{Edm as EdmSchedule, NoiseSchedule};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::ParamInit;
 use crate::{Error, Nll, Result, Rng};
 
@@ -64,6 +65,20 @@ impl FamilyConfig for Config {
     fn validate(&self) -> Result<()> {
         self.net.validate()?;
         self.sampling.validate()?;
+        for (key, v) in [
+            ("p_mean", self.p_mean),
+            ("p_std", self.p_std),
+            ("sigma_data", self.sigma_data),
+            ("sigma_min", self.sigma_min),
+            ("sigma_max", self.sigma_max),
+            ("rho", self.rho),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::Config(format!(
+                    "model.{key} must be a finite number, got {v}"
+                )));
+            }
+        }
         if !(self.sigma_min > 0.0 && self.sigma_max > self.sigma_min && self.sigma_data > 0.0) {
             return Err(Error::Config(
                 "model needs 0 < sigma_min < sigma_max and sigma_data > 0".into(),
@@ -73,6 +88,14 @@ impl FamilyConfig for Config {
             return Err(Error::Config("model.p_std and model.rho must be positive".into()));
         }
         Ok(())
+    }
+
+    fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
+        estimate::denoiser(&self.net, data, 1, batch)
+    }
+
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        estimate::denoiser_eval(&self.net, data, 1, eval)
     }
 
     fn build(

@@ -24,6 +24,7 @@ use crate::continuous::ode::Solver;
 use crate::continuous::VelocityField;
 use crate::model::{DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::{sinusoidal_embedding, sinusoidal_row, Mlp, PackedMlp, ParamInit};
 use crate::{Error, Nll, Result, Rng};
 
@@ -52,6 +53,14 @@ impl FamilyConfig for Config {
     fn validate(&self) -> Result<()> {
         self.net.validate()?;
         self.sampling.validate()
+    }
+
+    fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
+        estimate::denoiser(&self.net, data, 1, batch)
+    }
+
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        estimate::denoiser_eval(&self.net, data, 1, eval)
     }
 
     fn build(
@@ -237,7 +246,10 @@ impl GenerativeModel for FlowMatching {
 
     fn sampling(&self, opts: &SampleOptions) -> String {
         match self.sampling.sampler {
-            SamplerName::Auto => format!("ODE {}", solver_label(&opts.solver, opts.steps, opts.rtol, opts.atol)),
+            SamplerName::Auto => {
+                let solver = solver_label(opts.solver.as_str(), opts.steps, opts.rtol, opts.atol);
+                format!("ODE {solver}")
+            }
             s => format!("{} sampler on the CondOT path, {} steps", s.name(), opts.steps),
         }
     }
@@ -261,7 +273,7 @@ impl GenerativeModel for FlowMatching {
 
     fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
         let x = if self.sampling.sampler == SamplerName::Auto {
-            let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
+            let solver = Solver::parse(opts.solver.as_str(), opts.steps, opts.rtol, opts.atol)?;
             let z0 = rng.normal_tensor(&[n, self.dim], &self.device)?;
             // The ODE runs on the inference path: no step records an autograd graph. On the
             // CPU the weights are packed once for the whole solve.
@@ -316,7 +328,7 @@ impl GenerativeModel for FlowMatching {
 
     fn likelihood_method(&self, opts: &EvalOptions) -> String {
         let div = pf_ode::divergence_label(opts, self.dim);
-        let solver = solver_label(&opts.solver, opts.steps, opts.rtol, opts.atol);
+        let solver = solver_label(opts.solver.as_str(), opts.steps, opts.rtol, opts.atol);
         let deq = self.scale.dequantization_note();
         format!("CNF instantaneous change of variables, {solver}, {div}{deq}")
     }

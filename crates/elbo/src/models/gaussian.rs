@@ -30,6 +30,7 @@ use crate::model::{
     StepContext, StepOutput, DEFAULT_GROUP,
 };
 use crate::models::FamilyConfig;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::ParamInit;
 use crate::{Error, Nll, NllKind, Result, Rng};
 
@@ -76,6 +77,21 @@ impl FamilyConfig for Config {
             )));
         }
         Ok(())
+    }
+
+    fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
+        let d = data.dim;
+        MemoryEstimate {
+            // mean, log-diagonal and the strictly lower part of A
+            params: estimate::sum(&[
+                estimate::prod(&[2, d]),
+                estimate::prod(&[d, d.saturating_sub(1)]) / 2,
+            ]),
+            // x - mu, A (x - mu) and the loss around them, with gradients
+            activations: estimate::prod(&[batch, d, 8, 4]),
+            // the dense A, its layout and gradient, and the closed-form statistics in f64
+            fixed: estimate::prod(&[d, d, 48]),
+        }
     }
 
     fn build(

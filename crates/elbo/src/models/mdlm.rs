@@ -10,9 +10,12 @@ use crate::discrete::masked_diffusion::{
     llada_conditional_nll, nelbo, nelbo_terms, sample_times, MaskDenoiser,
 };
 use crate::discrete::sampler::{self, MaskedSampleConfig, MaskedSampler};
-use crate::discrete::{check_prompt_len, per_chunk, to_ids, vocab_of, TransformerSettings};
+use crate::discrete::{
+    check_prompt_len, per_chunk, to_ids, vocab_of, TransformerSettings, EVAL_CHUNK,
+};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::transformer::{log_softmax_last_dim, Transformer};
 use crate::nn::ParamInit;
 use crate::{Nll, NllKind, Result, Rng};
@@ -79,6 +82,20 @@ impl FamilyConfig for Config {
         self.transformer.validate()?;
         let s = &self.sampling;
         TokenFilter::new(s.temperature, s.top_k, s.top_p).map(|_| ())
+    }
+
+    fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
+        let vocab = data.levels().unwrap_or(1);
+        let t = &self.transformer;
+        estimate::transformer(t, vocab + 1, vocab, data.dim, 0, batch)
+    }
+
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        // held-out sequences are scored EVAL_CHUNK at a time
+        let rows = eval.batch_size.min(EVAL_CHUNK);
+        let net = self.memory_estimate(data, rows).activations;
+        // and each sequence's Monte-Carlo times, in f64
+        net.saturating_add(estimate::prod(&[rows, eval.lm_samples, 8]))
     }
 
     fn build(

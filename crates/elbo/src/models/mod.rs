@@ -16,7 +16,9 @@ use candle_core::Device;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::config::EvalOptions;
 use crate::model::{DataInfo, GenerativeModel};
+use crate::resources::MemoryEstimate;
 use crate::{Error, Result, Rng};
 
 /// What a family's `[model]` table must provide.
@@ -31,6 +33,15 @@ pub trait FamilyConfig:
     /// Ranges serde cannot check.
     fn validate(&self) -> Result<()> {
         Ok(())
+    }
+    /// Rough memory of training on batches of `batch` examples shaped like `data`: the exact
+    /// parameter count and an upper-ish estimate of the activations (see [`crate::resources`]),
+    /// from the settings alone, before anything is allocated.
+    fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate;
+    /// Bytes of one held-out likelihood batch under `eval` (default: the activations of a
+    /// training batch of `eval.batch_size` examples).
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        self.memory_estimate(data, eval.batch_size).activations
     }
     /// The model for data of the given shape, initial weights drawn from `rng`.
     fn build(
@@ -99,6 +110,15 @@ macro_rules! families {
             pub fn validate(&self) -> Result<()> {
                 match self { $(Self::$variant(c) => c.validate(),)* }
             }
+            /// The family's memory estimate for training batches of `batch` examples
+            /// ([`FamilyConfig::memory_estimate`]).
+            pub fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
+                match self { $(Self::$variant(c) => c.memory_estimate(data, batch),)* }
+            }
+            /// Bytes of one held-out likelihood batch ([`FamilyConfig::eval_memory`]).
+            pub fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+                match self { $(Self::$variant(c) => c.eval_memory(data, eval),)* }
+            }
             /// Build the family's model for the data, drawing its initial weights from `rng`.
             pub fn build(
                 &self,
@@ -146,9 +166,31 @@ impl TryFrom<serde_json::Value> for ModelConfig {
             map.entry("name")
                 .or_insert_with(|| serde_json::Value::String(FAMILIES[0].name.into()));
         }
+        let mut nulls = Vec::new();
+        null_keys(&v, "model", &mut nulls);
         serde_json::from_value::<Tagged>(v)
             .map(Self::from)
-            .map_err(|e| e.to_string())
+            .map_err(|e| {
+                if nulls.is_empty() {
+                    e.to_string()
+                } else {
+                    // a NaN or infinity reaches the tagged table as a JSON null
+                    format!("{e}: {} must be finite numbers", nulls.join(", "))
+                }
+            })
+    }
+}
+
+/// The dotted keys under `prefix` whose value is null.
+fn null_keys(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Null => out.push(prefix.to_string()),
+        serde_json::Value::Object(map) => {
+            for (k, x) in map {
+                null_keys(x, &format!("{prefix}.{k}"), out);
+            }
+        }
+        _ => {}
     }
 }
 

@@ -16,6 +16,7 @@ use crate::continuous::diffusion::sampling::{self, DiffusionSampling, GaussianDi
 use crate::continuous::schedule::{NoiseSchedule, SubVp, Ve, Vp};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::ParamInit;
 use crate::{Error, Nll, Result, Rng};
 
@@ -64,6 +65,18 @@ impl FamilyConfig for Config {
     fn validate(&self) -> Result<()> {
         self.net.validate()?;
         self.sampling.validate()?;
+        for (key, v) in [
+            ("beta_min", self.beta_min),
+            ("beta_max", self.beta_max),
+            ("ve_sigma_min", self.ve_sigma_min),
+            ("ve_sigma_max", self.ve_sigma_max),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::Config(format!(
+                    "model.{key} must be a finite number, got {v}"
+                )));
+            }
+        }
         if !(self.beta_min > 0.0 && self.beta_max > self.beta_min) {
             return Err(Error::Config("model needs 0 < beta_min < beta_max".into()));
         }
@@ -76,6 +89,14 @@ impl FamilyConfig for Config {
             return Err(Error::Config("model.t_eps must be in (0, 1)".into()));
         }
         Ok(())
+    }
+
+    fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
+        estimate::denoiser(&self.net, data, 1, batch)
+    }
+
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        estimate::denoiser_eval(&self.net, data, 1, eval)
     }
 
     fn build(

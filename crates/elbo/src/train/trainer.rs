@@ -752,6 +752,7 @@ pub type ModelBuilder = dyn Fn(&DataInfo, &Device, &mut Rng) -> Result<Box<dyn G
 fn open_parts_with(cfg: &Config, device: &Device, build: Option<&ModelBuilder>) -> Result<Parts> {
     let data = data::open(&cfg.data.name, &cfg.data.options())?;
     let info = DataInfo::of(data.as_ref());
+    crate::resources::check_resources(cfg, &info)?;
     let mut init = Rng::new(cfg.train.seed).fork(INIT_STREAM);
     let model = match build {
         Some(b) => b(&info, device, &mut init)?,

@@ -114,7 +114,7 @@ fn every_family_samples_under_every_sampler_and_scores() {
             let model = cs.model.build(&info, &dev, &mut Rng::new(0)).unwrap();
             let opts = SampleOptions {
                 steps: 4,
-                solver: "heun".into(),
+                solver: elbo::config::SolverName::Heun,
                 ..SampleOptions::default()
             };
             let x = model.sample(5, &opts, &mut Rng::new(2)).unwrap();
@@ -143,7 +143,7 @@ fn every_family_samples_under_every_sampler_and_scores() {
             )
             .unwrap();
         let ev = EvalOptions {
-            solver: "heun".into(),
+            solver: elbo::config::SolverName::Heun,
             steps: 8,
             ..EvalOptions::default()
         };

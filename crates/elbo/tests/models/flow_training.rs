@@ -227,7 +227,7 @@ fn existing_run_is_not_overwritten_and_unknown_names_are_errors() {
 fn discrete_digits_are_dequantized_into_a_bound() {
     let dev = Device::Cpu;
     let mut cfg = small_config("digits", 30);
-    cfg.eval.divergence = "hutchinson".into();
+    cfg.eval.divergence = elbo::config::DivergenceChoice::Hutchinson;
     cfg.eval.probes = 2;
     let dir = tempfile::tempdir().unwrap();
     Trainer::create(cfg, dir.path(), &dev)
@@ -248,7 +248,7 @@ fn discrete_digits_are_dequantized_into_a_bound() {
     // a barely trained model: finite, and above the 0 floor of any discrete likelihood
     assert!(bpd.is_finite() && bpd > 0.0, "{bpd}");
     let mut opts = run.config.eval.clone();
-    opts.divergence = "exact".into();
+    opts.divergence = elbo::config::DivergenceChoice::Exact;
     opts.exact_max_dim = 64;
     let one = test.narrow(0, 0, 2).unwrap();
     let exact = run

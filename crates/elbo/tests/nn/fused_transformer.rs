@@ -548,7 +548,7 @@ fn flow_matching_sampling_records_no_graph() {
     let mut rng = Rng::new(90);
     let model = FlowMatching::new(&cfg, data, &CPU, &mut rng).unwrap();
     let opts = SampleOptions {
-        solver: "euler".into(),
+        solver: elbo::config::SolverName::Euler,
         steps: 4,
         ..SampleOptions::default()
     };

@@ -29,7 +29,7 @@ fn tiny(steps: usize) -> Config {
     c.train.eval_examples = 50;
     c.train.checkpoint_every = 5;
     c.train.log_every = 1;
-    c.eval.solver = "heun".into();
+    c.set("eval.solver=\"heun\"").unwrap();
     c.eval.steps = 4;
     c
 }

@@ -119,17 +119,18 @@ pub fn sample(
 
 /// The CNF options (solver and divergence) of an eval config: the one place that reads
 /// `EvalOptions::divergence` ("auto": exact up to `exact_max_dim` dimensions, else Hutchinson
-/// with `probes` probes; or a [`Divergence::parse`] name), for every continuous-time
+/// with `probes` probes; or exact, or hutchinson), for every continuous-time
 /// likelihood (the probability-flow ODE of the diffusion families and flow matching's CNF).
 pub fn cnf_options(opts: &EvalOptions, dim: usize) -> Result<CnfOptions> {
-    let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
-    let divergence = match opts.divergence.as_str() {
-        "auto" if dim <= opts.exact_max_dim => Divergence::Exact,
-        "auto" => Divergence::Hutchinson {
+    let solver = Solver::parse(opts.solver.as_str(), opts.steps, opts.rtol, opts.atol)?;
+    let divergence = if opts.divergence.is_exact(dim, opts.exact_max_dim) {
+        Divergence::Exact
+    } else {
+        Divergence::Hutchinson {
             probes: opts.probes,
-        },
-        other => Divergence::parse(other, opts.probes)?,
+        }
     };
+    divergence.validate()?;
     Ok(CnfOptions { solver, divergence })
 }
 
@@ -165,7 +166,7 @@ pub fn solver_label(solver: &str, steps: usize, rtol: f64, atol: f64) -> String 
 /// Method line of a probability-flow likelihood.
 pub fn method(opts: &EvalOptions, dim: usize, what: &str) -> String {
     let div = divergence_label(opts, dim);
-    let solver = solver_label(&opts.solver, opts.steps, opts.rtol, opts.atol);
+    let solver = solver_label(opts.solver.as_str(), opts.steps, opts.rtol, opts.atol);
     format!("probability-flow ODE ({what}), {solver}, {div}")
 }
 

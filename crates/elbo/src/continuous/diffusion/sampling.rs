@@ -246,7 +246,8 @@ pub fn sample(
                     sampler::predictor_corrector(&den, sch, &times, 1, knobs.snr, true, &x, rng)
                 }
                 S::Ode => {
-                    let solver = Solver::parse(&opts.solver, opts.steps, opts.rtol, opts.atol)?;
+                    let solver =
+                        Solver::parse(opts.solver.as_str(), opts.steps, opts.rtol, opts.atol)?;
                     Ok(sampler::pf_ode(&den, sch, &solver, true, &x)?.0)
                 }
                 _ => sampler::euler_maruyama(&den, sch, &times, true, &x, rng),
