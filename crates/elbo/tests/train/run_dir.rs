@@ -491,3 +491,23 @@ fn a_run_that_stopped_early_stays_stopped_when_resumed() {
     assert!(again.losses.is_empty());
     assert_eq!(file_bytes(&d.path().join("checkpoint")), before);
 }
+
+#[test]
+fn checkpoint_state_floats_read_back_exactly_and_pass_the_state_hash() {
+    // floats the fast default JSON parser may read 1 ulp off
+    let dev = Device::Cpu;
+    let d = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(7);
+    let floats: Vec<f64> = (0..2000)
+        .map(|i| rng.uniform() * 10f64.powi(i % 40 - 20) / 3.0)
+        .collect();
+    let state = serde_json::json!({ "step": 1, "floats": floats });
+    let files: HashMap<String, Tensor> = HashMap::new();
+    checkpoint::save(&d.path().join("ck"), &[("model", &files)], &state).unwrap();
+    let l = checkpoint::load(&d.path().join("ck"), &dev).unwrap();
+    let back: Vec<f64> = serde_json::from_value(l.state["floats"].clone()).unwrap();
+    assert!(back
+        .iter()
+        .zip(&floats)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}
