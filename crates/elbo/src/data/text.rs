@@ -442,7 +442,7 @@ impl TextSource {
             )));
         }
         Self::with_splits(
-            &name,
+            name,
             Tokenizer::Bytes,
             vec![ids[..cut_v].to_vec()],
             &[ids[cut_v..cut_t].to_vec()],

@@ -258,14 +258,41 @@ where
                 "corrupted: FNV-1a hash {hash} does not match {hash_expected} in the manifest"
             )));
         }
-        let tensors = candle_core::safetensors::load_buffer(&data, device)
-            .map_err(|e| fail(format!("not a valid safetensors file: {e}")))?;
+        let tensors = candle_core::safetensors::load_buffer(&data, device).map_err(|e| {
+            fail(format!(
+                "not a valid safetensors file: {}",
+                where_bad(&data, e)
+            ))
+        })?;
         files.insert(name.clone(), tensors);
     }
     Ok(Loaded {
         files,
         state: Value::Object(state),
     })
+}
+
+/// Locate a safetensors parse error: the format (huggingface/safetensors) is an 8-byte
+/// little-endian header length `n`, `n` bytes of JSON header, then the tensor data.
+fn where_bad(data: &[u8], e: impl std::fmt::Display) -> String {
+    let Some(len) = data
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+    else {
+        return format!(
+            "byte offset 0: expected an 8-byte header length, the file has {} bytes",
+            data.len()
+        );
+    };
+    let end = 8u64.saturating_add(len);
+    if end > data.len() as u64 {
+        return format!(
+            "byte offset 0: the header length {len} runs past the end of the file ({} bytes)",
+            data.len()
+        );
+    }
+    format!("{e} (the JSON header is bytes 8..{end}, the tensor data follows)")
 }
 
 /// Set `params` from `tensors` (e.g. a file of [`Loaded::files`]). Every parameter must be present
