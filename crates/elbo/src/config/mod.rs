@@ -60,6 +60,9 @@ pub struct DataSpec {
     /// periodic evaluation, the `best/` checkpoint and early stopping read it, never the test
     /// split.
     pub val_fraction: f64,
+    /// CSV data: whether the first row is a header: "auto" (when none of its fields is a
+    /// number), "yes" or "no". Absent from `config.json` of earlier runs, which read as "auto".
+    pub csv_header: crate::data::csv::CsvHeader,
 }
 
 impl Default for DataSpec {
@@ -73,6 +76,7 @@ impl Default for DataSpec {
             test_windows: d.test_windows,
             val_size: d.val_size,
             val_fraction: d.val_fraction,
+            csv_header: d.csv_header,
         }
     }
 }
@@ -88,6 +92,7 @@ impl DataSpec {
             test_windows: self.test_windows,
             val_size: self.val_size,
             val_fraction: self.val_fraction,
+            csv_header: self.csv_header,
         }
     }
 }

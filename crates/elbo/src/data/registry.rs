@@ -68,6 +68,9 @@ pub struct DataConfig {
     pub seq_len: usize,
     /// Text data: cap on the test windows and, separately, on the validation windows (0: all).
     pub test_windows: usize,
+    /// CSV data: whether the first row is a header ("auto", "yes" or "no"; see
+    /// [`csv::CsvHeader`]). Default "auto".
+    pub csv_header: csv::CsvHeader,
 }
 
 impl Default for DataConfig {
@@ -79,6 +82,7 @@ impl Default for DataConfig {
             val_fraction: DEFAULT_VAL_FRACTION,
             seq_len: 128,
             test_windows: 0,
+            csv_header: csv::CsvHeader::Auto,
         }
     }
 }
@@ -145,11 +149,11 @@ pub fn open(name: &str, cfg: &DataConfig) -> Result<Box<dyn DataSource>> {
     let (data, shape) = if let Some(p) = name.strip_prefix("npy:") {
         npy::read_npy(Path::new(p))?
     } else if let Some(p) = name.strip_prefix("csv:") {
-        csv::read_csv(Path::new(p))?
+        csv::read_csv_with(Path::new(p), cfg.csv_header)?
     } else if lower.ends_with(".npy") {
         npy::read_npy(Path::new(name))?
     } else if lower.ends_with(".csv") {
-        csv::read_csv(Path::new(name))?
+        csv::read_csv_with(Path::new(name), cfg.csv_header)?
     } else {
         return Err(Error::UnknownDataset {
             name: name.to_string(),

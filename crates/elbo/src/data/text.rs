@@ -23,8 +23,10 @@
 //! documents); the validation and test sets are the consecutive non-overlapping windows of their
 //! documents, each optionally capped to its first `max_windows`, independent of any seed.
 //!
-//! **User text** (`text:PATH` or `PATH.txt`): bytes are tokens (vocabulary 256); line endings are
-//! normalised to `\n`. The last `test_fraction` of the file is the test split; of the text
+//! **User text** (`text:PATH` or `PATH.txt`): the file's raw bytes are the tokens (vocabulary
+//! 256), exactly as stored: no UTF-8 decoding and no line-ending conversion, so invalid UTF-8,
+//! `\r\n` and `\r` reach the model unchanged (only [`Tokenizer::decode`], for printing, is
+//! lossy). The last `test_fraction` of the file is the test split; of the text
 //! before it, the last `val_fraction` is the validation split and the beginning trains. The
 //! three are contiguous spans, so no window of one split overlaps another.
 
@@ -394,9 +396,36 @@ impl TextSource {
             return Err(Error::Config("data.seq_len must be at least 1".into()));
         }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let text = String::from_utf8_lossy(&bytes).replace("\r\n", "\n");
-        let ids = Tokenizer::Bytes.encode(&text)?;
-        let name = path.display().to_string();
+        Self::from_bytes(
+            &path.display().to_string(),
+            &bytes,
+            seq_len,
+            max_windows,
+            test_fraction,
+            val_fraction,
+        )
+    }
+
+    /// [`TextSource::from_file_split`] over bytes already in memory; `name` labels errors (the
+    /// file path). Every byte is one token id, unchanged.
+    pub fn from_bytes(
+        name: &str,
+        bytes: &[u8],
+        seq_len: usize,
+        max_windows: usize,
+        test_fraction: f64,
+        val_fraction: f64,
+    ) -> Result<Self> {
+        if !(test_fraction > 0.0 && test_fraction < 1.0) {
+            return Err(Error::Config(format!(
+                "data.test_fraction must be in (0, 1), got {test_fraction}"
+            )));
+        }
+        check_val_fraction(val_fraction)?;
+        if seq_len == 0 {
+            return Err(Error::Config("data.seq_len must be at least 1".into()));
+        }
+        let ids: Vec<u32> = bytes.iter().map(|&b| u32::from(b)).collect();
         let cut_t = (((1.0 - test_fraction) * ids.len() as f64).round() as usize).min(ids.len());
         let cut_v = (((1.0 - val_fraction) * cut_t as f64).round() as usize).min(cut_t);
         if cut_t - cut_v < seq_len {
@@ -413,7 +442,7 @@ impl TextSource {
             )));
         }
         Self::with_splits(
-            &name,
+            name,
             Tokenizer::Bytes,
             vec![ids[..cut_v].to_vec()],
             &[ids[cut_v..cut_t].to_vec()],

@@ -183,19 +183,46 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
     let state_path = root.join(STATE_FILE);
     let text = fs::read(&state_path)
         .map_err(|e| Error::checkpoint(&state_path, format!("cannot read {STATE_FILE}: {e}")))?;
+    load_from(&root, &text, |file| fs::read(root.join(file)), device)
+}
+
+/// The parsing and verification of [`load`], in memory: `state_json` is the content of
+/// `state.json` and `read(file)` returns the bytes of the tensor file `file` (`NAME.safetensors`)
+/// of the checkpoint directory `root`, which only labels errors. Nothing is read that the
+/// manifest does not name, and a file is parsed only when its length and hash match.
+pub fn load_from<F>(root: &Path, state_json: &[u8], read: F, device: &Device) -> Result<Loaded>
+where
+    F: Fn(&str) -> std::io::Result<Vec<u8>>,
+{
+    let state_path = root.join(STATE_FILE);
     let bad_state = |m: String| Error::checkpoint(&state_path, format!("{STATE_FILE}: {m}"));
-    let state: Value =
-        serde_json::from_slice(&text).map_err(|e| bad_state(format!("invalid JSON: {e}")))?;
+    let state: Value = serde_json::from_slice(state_json).map_err(|e| {
+        bad_state(format!(
+            "invalid JSON at line {}, column {}: {e}",
+            e.line(),
+            e.column()
+        ))
+    })?;
     let Value::Object(mut state) = state else {
-        return Err(bad_state("not a JSON object".into()));
+        return Err(bad_state("expected a JSON object at the top level".into()));
     };
-    match state.remove("format_version").and_then(|v| v.as_u64()) {
-        Some(FORMAT_VERSION) => {}
-        Some(v) => return Err(bad_state(format!("unsupported format_version {v}"))),
-        None => return Err(bad_state("missing or malformed format_version".into())),
+    match state.remove("format_version") {
+        Some(v) if v.as_u64() == Some(FORMAT_VERSION) => {}
+        Some(v) => {
+            return Err(bad_state(format!(
+                "unsupported format_version {v} (expected {FORMAT_VERSION})"
+            )))
+        }
+        None => return Err(bad_state("missing key \"format_version\"".into())),
     }
-    let Some(Value::Object(manifest)) = state.remove("manifest") else {
-        return Err(bad_state("missing or malformed manifest".into()));
+    let manifest = match state.remove("manifest") {
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return Err(bad_state(
+                "\"manifest\" must be an object of file name to {\"bytes\", \"fnv1a64\"}".into(),
+            ))
+        }
+        None => return Err(bad_state("missing key \"manifest\"".into())),
     };
     // checkpoints written before the state hash have none; any other must match it
     if let Some(recorded) = state.remove("state_fnv1a64") {
@@ -211,16 +238,19 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
 
     let mut files = HashMap::with_capacity(manifest.len());
     for (name, entry) in &manifest {
-        check_name(&root, name)?;
+        check_name(root, name)?;
         let file = format!("{name}.safetensors");
         let path = root.join(&file);
         let bytes_expected = entry.get("bytes").and_then(Value::as_u64);
         let hash_expected = entry.get("fnv1a64").and_then(Value::as_str);
         let (Some(bytes_expected), Some(hash_expected)) = (bytes_expected, hash_expected) else {
-            return Err(bad_state(format!("malformed manifest entry for {file}")));
+            return Err(bad_state(format!(
+                "manifest entry \"{name}\" must be {{\"bytes\": integer, \"fnv1a64\": \
+                 16 hex digits}}, found {entry}"
+            )));
         };
         let fail = |m: String| Error::checkpoint(&path, format!("{file}: {m}"));
-        let data = fs::read(&path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let data = read(&file).map_err(|e| fail(format!("cannot read: {e}")))?;
         if data.len() as u64 != bytes_expected {
             return Err(fail(format!(
                 "truncated or overwritten: {} bytes on disk, {bytes_expected} in the manifest",
@@ -233,14 +263,41 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
                 "corrupted: FNV-1a hash {hash} does not match {hash_expected} in the manifest"
             )));
         }
-        let tensors = candle_core::safetensors::load_buffer(&data, device)
-            .map_err(|e| fail(format!("not a valid safetensors file: {e}")))?;
+        let tensors = candle_core::safetensors::load_buffer(&data, device).map_err(|e| {
+            fail(format!(
+                "not a valid safetensors file: {}",
+                where_bad(&data, e)
+            ))
+        })?;
         files.insert(name.clone(), tensors);
     }
     Ok(Loaded {
         files,
         state: Value::Object(state),
     })
+}
+
+/// Locate a safetensors parse error: the format (huggingface/safetensors) is an 8-byte
+/// little-endian header length `n`, `n` bytes of JSON header, then the tensor data.
+fn where_bad(data: &[u8], e: impl std::fmt::Display) -> String {
+    let Some(len) = data
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+    else {
+        return format!(
+            "byte offset 0: expected an 8-byte header length, the file has {} bytes",
+            data.len()
+        );
+    };
+    let end = 8u64.saturating_add(len);
+    if end > data.len() as u64 {
+        return format!(
+            "byte offset 0: the header length {len} runs past the end of the file ({} bytes)",
+            data.len()
+        );
+    }
+    format!("{e} (the JSON header is bytes 8..{end}, the tensor data follows)")
 }
 
 /// Set `params` from `tensors` (e.g. a file of [`Loaded::files`]). Every parameter must be present
