@@ -66,7 +66,7 @@ impl TransformerSettings {
     pub fn validate(&self) -> Result<()> {
         if self.d_model == 0
             || self.n_heads == 0
-            || self.d_model % self.n_heads != 0
+            || !self.d_model.is_multiple_of(self.n_heads)
             || self.n_layers == 0
         {
             return Err(Error::Config(format!(

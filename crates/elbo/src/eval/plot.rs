@@ -80,7 +80,7 @@ fn points(name: &str, xy: &[f32]) -> Result<Vec<(f64, f64)>> {
     if xy.is_empty() {
         return Err(Error::data(name, "no points to plot"));
     }
-    if xy.len() % 2 != 0 {
+    if !xy.len().is_multiple_of(2) {
         return Err(Error::Shape(format!(
             "{name}: {} values is not a row-major [n, 2] array",
             xy.len()

@@ -627,7 +627,7 @@ fn check_set(what: &str, set: &[f32], dim: usize, min_rows: usize) -> Result<usi
     if set.is_empty() {
         return Err(Error::data(what, "the set is empty (0 rows)"));
     }
-    if set.len() % dim != 0 {
+    if !set.len().is_multiple_of(dim) {
         return Err(Error::Shape(format!(
             "{what}: {} values is not a multiple of dim {dim}",
             set.len()

@@ -23,7 +23,7 @@ use super::ParamInit;
 use crate::{Error, Result};
 
 fn check(dims: &[usize], c: usize, groups: usize, weight: &Tensor, bias: &Tensor) -> Result<()> {
-    if groups == 0 || c % groups != 0 {
+    if groups == 0 || !c.is_multiple_of(groups) {
         return Err(Error::Shape(format!(
             "group norm: {groups} groups do not divide {c} channels (input {dims:?})"
         )));
@@ -373,7 +373,7 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Parameters `weight`, `bias: [channels]` under `p`; `groups` must divide `channels`.
     pub fn new(p: &mut ParamInit, groups: usize, channels: usize) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(Error::Config(format!(
                 "group norm: {groups} groups do not divide {channels} channels"
             )));

@@ -91,7 +91,7 @@ impl PackedMlp {
     /// inputs `s` -> `[rows, d_out]` row-major.
     pub fn forward(&self, x: &[f32], s: &[f32]) -> Result<Vec<f32>> {
         let d_in = self.d_in();
-        if s.len() != self.shared || d_in == 0 || x.len() % d_in != 0 {
+        if s.len() != self.shared || d_in == 0 || !x.len().is_multiple_of(d_in) {
             return Err(Error::Shape(format!(
                 "packed MLP takes rows of {d_in} and {} shared inputs, got {} values and {}",
                 self.shared,

@@ -74,7 +74,7 @@ pub struct Rotary {
 impl Rotary {
     /// Tables for `heads` heads of `d_model / heads` each; the head width must be even.
     pub fn new(max_len: usize, d_model: usize, heads: usize, device: &Device) -> Result<Self> {
-        if heads == 0 || d_model % heads != 0 || (d_model / heads) % 2 != 0 {
+        if heads == 0 || !d_model.is_multiple_of(heads) || !(d_model / heads).is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "rotary positions need an even head width: d_model {d_model} / {heads} heads"
             )));

@@ -82,13 +82,13 @@ impl TransformerConfig {
         if self.vocab_in == 0 || self.vocab_out == 0 || self.max_len == 0 {
             return bad("vocab_in, vocab_out and max_len must be at least 1".into());
         }
-        if self.d_model == 0 || self.n_heads == 0 || self.d_model % self.n_heads != 0 {
+        if self.d_model == 0 || self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
             return bad(format!(
                 "d_model ({}) must be a positive multiple of n_heads ({})",
                 self.d_model, self.n_heads
             ));
         }
-        if self.positions == Positions::Rotary && (self.d_model / self.n_heads) % 2 != 0 {
+        if self.positions == Positions::Rotary && !(self.d_model / self.n_heads).is_multiple_of(2) {
             return bad(format!(
                 "rotary positions need an even head width, got d_model {} / {} heads",
                 self.d_model, self.n_heads

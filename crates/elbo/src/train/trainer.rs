@@ -407,7 +407,7 @@ impl Trainer {
             };
             bar.set_position(self.step as u64);
             bar.set_message(format!("loss {smooth:.4}"));
-            if self.step % tc.log_every == 0 || self.step == stop_at {
+            if self.step.is_multiple_of(tc.log_every) || self.step == stop_at {
                 let mut line = json!({"step": self.step, "loss": s.loss, "lr": s.lr,
                     "grad_norm": s.grad_norm, "elapsed_s": start.elapsed().as_secs_f64()});
                 for (k, v) in &s.extra {
@@ -415,15 +415,15 @@ impl Trainer {
                 }
                 writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
             }
-            let eval_due =
-                (tc.eval_every > 0 && self.step % tc.eval_every == 0) || self.step == tc.steps;
+            let eval_due = (tc.eval_every > 0 && self.step.is_multiple_of(tc.eval_every))
+                || self.step == tc.steps;
             if eval_due {
                 self.eval_pending = true;
                 self.save_latest(&bar)?;
                 if self.evaluate_and_select(&mut metrics, &bar, smooth, &mut out)? {
                     break;
                 }
-            } else if self.step % tc.checkpoint_every == 0 || self.step == stop_at {
+            } else if self.step.is_multiple_of(tc.checkpoint_every) || self.step == stop_at {
                 self.save_latest(&bar)?;
             }
         }
@@ -474,7 +474,7 @@ impl Trainer {
                 tc.patience
             ));
         }
-        if stop || self.step == tc.steps || self.step % tc.checkpoint_every == 0 {
+        if stop || self.step == tc.steps || self.step.is_multiple_of(tc.checkpoint_every) {
             self.save_latest(bar)?;
         }
         Ok(stop)

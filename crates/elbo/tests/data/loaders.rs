@@ -192,7 +192,7 @@ fn csv_line_endings_cr_crlf_and_lf() {
 /// A version 1.0 `.npy` file with `header` (padded) and `data`.
 fn npy(header: &str, data: &[u8]) -> Vec<u8> {
     let mut h = header.as_bytes().to_vec();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(b' ');
     }
     h.push(b'\n');

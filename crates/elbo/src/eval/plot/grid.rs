@@ -36,7 +36,7 @@ pub fn image_grid(
         )));
     }
     let px = h.saturating_mul(w);
-    if images.is_empty() || images.len() % px != 0 {
+    if images.is_empty() || !images.len().is_multiple_of(px) {
         return Err(Error::Shape(format!(
             "{} values is not a whole number of {h}x{w} images",
             images.len()

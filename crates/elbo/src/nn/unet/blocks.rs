@@ -133,7 +133,7 @@ impl AttnBlock {
         groups: usize,
         zero_out: bool,
     ) -> Result<Self> {
-        if heads == 0 || c % heads != 0 {
+        if heads == 0 || !c.is_multiple_of(heads) {
             return Err(Error::Config(format!(
                 "attention: {heads} heads do not divide {c} channels"
             )));

@@ -144,10 +144,10 @@ impl UNetConfig {
         }
         for m in &self.channel_mults {
             let c = m * self.base_channels;
-            if self.groups == 0 || c % self.groups != 0 {
+            if self.groups == 0 || !c.is_multiple_of(self.groups) {
                 return bad(format!("groups ({}) must divide {c} channels", self.groups));
             }
-            if self.attn_heads == 0 || c % self.attn_heads != 0 {
+            if self.attn_heads == 0 || !c.is_multiple_of(self.attn_heads) {
                 return bad(format!(
                     "attn_heads ({}) must divide {c} channels",
                     self.attn_heads
