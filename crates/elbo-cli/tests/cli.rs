@@ -1,29 +1,8 @@
 //! The `elbo` binary end to end: a tiny train -> sample -> eval cycle, and clear errors (never a
 //! panic) for malformed configs, unknown data sets and corrupt checkpoints.
 
-use std::path::Path;
-use std::process::{Command, Output};
-
-fn elbo(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_elbo"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("failed to start elbo")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_clean_failure(o: &Output, needles: &[&str]) {
-    let e = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success: {e}");
-    assert!(!e.contains("panicked"), "panic instead of an error: {e}");
-    for n in needles {
-        assert!(e.contains(n), "error does not mention '{n}': {e}");
-    }
-}
+mod common;
+use common::{assert_clean_failure, elbo, stderr};
 
 const TINY: &str = r#"
 [model.net]

@@ -2,20 +2,8 @@
 //! sample under five samplers (PNG grids), evaluate the VLB and the PF-ODE estimate in one
 //! report; the flow family under an SDE sampler; clear errors for bad sampler names.
 
-use std::path::Path;
-use std::process::{Command, Output};
-
-fn elbo(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_elbo"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("failed to start elbo")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{elbo, stderr};
 
 const TINY_DDPM: &str = r#"
 [model]

@@ -3,23 +3,9 @@
 //! numbers, evaluate to the same figures and resume (fixtures in tests/fixtures/legacy).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn elbo(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_elbo"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+mod common;
+use common::{elbo, text};
 
 /// A writable copy of the fixture run `name`.
 fn copy_run(name: &str, to: &Path) -> PathBuf {

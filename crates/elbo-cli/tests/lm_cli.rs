@@ -2,24 +2,8 @@
 //! train, the likelihood choices (`--likelihood nelbo,llada`, `--prompt-len`), prompted
 //! sampling, and clear errors for choices a family does not have.
 
-use std::path::Path;
-use std::process::{Command, Output};
-
-fn elbo(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_elbo"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("failed to start elbo")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+mod common;
+use common::{elbo, text};
 
 fn tiny(model: &str) -> String {
     format!(

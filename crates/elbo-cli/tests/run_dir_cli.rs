@@ -3,30 +3,11 @@
 //! checkpoints, a run killed with SIGKILL resumes (its stale lock taken over), `--out` refuses
 //! every part of an old run unless `--force`, and `elbo eval` refuses a run whose data changed.
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn elbo(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_elbo"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("failed to start elbo")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_clean_failure(o: &Output, needles: &[&str]) {
-    let e = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success: {e}");
-    assert!(!e.contains("panicked"), "panic instead of an error: {e}");
-    for n in needles {
-        assert!(e.contains(n), "error does not mention '{n}': {e}");
-    }
-}
+mod common;
+use common::{assert_clean_failure, elbo, stderr};
 
 const LONG: &str = r#"
 [model.net]

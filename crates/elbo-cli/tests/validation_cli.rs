@@ -3,25 +3,9 @@
 //! evaluation options, absurd sizes and sample counts whose output cannot fit in memory.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn elbo(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_elbo"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("failed to start elbo")
-}
-
-/// `o` failed with exit code 1, no panic, and its error names every needle.
-fn refused(o: &Output, needles: &[&str]) {
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "expected exit code 1: {e}");
-    assert!(!e.contains("panicked"), "panic instead of an error: {e}");
-    for n in needles {
-        assert!(e.contains(n), "error does not mention '{n}': {e}");
-    }
-}
+mod common;
+use common::{elbo, refused};
 
 const TINY: &str = r#"
 [model.net]

@@ -386,15 +386,6 @@ impl TextSource {
         test_fraction: f64,
         val_fraction: f64,
     ) -> Result<Self> {
-        if !(test_fraction > 0.0 && test_fraction < 1.0) {
-            return Err(Error::Config(format!(
-                "data.test_fraction must be in (0, 1), got {test_fraction}"
-            )));
-        }
-        check_val_fraction(val_fraction)?;
-        if seq_len == 0 {
-            return Err(Error::Config("data.seq_len must be at least 1".into()));
-        }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         Self::from_bytes(
             &path.display().to_string(),
