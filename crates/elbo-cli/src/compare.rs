@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use elbo::compare::{CompareReport, EntryReport, EntryStatus, LikelihoodRow, Suite};
 use elbo::config::{Config, EvalOptions};
+use elbo::train::run_dir::RunLock;
 use elbo::train::{CheckpointChoice, LoadedRun, Trainer};
 use elbo::Rng;
 
@@ -38,6 +39,15 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     );
     std::fs::create_dir_all(a.out.join("runs"))
         .with_context(|| format!("cannot create {}", a.out.display()))?;
+    // one compare per output directory: two would train the same entries and overwrite each
+    // other's report
+    if let Some(pid) = RunLock::holder(&a.out) {
+        bail!(
+            "{} is in use: process {pid} is running a compare into it; wait for it to finish              or stop it, then run this again (it continues where that one stopped)",
+            a.out.display()
+        );
+    }
+    let _lock = RunLock::acquire(&a.out)?;
     let started = Instant::now();
     let mut entries: Vec<EntryReport> = Vec::new();
     for (i, e) in suite.entries.iter().enumerate() {

@@ -271,3 +271,47 @@ fn a_rerun_reuses_finished_entries_resumes_the_rest_and_refuses_a_changed_config
     );
     assert_eq!(std::fs::read(&ck).unwrap(), bytes);
 }
+
+#[test]
+fn a_second_compare_into_the_same_directory_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let suite = format!("{HEADER}{GAUSSIAN}");
+    std::fs::write(d.path().join("suite.toml"), &suite).unwrap();
+    let out = d.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // this test process holds the lock, as a running compare would
+    let lock = std::fs::File::create(out.join("lock")).unwrap();
+    lock.try_lock().unwrap();
+    std::fs::write(out.join("lock"), format!("{}\n", std::process::id())).unwrap();
+    let o = elbo(
+        &[
+            "compare",
+            "--suite",
+            "suite.toml",
+            "--out",
+            "out",
+            "--quiet",
+        ],
+        d.path(),
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("is in use") && err.contains(&std::process::id().to_string()),
+        "{err}"
+    );
+    assert!(!out.join("runs/gauss").exists(), "nothing trained");
+    drop(lock);
+    let o = elbo(
+        &[
+            "compare",
+            "--suite",
+            "suite.toml",
+            "--out",
+            "out",
+            "--quiet",
+        ],
+        d.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -229,8 +229,10 @@ fn chart(r: &CompareReport) -> String {
         .fold(0.0f64, f64::min);
     let span = (hi - lo).max(1e-9);
     let (left, width, rowh) = (220.0, 520.0, 22.0);
-    let h = 30.0 + rowh * lines.len() as f64;
-    let x = |v: f64| left + (v - lo) / span * width;
+    let axis = 14.0 + rowh * lines.len() as f64;
+    let h = axis + 34.0;
+    // coordinates to 0.1 px keep the page small
+    let x = |v: f64| ((left + (v - lo) / span * width) * 10.0).round() / 10.0;
     let mut s = format!(
         "<svg id=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{h}\" \
          viewBox=\"0 0 {} {h}\" font-size=\"11\" font-family=\"sans-serif\">\n",
@@ -239,10 +241,25 @@ fn chart(r: &CompareReport) -> String {
     );
     let _ = writeln!(
         s,
-        "<line x1=\"{0}\" y1=\"4\" x2=\"{0}\" y2=\"{1}\" stroke=\"#999\"/>",
+        "<line x1=\"{0}\" y1=\"4\" x2=\"{0}\" y2=\"{axis}\" stroke=\"#999\"/>\
+         <line x1=\"{left}\" y1=\"{axis}\" x2=\"{1}\" y2=\"{axis}\" stroke=\"#999\"/>",
         x(0.0_f64.max(lo)),
-        h - 20.0
+        left + width
     );
+    let step = tick_step(span);
+    let mut t = (lo / step).ceil() * step;
+    while t <= hi + 1e-12 {
+        let _ = writeln!(
+            s,
+            "<line x1=\"{0}\" y1=\"{axis}\" x2=\"{0}\" y2=\"{1}\" stroke=\"#999\"/>\
+             <text x=\"{0}\" y=\"{2}\" text-anchor=\"middle\">{3}</text>",
+            x(t),
+            axis + 4.0,
+            axis + 15.0,
+            (t * 1e6).round() / 1e6
+        );
+        t += step;
+    }
     for (i, l) in lines.iter().enumerate() {
         let v = l.row.bits_per_dim.unwrap_or(0.0);
         let se = l.row.stderr_bits_per_dim.unwrap_or(0.0);
@@ -305,6 +322,17 @@ fn chart(r: &CompareReport) -> String {
         h - 4.0
     );
     s
+}
+
+/// A round tick spacing (1, 2 or 5 times a power of ten) giving about five ticks over `span`.
+fn tick_step(span: f64) -> f64 {
+    let raw = span / 5.0;
+    let p = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|&v| v >= raw)
+        .unwrap_or(10.0 * p)
 }
 
 fn entry(s: &mut String, e: &EntryReport) -> Result<()> {
@@ -387,6 +415,17 @@ mod tests {
             ("foobar", "Zm9vYmFy"),
         ] {
             assert_eq!(base64(i.as_bytes()), o);
+        }
+    }
+
+    #[test]
+    fn ticks_are_round_and_about_five() {
+        assert_eq!(tick_step(5.5), 2.0);
+        assert_eq!(tick_step(1.0), 0.2);
+        assert_eq!(tick_step(0.03), 0.01);
+        for span in [0.07, 0.9, 3.0, 42.0, 1234.0] {
+            let n = span / tick_step(span);
+            assert!((2.0..=5.0).contains(&n), "{span}: {n} ticks");
         }
     }
 
