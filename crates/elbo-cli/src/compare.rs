@@ -379,6 +379,10 @@ fn samples(run: &LoadedRun, dir: &Path) -> Result<Vec<String>> {
             .map(|r| tok.decode(&r.iter().map(|&v| v as u32).collect::<Vec<_>>()))
             .collect());
     }
+    if run.data.dim() != 2 && run.data.image_shape().is_none() {
+        // no picture of other data (a .npy of D != 2 columns): the metrics carry it
+        return Ok(Vec::new());
+    }
     let n = if run.data.dim() == 2 { 2000 } else { 64 };
     let info = elbo::model::DataInfo::of(run.data.as_ref());
     elbo::resources::check_sampling(&run.config, &info, n)?;

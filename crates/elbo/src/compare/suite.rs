@@ -157,23 +157,33 @@ pub struct Suite {
 
 impl Suite {
     /// A suite by file path, or by the name of a built-in suite (`toy2d`, `digits`,
-    /// `shakespeare`). A path that exists wins over a built-in name.
+    /// `shakespeare`): `configs/suites/NAME.toml` under the working directory when there is
+    /// one (a checkout of the repository, edits included), else the copy built into elbo. A
+    /// path that exists wins over a name.
     pub fn resolve(file_or_name: &str) -> Result<Self> {
-        let path = Path::new(file_or_name);
+        let mut path = PathBuf::from(file_or_name);
+        let is_name = BUILTIN.iter().any(|(n, _)| *n == file_or_name);
+        if !path.is_file() && is_name {
+            path = Path::new("configs/suites").join(format!("{file_or_name}.toml"));
+        }
         if path.is_file() {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
             return Self::parse(&text, &path.display().to_string(), Some(&base));
         }
-        if let Some((name, text)) = BUILTIN.iter().find(|(n, _)| *n == file_or_name) {
-            return Self::parse(text, &format!("builtin:{name}"), None);
+        if !is_name {
+            let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
+            return Err(Error::Config(format!(
+                "no suite file '{file_or_name}' and no built-in suite of that name; give a path \
+                 to a suite TOML or one of {}",
+                names.join(", ")
+            )));
         }
-        let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
-        Err(Error::Config(format!(
-            "no suite file '{file_or_name}' and no built-in suite of that name; give a path to a \
-             suite TOML or one of {}",
-            names.join(", ")
-        )))
+        let text = BUILTIN
+            .iter()
+            .find(|(n, _)| *n == file_or_name)
+            .map_or("", |(_, t)| t);
+        Self::parse(text, &format!("builtin:{file_or_name}"), None)
     }
 
     /// Parse a suite's TOML. `base` is the directory config paths are relative to (`None`:
@@ -342,6 +352,15 @@ mod tests {
             for e in &s.entries {
                 assert!(e.config.is_ok(), "{name}/{}: {:?}", e.name, e.config);
             }
+        }
+    }
+
+    #[test]
+    fn builtin_copies_are_the_repository_files() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/suites");
+        for (name, text) in BUILTIN {
+            let file = std::fs::read_to_string(root.join(format!("{name}.toml"))).unwrap();
+            assert_eq!(&file, text, "{name}");
         }
     }
 
