@@ -430,6 +430,56 @@ mod tests {
     }
 
     #[test]
+    fn chart_marks_each_kind_differently_and_the_page_escapes_errors() {
+        use crate::compare::report::{EntryReport, LikelihoodRow};
+        let row = |name: &str, kind: NllKind, bpd: f64| LikelihoodRow {
+            likelihood: name.into(),
+            kind_label: kind.label().into(),
+            kind,
+            nats: Some(bpd),
+            stderr_nats: Some(0.1),
+            bits_per_dim: Some(bpd),
+            stderr_bits_per_dim: Some(0.1),
+            n: 10,
+            dims: 1,
+            method: String::new(),
+            checkpoint: String::new(),
+            split: "test".into(),
+        };
+        let mut e = EntryReport::failed("ddpm", Path::new("/nonexistent"), String::new());
+        e.status = EntryStatus::Ok;
+        e.error = None;
+        e.rows = vec![
+            row("vlb", NllKind::Bound, 2.2),
+            row("pf-ode", NllKind::Estimate { samples: 2 }, 2.1),
+            row("exact", NllKind::Exact, 2.0),
+        ];
+        let bad = EntryReport::failed("bad", Path::new("/nonexistent"), "<oops>".into());
+        let html = render(&CompareReport::new("s", false, vec![e, bad])).unwrap();
+        let chart = &html[html.find("<svg").unwrap()..html.find("</svg>").unwrap()];
+        assert_eq!(
+            chart.matches("<polygon").count(),
+            1,
+            "one bound: a triangle"
+        );
+        assert_eq!(
+            chart.matches("<circle").count(),
+            1,
+            "one estimate: a circle"
+        );
+        assert_eq!(
+            chart.matches("width=\"8\" height=\"8\"").count(),
+            1,
+            "one exact: a square"
+        );
+        assert_eq!(html.matches("<tr class=\"row").count(), 4);
+        assert!(html.contains("failed: &lt;oops&gt;") && !html.contains("<oops>"));
+        // sorted by bits/dim: exact (2.0) before pf-ode (2.1) before vlb (2.2)
+        let pos = |s: &str| html.find(&format!("<td>{s}</td>")).unwrap();
+        assert!(pos("exact") < pos("pf-ode") && pos("pf-ode") < pos("vlb"));
+    }
+
+    #[test]
     fn escaping_covers_markup() {
         assert_eq!(
             esc("<a href=\"x\">&'"),
