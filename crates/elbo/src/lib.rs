@@ -17,11 +17,13 @@
 //! - [`train`]: the training layer candle lacks (AdamW, EMA, clipping, schedules, checkpoints, loop).
 //! - [`eval`]: likelihood reports, sample metrics and plots.
 //! - [`config`]: the run configuration.
+//! - [`compare`]: suites of runs scored side by side, and their reports.
 //! - [`atomic_file`]: every file elbo writes is replaced atomically (temporary, fsync, rename).
 //! - [`resources`]: the memory estimate checked before any work starts.
 //! - [`deadline`]: cooperative time budgets.
 
 pub mod atomic_file;
+pub mod compare;
 pub mod config;
 pub mod continuous;
 pub mod data;

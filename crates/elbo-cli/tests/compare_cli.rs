@@ -1,0 +1,317 @@
+//! `elbo compare` and `elbo report` end to end on tiny suites: failing entries are reported
+//! with their errors beside the others' figures, a re-run reuses finished entries untouched and
+//! resumes the rest, a changed config is refused, and the HTML is self-contained.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use elbo::compare::{CompareReport, EntryStatus};
+
+fn elbo(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_elbo"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("failed to start elbo")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A flow-matching entry on moons small enough to train and score in about a second.
+fn fm_entry(name: &str, hidden: usize) -> String {
+    format!(
+        r#"
+[[entry]]
+name = "{name}"
+metrics = ["energy-distance"]
+[entry.config.model]
+name = "flow-matching"
+[entry.config.model.net]
+hidden = {hidden}
+layers = 2
+[entry.config.data]
+test_size = 150
+[entry.config.train]
+steps = 40
+batch_size = 128
+eval_every = 0
+eval_examples = 50
+checkpoint_every = 20
+[entry.config.eval]
+rtol = 1e-3
+atol = 1e-3
+"#
+    )
+}
+
+const GAUSSIAN: &str = r#"
+[[entry]]
+name = "gauss"
+[entry.config.model]
+name = "gaussian"
+[entry.config.data]
+test_size = 150
+[entry.config.train]
+steps = 5
+batch_size = 256
+eval_every = 0
+"#;
+
+const HEADER: &str =
+    "[suite]\nname = \"tiny\"\ndata = \"moons\"\nquick_steps = 10\nquick_examples = 100\n";
+
+fn read_report(dir: &Path) -> CompareReport {
+    let text = std::fs::read_to_string(dir.join("report.json")).unwrap();
+    CompareReport::from_json(&text).unwrap()
+}
+
+/// Standard base64 (RFC 4648) decoding, for checking the embedded images.
+fn b64decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a' + 26) as u32,
+            b'0'..=b'9' => (c - b'0' + 52) as u32,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c}"),
+        }
+    };
+    let bytes = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= val(c) << (18 - 6 * i);
+        }
+        for i in 0..chunk.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
+
+/// Every `<img>` of the page is an inline PNG; returns how many there are.
+fn check_images(html: &str) -> usize {
+    let mut n = 0;
+    for part in html.split("<img ").skip(1) {
+        let src = part
+            .split("src=\"data:image/png;base64,")
+            .nth(1)
+            .expect("an <img> that is not an inline PNG");
+        let data = &src[..src.find('"').unwrap()];
+        let bytes = b64decode(data);
+        assert!(
+            bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "image {n} is not a PNG"
+        );
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn failing_entries_are_reported_beside_the_others_and_report_rebuilds_the_table() {
+    let d = tempfile::tempdir().unwrap();
+    let bad_likelihood = "\n[[entry]]\nname = \"bad-likelihood\"\nlikelihoods = [\"vlb\"]\n[entry.config.model]\nname = \"flow-matching\"\n";
+    let missing_data = "\n[[entry]]\nname = \"missing-data\"\n[entry.config.model]\nname = \"gaussian\"\n[entry.config.data]\nname = \"no/such/file.npy\"\n";
+    let suite = format!(
+        "{HEADER}{}{bad_likelihood}{missing_data}{GAUSSIAN}",
+        fm_entry("fm", 16)
+    );
+    std::fs::write(d.path().join("suite.toml"), suite).unwrap();
+    let o = elbo(
+        &[
+            "compare",
+            "--suite",
+            "suite.toml",
+            "--out",
+            "out",
+            "--quick",
+            "--quiet",
+        ],
+        d.path(),
+    );
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "failed entries must fail the command: {err}"
+    );
+    assert!(err.contains("2 of 4 entries failed"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let out = d.path().join("out");
+    let r = read_report(&out);
+    let names: Vec<&str> = r.entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["fm", "bad-likelihood", "missing-data", "gauss"]);
+    let st: Vec<EntryStatus> = r.entries.iter().map(|e| e.status).collect();
+    use EntryStatus::*;
+    assert_eq!(st, [Ok, Failed, Failed, Ok]);
+    let e1 = r.entries[1].error.as_deref().unwrap();
+    assert!(e1.contains("bad-likelihood") && e1.contains("vlb"), "{e1}");
+    let e2 = r.entries[2].error.as_deref().unwrap();
+    assert!(e2.contains("no/such/file.npy"), "{e2}");
+    assert_eq!(r.entries[2].family, "gaussian");
+    for e in [&r.entries[0], &r.entries[3]] {
+        assert_eq!(e.rows.len(), 1, "{}", e.name);
+        let bpd = e.rows[0].bits_per_dim.unwrap();
+        assert!(bpd.is_finite() && bpd > 0.0, "{}: {bpd}", e.name);
+        assert_eq!(e.rows[0].n, 100, "--quick scores quick_examples");
+        assert!(e.parameters.unwrap() > 0);
+        assert!(e.entropy.is_none(), "moons has no known entropy");
+    }
+    assert_eq!(r.entries[0].steps, Some(10), "--quick trains quick_steps");
+    assert_eq!(r.entries[0].metrics[0].0, "energy-distance");
+    // Markdown lists the failures with their errors and the others' rows
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("## Failed entries") && md.contains("no/such/file.npy"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| fm | flow-matching | moons | pf-ode | exact |"),
+        "{md}"
+    );
+    // HTML: one table row per likelihood row and per failed entry, inline PNGs only, no scripts
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert_eq!(html.matches("<tr class=\"row").count(), 4);
+    assert_eq!(html.matches("<tr class=\"row failed\"").count(), 2);
+    // fm and gauss each have a samples.png and a loss.png
+    assert_eq!(check_images(&html), 4);
+    assert!(!html.contains("<script") && !html.contains("src=\"http"));
+    assert!(html.contains("<svg id=\"chart\"") && html.contains("@media print"));
+
+    // `elbo report` on the two finished runs rebuilds the same figures without training
+    let before = std::fs::read(out.join("runs/fm/checkpoint/model.safetensors")).unwrap();
+    let o = elbo(
+        &[
+            "report",
+            "out/runs/fm",
+            "out/runs/gauss",
+            "--out",
+            "rep",
+            "--examples",
+            "100",
+            "--metrics",
+            "energy-distance",
+        ],
+        d.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let again = read_report(&d.path().join("rep"));
+    assert_eq!(again.entries.len(), 2);
+    for (a, b) in again.entries.iter().zip([&r.entries[0], &r.entries[3]]) {
+        assert_eq!(a.name, b.name);
+        assert_eq!(a.rows, b.rows, "{}", a.name);
+        assert_eq!(a.steps, b.steps);
+    }
+    assert_eq!(
+        std::fs::read(out.join("runs/fm/checkpoint/model.safetensors")).unwrap(),
+        before
+    );
+}
+
+#[test]
+fn a_rerun_reuses_finished_entries_resumes_the_rest_and_refuses_a_changed_config() {
+    let d = tempfile::tempdir().unwrap();
+    let suite = format!("{HEADER}{}{GAUSSIAN}", fm_entry("fm", 16));
+    std::fs::write(d.path().join("suite.toml"), &suite).unwrap();
+    let args = [
+        "compare",
+        "--suite",
+        "suite.toml",
+        "--out",
+        "out",
+        "--quiet",
+    ];
+    let o = elbo(&args, d.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = d.path().join("out");
+    let first = read_report(&out);
+    let ck = out.join("runs/fm/checkpoint/model.safetensors");
+    let bytes = std::fs::read(&ck).unwrap();
+    let mtime = std::fs::metadata(&ck).unwrap().modified().unwrap();
+    // an interrupted compare: no report yet, the second entry's checkpoint not written
+    for f in ["report.json", "report.md", "report.html"] {
+        std::fs::remove_file(out.join(f)).unwrap();
+    }
+    std::fs::remove_dir_all(out.join("runs/gauss/checkpoint")).unwrap();
+    let o = elbo(&args, d.path());
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(std::fs::read(&ck).unwrap(), bytes, "fm was retrained");
+    assert_eq!(std::fs::metadata(&ck).unwrap().modified().unwrap(), mtime);
+    let r = read_report(&out);
+    assert_eq!(r.entries.len(), 2);
+    assert!(r.entries.iter().all(|e| e.status == EntryStatus::Ok));
+    assert!(
+        r.entries[0].provenance.starts_with("reused"),
+        "{:?}",
+        r.entries[0].provenance
+    );
+    assert!(
+        r.entries[1].provenance.starts_with("resumed"),
+        "{:?}",
+        r.entries[1].provenance
+    );
+    assert!(out.join("runs/gauss/checkpoint/state.json").is_file());
+    // the reused entry scores the same as before
+    assert_eq!(r.entries[0].rows, first.entries[0].rows);
+    // a different config under the same name is refused, naming the key, and nothing is lost
+    let changed = format!("{HEADER}{}{GAUSSIAN}", fm_entry("fm", 24));
+    std::fs::write(d.path().join("suite.toml"), changed).unwrap();
+    let o = elbo(&args, d.path());
+    assert!(!o.status.success());
+    let r = read_report(&out);
+    let e = r.entries[0].error.as_deref().unwrap();
+    assert!(
+        e.contains("different config") && e.contains("model.net.hidden"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&ck).unwrap(), bytes);
+}
+
+#[test]
+fn a_second_compare_into_the_same_directory_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let suite = format!("{HEADER}{GAUSSIAN}");
+    std::fs::write(d.path().join("suite.toml"), &suite).unwrap();
+    let out = d.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // this test process holds the lock, as a running compare would
+    let lock = std::fs::File::create(out.join("lock")).unwrap();
+    lock.try_lock().unwrap();
+    std::fs::write(out.join("lock"), format!("{}\n", std::process::id())).unwrap();
+    let o = elbo(
+        &[
+            "compare",
+            "--suite",
+            "suite.toml",
+            "--out",
+            "out",
+            "--quiet",
+        ],
+        d.path(),
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("is in use") && err.contains(&std::process::id().to_string()),
+        "{err}"
+    );
+    assert!(!out.join("runs/gauss").exists(), "nothing trained");
+    drop(lock);
+    let o = elbo(
+        &[
+            "compare",
+            "--suite",
+            "suite.toml",
+            "--out",
+            "out",
+            "--quiet",
+        ],
+        d.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
