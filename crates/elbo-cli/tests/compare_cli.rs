@@ -3,21 +3,11 @@
 //! resumes the rest, a changed config is refused, and the HTML is self-contained.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use elbo::compare::{CompareReport, EntryStatus};
 
-fn elbo(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_elbo"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("failed to start elbo")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{elbo, stderr};
 
 /// A flow-matching entry on moons small enough to train and score in about a second.
 fn fm_entry(name: &str, hidden: usize) -> String {
