@@ -24,6 +24,7 @@ struct Wanted<'a> {
 
 pub fn compare(a: CompareArgs) -> Result<()> {
     let dev = device()?;
+    check_out(&a.out)?;
     let mut suite = Suite::resolve(&a.suite)?;
     if a.quick {
         suite.make_quick();
@@ -86,6 +87,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
 
 pub fn report(a: ReportArgs) -> Result<()> {
     let dev = device()?;
+    check_out(&a.out)?;
     let likelihoods: Vec<String> = match &a.likelihood {
         Some(l) => l.split(',').map(|s| s.trim().to_string()).collect(),
         None => vec!["auto".into()],
@@ -142,6 +144,27 @@ pub fn report(a: ReportArgs) -> Result<()> {
 }
 
 /// Write the final report, print its table, and fail (after writing) when an entry failed.
+/// The report files of `out` may be replaced only when they are a comparison report: a run
+/// directory (whose `report.json` is `elbo eval`'s) or any other `report.json` is refused.
+fn check_out(out: &Path) -> Result<()> {
+    if out.join("config.json").exists() {
+        bail!(
+            "{} is a run directory (its report.json is elbo eval's); choose another --out",
+            out.display()
+        );
+    }
+    let json = out.join("report.json");
+    if let Ok(text) = std::fs::read_to_string(&json) {
+        if CompareReport::from_json(&text).is_err() {
+            bail!(
+                "{} exists and is not a comparison report; choose another --out",
+                json.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn finish(report: &CompareReport, out: &Path) -> Result<()> {
     report.write(out)?;
     println!("{}", report.to_markdown());

@@ -305,3 +305,32 @@ fn a_second_compare_into_the_same_directory_is_refused() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn report_out_never_replaces_a_runs_own_report_or_a_foreign_file() {
+    let d = tempfile::tempdir().unwrap();
+    let run = d.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::write(run.join("config.json"), "{}").unwrap();
+    std::fs::write(run.join("report.json"), "{\"eval\": 1}").unwrap();
+    let o = elbo(&["report", "run", "--out", "run"], d.path());
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is a run directory"), "{}", stderr(&o));
+    let other = d.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("report.json"), "{\"mine\": true}").unwrap();
+    let o = elbo(&["report", "run", "--out", "other"], d.path());
+    assert!(
+        stderr(&o).contains("not a comparison report"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(other.join("report.json")).unwrap(),
+        "{\"mine\": true}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("report.json")).unwrap(),
+        "{\"eval\": 1}"
+    );
+}
