@@ -273,17 +273,20 @@ fn a_second_compare_into_the_same_directory_is_refused() {
     let lock = std::fs::File::create(out.join("lock")).unwrap();
     lock.try_lock().unwrap();
     std::fs::write(out.join("lock"), format!("{}\n", std::process::id())).unwrap();
-    let o = elbo(
-        &[
-            "compare",
-            "--suite",
-            "suite.toml",
-            "--out",
-            "out",
-            "--quiet",
-        ],
-        d.path(),
-    );
+    let compare = || {
+        elbo(
+            &[
+                "compare",
+                "--suite",
+                "suite.toml",
+                "--out",
+                "out",
+                "--quiet",
+            ],
+            d.path(),
+        )
+    };
+    let o = compare();
     let err = stderr(&o);
     assert!(!o.status.success());
     assert!(
@@ -292,17 +295,7 @@ fn a_second_compare_into_the_same_directory_is_refused() {
     );
     assert!(!out.join("runs/gauss").exists(), "nothing trained");
     drop(lock);
-    let o = elbo(
-        &[
-            "compare",
-            "--suite",
-            "suite.toml",
-            "--out",
-            "out",
-            "--quiet",
-        ],
-        d.path(),
-    );
+    let o = compare();
     assert!(o.status.success(), "{}", stderr(&o));
 }
 

@@ -103,15 +103,20 @@ fn a_busy_run_is_refused_read_consistently_and_resumed_after_sigkill() {
     assert!(names.is_empty(), "leftovers: {names:?}");
 }
 
+/// Write `short.toml` into `dir` and train it into `dir/run`.
+fn train_short(dir: &std::path::Path) {
+    std::fs::write(dir.join("short.toml"), SHORT).unwrap();
+    let o = elbo(
+        &["train", "--config", "short.toml", "--out", "run", "--quiet"],
+        dir,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 #[test]
 fn out_refuses_any_part_of_a_run_unless_forced() {
     let d = tempfile::tempdir().unwrap();
-    std::fs::write(d.path().join("short.toml"), SHORT).unwrap();
-    let o = elbo(
-        &["train", "--config", "short.toml", "--out", "run", "--quiet"],
-        d.path(),
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    train_short(d.path());
     // a crash between the two renames of a save leaves only checkpoint.old
     let run = d.path().join("run");
     std::fs::rename(run.join("checkpoint"), run.join("checkpoint.old")).unwrap();
@@ -188,12 +193,7 @@ fn eval_refuses_a_run_whose_data_file_changed() {
 #[test]
 fn sample_out_does_not_overwrite_a_file_without_force() {
     let d = tempfile::tempdir().unwrap();
-    std::fs::write(d.path().join("short.toml"), SHORT).unwrap();
-    let o = elbo(
-        &["train", "--config", "short.toml", "--out", "run", "--quiet"],
-        d.path(),
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    train_short(d.path());
     std::fs::write(d.path().join("mine.npy"), b"precious").unwrap();
     let o = elbo(
         &["sample", "--run", "run", "-n", "10", "--out", "mine.npy"],
