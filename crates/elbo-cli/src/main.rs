@@ -288,7 +288,7 @@ PF-ODE, flow matching, the Gaussian baseline), shakespeare (the language models,
 Each entry trains into OUT/runs/NAME: a finished run with the same config is reused, an \
 unfinished one resumed, a different config refused. The report is rewritten after every \
 entry; a failing entry is recorded with its error and the suite goes on (the command then \
-exits with an error). Entries run one after the other (--jobs is not implemented yet)."
+exits with an error). With --jobs N, N entries run side by side."
 )]
 pub struct CompareArgs {
     /// Suite TOML file, or the name of a built-in suite (toy2d, digits, shakespeare).
@@ -304,6 +304,14 @@ pub struct CompareArgs {
     /// Hide the per-entry training progress bars.
     #[arg(long)]
     pub quiet: bool,
+    /// Entries to run side by side, each in its own process with an equal share of the
+    /// threads (RAYON_NUM_THREADS, default all cores); their output goes to
+    /// OUT/runs/NAME/compare.log.
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
+    /// Internal: run only this entry and write OUT/runs/NAME/entry.json (used by --jobs).
+    #[arg(long, hide = true)]
+    pub entry: Option<String>,
 }
 
 /// `elbo report`

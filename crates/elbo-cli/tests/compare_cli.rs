@@ -7,7 +7,7 @@ use std::path::Path;
 use elbo::compare::{CompareReport, EntryStatus};
 
 mod common;
-use common::{elbo, stderr};
+use common::{browser, elbo, stderr};
 
 /// A flow-matching entry on moons small enough to train and score in about a second.
 fn fm_entry(name: &str, hidden: usize) -> String {
@@ -102,6 +102,48 @@ fn check_images(html: &str) -> usize {
     n
 }
 
+/// The report in a real headless Chromium: it loads with no console errors, every image
+/// decodes, the likelihood table has one row per likelihood row (one per failed entry) naming
+/// every entry, and a laptop-sized screenshot is written. A copy with one corrupted image must be
+/// caught, so the probe itself is tested.
+fn check_in_browser(dir: &Path, report: &Path, html: &str) {
+    let Some(b) = browser::find_browser() else {
+        return;
+    };
+    let p = browser::probe_page(&b, report);
+    assert!(p.errors.is_empty(), "console errors: {:?}", p.errors);
+    assert_eq!(p.images, 4, "{p:?}");
+    assert!(p.bad_images.is_empty(), "images that did not decode: {p:?}");
+    assert_eq!(
+        p.row_entries,
+        ["gauss", "fm", "bad-likelihood", "missing-data"],
+        "one table row per entry, sorted by bits/dim, failures last"
+    );
+    let broken_dir = dir.join("broken");
+    std::fs::create_dir_all(&broken_dir).unwrap();
+    let broken = broken_dir.join("report.html");
+    std::fs::write(&broken, html.replacen("base64,iVBOR", "base64,AAAAA", 1)).unwrap();
+    let p = browser::probe_page(&b, &broken);
+    assert_eq!(
+        p.bad_images.len(),
+        1,
+        "the probe must catch a corrupt image: {p:?}"
+    );
+
+    let png = browser::screenshot(&b, report, &dir.join("report.png"));
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "the screenshot is a PNG");
+    let (w, h) = (
+        u32::from_be_bytes(png[16..20].try_into().unwrap()),
+        u32::from_be_bytes(png[20..24].try_into().unwrap()),
+    );
+    assert_eq!((w, h), (1280, 1300), "laptop-sized screenshot");
+    assert!(
+        png.len() > 20_000,
+        "a blank page compresses to far less: {} bytes",
+        png.len()
+    );
+}
+
 #[test]
 fn failing_entries_are_reported_beside_the_others_and_report_rebuilds_the_table() {
     let d = tempfile::tempdir().unwrap();
@@ -171,6 +213,7 @@ fn failing_entries_are_reported_beside_the_others_and_report_rebuilds_the_table(
     assert_eq!(check_images(&html), 4);
     assert!(!html.contains("<script") && !html.contains("src=\"http"));
     assert!(html.contains("<svg id=\"chart\"") && html.contains("@media print"));
+    check_in_browser(d.path(), &out.join("report.html"), &html);
 
     // `elbo report` on the two finished runs rebuilds the same figures without training
     let before = std::fs::read(out.join("runs/fm/checkpoint/model.safetensors")).unwrap();
@@ -326,4 +369,68 @@ fn report_out_never_replaces_a_runs_own_report_or_a_foreign_file() {
         std::fs::read_to_string(run.join("report.json")).unwrap(),
         "{\"eval\": 1}"
     );
+}
+
+#[test]
+fn jobs_run_entries_side_by_side_with_the_same_figures_as_one_after_the_other() {
+    let d = tempfile::tempdir().unwrap();
+    let bad = "\n[[entry]]\nname = \"bad\"\nlikelihoods = [\"vlb\"]\n[entry.config.model]\nname = \"flow-matching\"\n";
+    let suite = format!("{HEADER}{}{bad}{GAUSSIAN}", fm_entry("fm", 16));
+    std::fs::write(d.path().join("suite.toml"), &suite).unwrap();
+    let run = |out: &str, jobs: &str| {
+        let args = [
+            "compare",
+            "--suite",
+            "suite.toml",
+            "--out",
+            out,
+            "--quick",
+            "--quiet",
+            "--jobs",
+            jobs,
+        ];
+        let o = elbo(&args, d.path());
+        assert!(!o.status.success(), "the bad entry fails the command");
+        let err = stderr(&o);
+        assert!(err.contains("1 of 3 entries failed"), "{err}");
+        read_report(&d.path().join(out))
+    };
+    let one = run("one", "1");
+    let two = run("two", "2");
+    let names: Vec<&str> = two.entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["fm", "bad", "gauss"],
+        "suite order, whatever finished first"
+    );
+    for (a, b) in one.entries.iter().zip(&two.entries) {
+        assert_eq!(a.status, b.status, "{}", a.name);
+        assert_eq!(a.rows, b.rows, "{}", a.name);
+        assert_eq!(a.error, b.error, "{}", a.name);
+        assert_eq!(a.steps, b.steps, "{}", a.name);
+    }
+    // (`bad` is refused when the suite is read, so it never gets a process)
+    for name in ["fm", "gauss"] {
+        let dir = d.path().join("two/runs").join(name);
+        assert!(dir.join("compare.log").is_file(), "{name}");
+        assert!(dir.join("entry.json").is_file(), "{name}");
+    }
+    // a re-run with --jobs reuses every finished entry
+    let again = run("two", "2");
+    assert!(again.entries[0].provenance.starts_with("reused"));
+    assert_eq!(again.entries[0].rows, two.entries[0].rows);
+    // --jobs 0 is refused
+    let o = elbo(
+        &[
+            "compare",
+            "--suite",
+            "suite.toml",
+            "--out",
+            "z",
+            "--jobs",
+            "0",
+        ],
+        d.path(),
+    );
+    common::assert_clean_failure(&o, &["--jobs 0"]);
 }

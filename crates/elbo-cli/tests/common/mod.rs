@@ -1,6 +1,8 @@
 //! Helpers the CLI test files share: run the `elbo` binary and read what it said.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod browser;
+
 use std::path::Path;
 use std::process::{Command, Output};
 

@@ -15,8 +15,10 @@ use elbo::Rng;
 use crate::commands::{device, evaluate, plot_losses, write_sample_plot};
 use crate::{CompareArgs, ReportArgs};
 
+mod jobs;
+
 /// What one entry asks to be reported.
-struct Wanted<'a> {
+pub(crate) struct Wanted<'a> {
     likelihoods: &'a [String],
     metrics: &'a [String],
     examples: Option<usize>,
@@ -24,12 +26,18 @@ struct Wanted<'a> {
 
 pub fn compare(a: CompareArgs) -> Result<()> {
     let dev = device()?;
-    check_out(&a.out)?;
     let mut suite = Suite::resolve(&a.suite)?;
     if a.quick {
         suite.make_quick();
     }
     let examples = a.quick.then_some(suite.header.quick_examples);
+    if let Some(name) = &a.entry {
+        return jobs::run_child(&suite, name, &a.out, examples, &dev);
+    }
+    if a.jobs == 0 {
+        bail!("--jobs 0: give the number of entries to run side by side (1 or more)");
+    }
+    check_out(&a.out)?;
     let n = suite.entries.len();
     eprintln!(
         "suite {} ({}, {n} entries{}) -> {}",
@@ -49,6 +57,13 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         );
     }
     let _lock = RunLock::acquire(&a.out)?;
+    if a.jobs > 1 {
+        let entries = jobs::run_parallel(&a, &suite, &a.out)?;
+        return finish(
+            &CompareReport::new(&suite.header.name, a.quick, entries),
+            &a.out,
+        );
+    }
     let started = Instant::now();
     let mut entries: Vec<EntryReport> = Vec::new();
     for (i, e) in suite.entries.iter().enumerate() {
@@ -187,7 +202,7 @@ fn finish(report: &CompareReport, out: &Path) -> Result<()> {
 }
 
 /// One terminal line: the headline figure, or the error.
-fn outcome(r: &EntryReport) -> String {
+pub(crate) fn outcome(r: &EntryReport) -> String {
     match (&r.status, r.best_row()) {
         (EntryStatus::Failed, _) => {
             format!("FAILED: {}", r.error.as_deref().unwrap_or("unknown error"))
@@ -216,7 +231,7 @@ fn failed_with_config(name: &str, cfg: &Config, dir: &Path, error: String) -> En
 }
 
 /// Train (or reuse, or resume) then score one entry; any error becomes a failed entry.
-fn run_entry(
+pub(crate) fn run_entry(
     name: &str,
     cfg: &Config,
     dir: &Path,
