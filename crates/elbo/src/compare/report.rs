@@ -29,7 +29,8 @@ pub struct Machine {
     pub os: String,
     /// elbo's version (`CARGO_PKG_VERSION`).
     pub elbo_version: String,
-    /// `git rev-parse HEAD` of the working directory at run time, or "unknown".
+    /// `git rev-parse HEAD` of the source tree elbo was built from, read at run time when that
+    /// tree is still on this machine, else "unknown".
     pub git_commit: String,
 }
 
@@ -45,8 +46,9 @@ impl Machine {
                     .map(|(_, v)| v.trim().to_string())
             })
             .unwrap_or_else(|| "unknown".into());
+        // the source tree elbo was built from (when it is still there), not the working directory
         let git_commit = std::process::Command::new("git")
-            .args(["rev-parse", "HEAD"])
+            .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "HEAD"])
             .output()
             .ok()
             .filter(|o| o.status.success())
