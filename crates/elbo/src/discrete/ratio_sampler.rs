@@ -16,8 +16,8 @@
 use super::filter::{sample_categorical, TokenFilter};
 use super::graph::{GraphKind, NoiseSchedule};
 use super::ids_tensor;
-use super::score_entropy::RatioModel;
 use super::sampler::SampleStats;
+use super::score_entropy::RatioModel;
 use crate::{Error, Result, Rng};
 
 /// Which score-entropy sampler (`model.sampling.sampler`).

@@ -88,7 +88,9 @@ impl Oracle {
     }
 
     fn noise(&self, x: &[u32], i: usize, y: usize) -> f64 {
-        let code = x.iter().fold((i * V + y) as u64, |a, &t| a * 11 + u64::from(t));
+        let code = x
+            .iter()
+            .fold((i * V + y) as u64, |a, &t| a * 11 + u64::from(t));
         let mut r = Rng::new(self.seed ^ code.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         r.normal()
     }
@@ -442,10 +444,7 @@ fn samplers_match_the_joint_and_keep_the_template() {
             [None, Some(2), None],
             [Some(0), None, Some(2)],
         ] {
-            let cfg = RatioSampleConfig {
-                steps: 32,
-                ..one
-            };
+            let cfg = RatioSampleConfig { steps: 32, ..one };
             let xs = run(&m, &template, &cfg, n);
             assert!(xs
                 .iter()
@@ -472,4 +471,41 @@ fn samplers_match_the_joint_and_keep_the_template() {
             }
         }
     }
+}
+
+#[test]
+fn the_uniform_graph_model_trains_every_parameter_and_settings_are_checked() {
+    use elbo::data::DataKind;
+    use elbo::model::{DataInfo, GenerativeModel};
+    use elbo::models::sedd::{Config, Sedd};
+    use elbo::models::FamilyConfig;
+    let mut cfg = Config::default();
+    cfg.graph = GraphKind::Uniform;
+    cfg.noise = NoiseKind::Geometric;
+    cfg.transformer.d_model = 16;
+    cfg.transformer.n_layers = 1;
+    let info = DataInfo::flat(6, DataKind::Discrete { levels: V as usize });
+    let model = Sedd::new(&cfg, info, &CPU, &mut Rng::new(0)).unwrap();
+    let batch = Tensor::from_vec(
+        (0..24).map(|i| (i % V) as f32).collect::<Vec<_>>(),
+        (4, 6),
+        &CPU,
+    )
+    .unwrap();
+    let loss = model.loss(&batch, &mut Rng::new(1)).unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in model.varmap().data().lock().unwrap().iter() {
+        let g = grads.get(var.as_tensor()).expect(name);
+        let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(norm > 0.0 && norm.is_finite(), "{name}: |grad|^2 = {norm}");
+    }
+    // a log-linear schedule without its eps, or a geometric one upside down, is refused
+    let mut bad = Config::default();
+    bad.eps = 0.0;
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("model.eps"), "{e}");
+    let mut bad = cfg.clone();
+    bad.sigma_min = 30.0;
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("model.sigma_min"), "{e}");
 }
