@@ -479,12 +479,14 @@ fn the_uniform_graph_model_trains_every_parameter_and_settings_are_checked() {
     use elbo::model::{DataInfo, GenerativeModel};
     use elbo::models::sedd::{Config, Sedd};
     use elbo::models::FamilyConfig;
-    let mut cfg = Config::default();
-    cfg.graph = GraphKind::Uniform;
-    cfg.noise = NoiseKind::Geometric;
+    let mut cfg = Config {
+        graph: GraphKind::Uniform,
+        noise: NoiseKind::Geometric,
+        ..Config::default()
+    };
     cfg.transformer.d_model = 16;
     cfg.transformer.n_layers = 1;
-    let info = DataInfo::flat(6, DataKind::Discrete { levels: V as usize });
+    let info = DataInfo::flat(6, DataKind::Discrete { levels: V });
     let model = Sedd::new(&cfg, info, &CPU, &mut Rng::new(0)).unwrap();
     let batch = Tensor::from_vec(
         (0..24).map(|i| (i % V) as f32).collect::<Vec<_>>(),
@@ -500,8 +502,10 @@ fn the_uniform_graph_model_trains_every_parameter_and_settings_are_checked() {
         assert!(norm > 0.0 && norm.is_finite(), "{name}: |grad|^2 = {norm}");
     }
     // a log-linear schedule without its eps, or a geometric one upside down, is refused
-    let mut bad = Config::default();
-    bad.eps = 0.0;
+    let bad = Config {
+        eps: 0.0,
+        ..Config::default()
+    };
     let e = bad.validate().unwrap_err().to_string();
     assert!(e.contains("model.eps"), "{e}");
     let mut bad = cfg.clone();
