@@ -151,12 +151,12 @@ impl FamilyConfig for Config {
     fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
         let vocab = data.levels().unwrap_or(1);
         let t = &self.transformer;
-        let time = match self.graph {
-            GraphKind::Absorbing => 0,
-            GraphKind::Uniform => (t.d_model * (t.d_model + 1)) as u64,
+        let (states, time) = match self.graph {
+            GraphKind::Absorbing => (vocab + 1, 0),
+            GraphKind::Uniform => (vocab, estimate::prod(&[t.d_model, t.d_model + 1])),
         };
         // the score-entropy weights [B, L, V] twice beside the transformer's activations
-        let mut m = estimate::transformer(t, vocab + 1, vocab, data.dim, time, batch);
+        let mut m = estimate::transformer(t, states, vocab, data.dim, time, batch);
         m.activations = m
             .activations
             .saturating_add(estimate::prod(&[batch, data.dim, vocab, 2 * 4]));

@@ -494,6 +494,17 @@ fn the_uniform_graph_model_trains_every_parameter_and_settings_are_checked() {
         &CPU,
     )
     .unwrap();
+    let est = cfg.memory_estimate(&info, 4);
+    let count: usize = model
+        .varmap()
+        .all_vars()
+        .iter()
+        .map(|v| v.elem_count())
+        .sum();
+    assert_eq!(
+        est.params, count as u64,
+        "memory estimate of the uniform model"
+    );
     let loss = model.loss(&batch, &mut Rng::new(1)).unwrap();
     let grads = loss.backward().unwrap();
     for (name, var) in model.varmap().data().lock().unwrap().iter() {
