@@ -18,8 +18,11 @@ use crate::{Error, Result};
 
 pub mod any_order;
 pub mod filter;
+pub mod graph;
 pub mod masked_diffusion;
+pub mod ratio_sampler;
 pub mod sampler;
+pub mod score_entropy;
 
 /// Vocabulary size of discrete data; an error for continuous data.
 pub fn vocab_of(data: &DataInfo, family: &str) -> Result<usize> {
