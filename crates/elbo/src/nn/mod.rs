@@ -5,6 +5,7 @@
 
 pub mod conv;
 pub mod embedding;
+pub mod attention_mask;
 pub mod fused;
 pub mod group_norm;
 pub mod init;
