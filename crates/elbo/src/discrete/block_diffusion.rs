@@ -205,7 +205,9 @@ pub fn sample_blocks(
     rng: &mut Rng,
 ) -> Result<(Vec<Vec<u32>>, SampleStats)> {
     if block == 0 {
-        return Err(Error::Config("block diffusion: block size must be >= 1".into()));
+        return Err(Error::Config(
+            "block diffusion: block size must be >= 1".into(),
+        ));
     }
     let l = x.first().map_or(0, Vec::len);
     if x.iter().any(|r| r.len() != l) {

@@ -3,9 +3,9 @@
 //! fused CPU kernels in [`fused`] carry their own backward, and the layer norm / softmax of the
 //! transformer are differentiable compositions (candle's fused versions record none).
 
+pub mod attention_mask;
 pub mod conv;
 pub mod embedding;
-pub mod attention_mask;
 pub mod fused;
 pub mod group_norm;
 pub mod init;

@@ -563,13 +563,7 @@ impl Transformer {
             x = x.broadcast_add(&pos.as_tensor().index_select(&at, 0)?)?; // [B, T, D]
         }
         let rope = match &self.rotary {
-            Some(r) => Some((
-                r,
-                RotaryAt::Rows {
-                    q: &rows,
-                    k: &rows,
-                },
-            )),
+            Some(r) => Some((r, RotaryAt::Rows { q: &rows, k: &rows })),
             None => None,
         };
         for blk in &self.blocks {
@@ -624,7 +618,9 @@ impl Transformer {
     /// (a noisy block being denoised). Equal to the `x_t` rows of the block under
     /// [`AttentionMask::BlockDiffusion`] in [`Transformer::forward_masked`].
     pub fn forward_block_cached(&self, ids: &Tensor, cache: &KvCache) -> Result<Tensor> {
-        Ok(self.cached_step(ids, None, None, cache, AttentionMask::Full)?.0)
+        Ok(self
+            .cached_step(ids, None, None, cache, AttentionMask::Full)?
+            .0)
     }
 
     /// [`Transformer::forward_block_cached`] for a finished (clean) block, appending its keys

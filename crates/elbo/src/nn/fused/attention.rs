@@ -29,9 +29,9 @@ use candle_core::bail;
 use rayon::prelude::*;
 
 use super::kernels::{exp_shift, exp_shift_sum, row_max};
-use crate::nn::attention_mask::AttentionMask;
 use super::panels::{matmul_panels, Panels};
 use super::tile::{MatMut, MatRef};
+use crate::nn::attention_mask::AttentionMask;
 
 /// Query rows per tile.
 const BR: usize = 64;
@@ -258,7 +258,11 @@ fn forward_tile(
 
 /// Applies `f` to the visible segments of `row` (sorted, disjoint), zeroes the rest, and
 /// returns the sum of `f`'s results.
-fn exp_masked(row: &mut [f32], segs: &[(usize, usize); 2], mut f: impl FnMut(&mut [f32]) -> f32) -> f32 {
+fn exp_masked(
+    row: &mut [f32],
+    segs: &[(usize, usize); 2],
+    mut f: impl FnMut(&mut [f32]) -> f32,
+) -> f32 {
     let mut at = 0;
     let mut sum = 0.0;
     for &(a, b) in segs {

@@ -39,7 +39,12 @@ impl Saved {
 }
 
 /// Checks `q: [B, H, Lq, dh]`, `k, v: [B, H, Lk, dh]`.
-fn split_dims(ql: &Layout, kl: &Layout, vl: &Layout, mask: AttentionMask) -> candle_core::Result<Dims> {
+fn split_dims(
+    ql: &Layout,
+    kl: &Layout,
+    vl: &Layout,
+    mask: AttentionMask,
+) -> candle_core::Result<Dims> {
     let (b, h, lq, dh) = ql.shape().dims4()?;
     let (kb, kh, lk, kd) = kl.shape().dims4()?;
     if (kb, kh, kd) != (b, h, dh) || vl.dims() != kl.dims() {
@@ -174,12 +179,7 @@ fn packed_dims(l: &Layout, h: usize, mask: AttentionMask) -> candle_core::Result
             l.dims()
         )
     }
-    Dims::new(
-        b * h,
-        (len, len, w / (3 * h)),
-        mask,
-        Packing::Packed { h },
-    )
+    Dims::new(b * h, (len, len, w / (3 * h)), mask, Packing::Packed { h })
 }
 
 /// Attention on a packed `qkv: [B, L, 3 h dh]` (`q`, `k`, `v` one after the other, each
