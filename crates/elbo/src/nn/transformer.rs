@@ -562,10 +562,10 @@ impl Transformer {
             let at = Tensor::from_vec(positions.to_vec(), t, ids.device())?;
             x = x.broadcast_add(&pos.as_tensor().index_select(&at, 0)?)?; // [B, T, D]
         }
-        let rope = match &self.rotary {
-            Some(r) => Some((r, RotaryAt::Rows { q: &rows, k: &rows })),
-            None => None,
-        };
+        let rope = self
+            .rotary
+            .as_ref()
+            .map(|r| (r, RotaryAt::Rows { q: &rows, k: &rows }));
         for blk in &self.blocks {
             x = blk.forward(&x, mask, rope)?;
         }

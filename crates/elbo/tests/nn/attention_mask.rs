@@ -151,8 +151,8 @@ fn two_copy_mask_is_the_definition() {
         let m = AttentionMask::BlockDiffusion { block, len };
         let add = m.additive(2 * len, 2 * len, &CPU).unwrap().unwrap();
         let add: Vec<Vec<f32>> = add.to_vec2().unwrap();
-        for i in 0..2 * len {
-            for j in 0..2 * len {
+        for (i, add_i) in add.iter().enumerate() {
+            for (j, &add_ij) in add_i.iter().enumerate() {
                 // bd3lms `block_diff_mask`: block diagonal within x_t, offset block-causal from
                 // x_t to x_0 (strictly earlier blocks), block-causal within x_0
                 let (xi, xj) = (i >= len, j >= len);
@@ -168,7 +168,7 @@ fn two_copy_mask_is_the_definition() {
                     want,
                     "{block} {len} ({i}, {j})"
                 );
-                assert_eq!(add[i][j] == 0.0, want, "additive {block} {len} ({i}, {j})");
+                assert_eq!(add_ij == 0.0, want, "additive {block} {len} ({i}, {j})");
             }
         }
     }
