@@ -79,8 +79,13 @@ impl FamilyConfig for Config {
 
     fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
         let vocab = data.levels().unwrap_or(1);
-        // one pass over the two copies [x_t ; x_0]
-        estimate::transformer(&self.transformer, vocab + 1, vocab, 2 * data.dim, 0, batch)
+        let t = &self.transformer;
+        // parameters for L positions; activations of one pass over the copies [x_t ; x_0]
+        let params = estimate::transformer(t, vocab + 1, vocab, data.dim, 0, batch).params;
+        MemoryEstimate {
+            params,
+            ..estimate::transformer(t, vocab + 1, vocab, 2 * data.dim, 0, batch)
+        }
     }
 
     fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
