@@ -75,7 +75,7 @@ pub fn run(causal: bool, steps: (usize, usize), corpus: Option<&Path>) -> Result
         d_model: 256,
         n_layers: 4,
         n_heads: 4,
-        causal,
+        mask: causal.into(),
         positions: Positions::Learned,
     };
     let vm = VarMap::new();

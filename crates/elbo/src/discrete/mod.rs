@@ -13,10 +13,11 @@ use serde::{Deserialize, Serialize};
 use crate::config::EvalOptions;
 use crate::data::DataKind;
 use crate::model::DataInfo;
-use crate::nn::transformer::{Positions, TransformerConfig};
+use crate::nn::transformer::{AttentionMask, Positions, TransformerConfig};
 use crate::{Error, Result};
 
 pub mod any_order;
+pub mod block_diffusion;
 pub mod filter;
 pub mod graph;
 pub mod masked_diffusion;
@@ -87,7 +88,7 @@ impl TransformerSettings {
         vocab_in: usize,
         vocab_out: usize,
         max_len: usize,
-        causal: bool,
+        mask: impl Into<AttentionMask>,
     ) -> TransformerConfig {
         TransformerConfig {
             vocab_in,
@@ -96,7 +97,7 @@ impl TransformerSettings {
             d_model: self.d_model,
             n_layers: self.n_layers,
             n_heads: self.n_heads,
-            causal,
+            mask: mask.into(),
             positions: self.positions,
         }
     }

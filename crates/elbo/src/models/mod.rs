@@ -155,6 +155,8 @@ families! {
     any_order => AnyOrder = "ao-ar" | "any-order" | "aoar";
     /// Masked diffusion LM (MDLM, LLaDA).
     mdlm => Mdlm = "mdlm" | "masked-diffusion";
+    /// Block diffusion LM (BD3-LM).
+    bd3lm => Bd3lm = "bd3lm" | "block-diffusion";
     /// Score-entropy discrete diffusion (SEDD).
     sedd => Sedd = "sedd" | "score-entropy";
     gaussian => Gaussian = "gaussian";

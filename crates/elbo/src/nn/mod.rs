@@ -3,6 +3,7 @@
 //! fused CPU kernels in [`fused`] carry their own backward, and the layer norm / softmax of the
 //! transformer are differentiable compositions (candle's fused versions record none).
 
+pub mod attention_mask;
 pub mod conv;
 pub mod embedding;
 pub mod fused;

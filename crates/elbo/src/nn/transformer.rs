@@ -6,8 +6,10 @@
 //! embedding plus learned absolute positions ([`Positions::Learned`]; or rotary angles on the
 //! queries and keys, [`Positions::Rotary`], see [`super::rotary`]), `n_layers` blocks of
 //! `x + proj(attn(LN(x)))` and `x + fc2(GELU(fc1(LN(x))))` with a 4x MLP and exact (erf) GELU,
-//! a final layer norm and an untied linear head. Attention is causal (autoregressive models) or
-//! bidirectional (masked diffusion). Initialisation follows PyTorch's defaults: linear layers
+//! a final layer norm and an untied linear head. Which keys each query sees is an
+//! [`AttentionMask`]: causal (autoregressive models), full (masked diffusion), block-causal, or
+//! block diffusion's two-copy mask over `[x_t ; x_0]` (Arriola et al. 2025, sec. 3.2), where
+//! both copies take the positions `0..L` ([`Transformer::forward_masked`]). Initialisation follows PyTorch's defaults: linear layers
 //! U(-1/sqrt(in), 1/sqrt(in)), embeddings N(0, 1), layer norms weight 1 and bias 0.
 //!
 //! candle's fused `softmax_last_dim` and `layer_norm` record no gradient. This module's free
@@ -16,9 +18,10 @@
 //! custom ops, each with its backward pass ([`crate::nn::fused`]), and fall back elsewhere to
 //! the differentiable compositions (the `*_composed` functions, also the tests' references).
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
-use super::fused::reference::{attention_check, ce_check, masked_attention_composed};
+pub use super::attention_mask::AttentionMask;
+use super::fused::reference::{attention_check, ce_check};
 pub use super::fused::reference::{
     attention_composed, cross_entropy_weighted_composed, layer_norm_composed,
     log_softmax_last_dim_composed, softmax_last_dim_composed,
@@ -43,8 +46,8 @@ pub struct TransformerConfig {
     pub n_layers: usize,
     /// Attention heads; must divide `d_model`.
     pub n_heads: usize,
-    /// Causal (position i attends to j <= i) or bidirectional attention.
-    pub causal: bool,
+    /// Which keys each query sees (causal: position i attends to j <= i; full: all).
+    pub mask: AttentionMask,
     /// How positions enter: a learned table added to the input, or rotary angles.
     pub positions: Positions,
 }
@@ -185,16 +188,23 @@ pub fn cross_entropy_weighted(
 }
 
 /// Scaled dot-product attention (Vaswani et al. 2017, eq. 1) `softmax(Q K^T / sqrt(dh)) V`
-/// per head: `q: [B, H, Lq, dh]`, `k, v: [B, H, Lk, dh]` -> `[B, H, Lq, dh]`. With `causal`,
-/// query `i` attends to keys `j <= i + Lk - Lq` (`j <= i` when `Lq = Lk`). On CPU `f32` the
-/// flash-attention op ([`fused::attention`]: no `Lq x Lk` matrix in the forward or backward
-/// pass); elsewhere [`attention_composed`].
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
-    attention_check(q, k, v, causal)?;
+/// per head: `q: [B, H, Lq, dh]`, `k, v: [B, H, Lk, dh]` -> `[B, H, Lq, dh]`, each query
+/// attending to the keys `mask` lets it see (an [`AttentionMask`], or a bool: `true` causal,
+/// query `i` attends to keys `j <= i + Lk - Lq`). On CPU `f32` the flash-attention op
+/// ([`fused::attention`]: no `Lq x Lk` matrix in the forward or backward pass, fully masked key
+/// tiles skipped); elsewhere [`attention_composed`].
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: impl Into<AttentionMask>,
+) -> Result<Tensor> {
+    let mask = mask.into();
+    attention_check(q, k, v, mask)?;
     if fused::cpu_f32(&[q, k, v]) {
-        return fused::attention(q, k, v, causal);
+        return fused::attention(q, k, v, mask);
     }
-    attention_composed(q, k, v, causal)
+    attention_composed(q, k, v, mask)
 }
 
 /// Checks `qkv: [B, L, 3D]` with `D` a multiple of `heads`.
@@ -222,30 +232,16 @@ fn split_heads(qkv: &Tensor, heads: usize) -> Result<[Tensor; 3]> {
 /// `[B, L, D]` (heads side by side, ready for the output projection). On CPU `f32` one flash
 /// op reading and writing the heads in place ([`fused::attention_packed`]: no permuted copies,
 /// no `L x L` matrix); elsewhere the heads are split and [`attention`] composed.
-pub fn attention_qkv(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+pub fn attention_qkv(qkv: &Tensor, heads: usize, mask: impl Into<AttentionMask>) -> Result<Tensor> {
+    let mask = mask.into();
     let (b, l, d3) = qkv_check(qkv, heads)?;
+    mask.check(l, l).map_err(Error::Shape)?;
     if fused::cpu_f32(&[qkv]) {
-        return fused::attention_packed(qkv, heads, causal);
+        return fused::attention_packed(qkv, heads, mask);
     }
     let [q, k, v] = split_heads(qkv, heads)?; // [B, H, L, dh]
-    let y = attention(&q, &k, &v, causal)?; // [B, H, L, dh]
+    let y = attention(&q, &k, &v, mask)?; // [B, H, L, dh]
     Ok(y.transpose(1, 2)?.reshape((b, l, d3 / 3))?) // [B, L, D]
-}
-
-/// True when `mask` is the `[L, L]` causal mask of [`Transformer`] (0 on and below the
-/// diagonal, -inf above).
-fn is_causal_mask(mask: &Tensor, l: usize) -> Result<bool> {
-    if mask.dims() != [l, l] || mask.dtype() != DType::F32 {
-        return Ok(false);
-    }
-    let m = mask.flatten_all()?.to_vec1::<f32>()?;
-    Ok(m.iter().enumerate().all(|(ij, &x)| {
-        if ij % l > ij / l {
-            x == f32::NEG_INFINITY
-        } else {
-            x == 0.0
-        }
-    }))
 }
 
 /// A layer norm with learned weight (init 1) and bias (init 0), eps 1e-5.
@@ -333,30 +329,19 @@ impl Block {
         })
     }
 
-    /// Scaled dot-product attention (Vaswani et al. 2017, eq. 1) over `n_heads` heads;
-    /// `mask: [L, L]` is added to the scores (0 or -inf). No mask, or the causal mask of
-    /// [`Transformer::causal_mask`], runs [`attention`] (flash attention on CPU `f32`); any other
-    /// mask the composed scores-mask-softmax path.
-    fn attn(&self, x: &Tensor, mask: Option<&Tensor>, rotary: Rope) -> Result<Tensor> {
-        let (b, l, d) = x.dims3()?;
+    /// Scaled dot-product attention (Vaswani et al. 2017, eq. 1) over `n_heads` heads under
+    /// `mask` ([`attention_qkv`]: flash attention on CPU `f32`).
+    fn attn(&self, x: &Tensor, mask: AttentionMask, rotary: Rope) -> Result<Tensor> {
         let qkv = self.qkv.forward(x)?; // [B, L, 3D]
         let qkv = match rotary {
             Some((r, at)) => r.apply_qkv(&qkv, at)?, // [B, L, 3D]
             None => qkv,
         };
-        let y = match mask {
-            None => attention_qkv(&qkv, self.n_heads, false)?,
-            Some(m) if is_causal_mask(m, l)? => attention_qkv(&qkv, self.n_heads, true)?,
-            Some(m) => {
-                let [q, k, v] = split_heads(&qkv, self.n_heads)?; // [B, H, L, dh]
-                let y = masked_attention_composed(&q, &k, &v, Some(m))?; // [B, H, L, dh]
-                y.transpose(1, 2)?.reshape((b, l, d))? // [B, L, D]
-            }
-        }; // [B, L, D]
+        let y = attention_qkv(&qkv, self.n_heads, mask)?; // [B, L, D]
         self.proj.forward(&y)
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, rotary: Rope) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: AttentionMask, rotary: Rope) -> Result<Tensor> {
         let x = (x + self.attn(&self.ln1.forward(x)?, mask, rotary)?)?; // [B, L, D]
         let m = self.fc1.forward_gelu(&self.ln2.forward(&x)?)?; // [B, L, 4D]
         Ok((x + self.fc2.forward(&m)?)?)
@@ -416,20 +401,6 @@ impl Transformer {
         &self.cfg
     }
 
-    /// `[L, L]` additive causal mask: 0 on and below the diagonal, -inf above.
-    fn causal_mask(l: usize, device: &Device) -> Result<Tensor> {
-        let v: Vec<f32> = (0..l * l)
-            .map(|ij| {
-                if ij % l > ij / l {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        Ok(Tensor::from_vec(v, (l, l), device)?)
-    }
-
     /// Logits `[B, L, vocab_out]` for token ids `ids: [B, L]` (u32, each `< vocab_in`,
     /// `L <= max_len`).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
@@ -473,6 +444,12 @@ impl KvCache {
     /// Whether nothing has been decoded yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Replaces every block's keys and values by `layers`, which hold `added` more positions.
+    fn push(&mut self, layers: Vec<(Tensor, Tensor)>, added: usize) {
+        self.layers = layers.into_iter().map(Some).collect();
+        self.len += added;
     }
 }
 
@@ -540,17 +517,59 @@ impl Transformer {
         at: Option<RotaryAt>,
     ) -> Result<Tensor> {
         let mut x = self.embed_at(ids, 0, extra)?; // [B, L, D]
-        let l = x.dim(1)?;
-        let mask = if self.cfg.causal {
-            Some(Self::causal_mask(l, ids.device())?)
-        } else {
-            None
-        };
         let rope = self.rope(at, 0)?;
         for blk in &self.blocks {
-            x = blk.forward(&x, mask.as_ref(), rope)?;
+            x = blk.forward(&x, self.cfg.mask, rope)?;
         }
         self.head.forward(&self.lnf.forward(&x)?) // [B, L, V_out]
+    }
+
+    /// Logits `[B, T, V_out]` of `ids: [B, T]` with token `i` at position `positions[i]` (the
+    /// same for every row; learned or rotary) under `mask` instead of the configured one. Block
+    /// diffusion's training pass (Arriola et al. 2025, sec. 3.2) runs `[x_t ; x_0]` with
+    /// positions `0..L` twice and [`AttentionMask::BlockDiffusion`]. Differentiable.
+    pub fn forward_masked(
+        &self,
+        ids: &Tensor,
+        positions: &[u32],
+        mask: AttentionMask,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if positions.len() != t {
+            return Err(Error::Shape(format!(
+                "transformer: {} positions for {t} tokens",
+                positions.len()
+            )));
+        }
+        if let Some(&p) = positions.iter().find(|&&p| p as usize >= self.cfg.max_len) {
+            return Err(Error::Shape(format!(
+                "transformer: position {p} exceeds max_len {}",
+                self.cfg.max_len
+            )));
+        }
+        mask.check(t, t).map_err(Error::Shape)?;
+        if ids.dtype() != DType::U32 {
+            return Err(Error::Shape(format!(
+                "transformer: token ids must be u32, got {:?}",
+                ids.dtype()
+            )));
+        }
+        let d = self.cfg.d_model;
+        let tok = self.tok.as_tensor().index_select(&ids.flatten_all()?, 0)?; // [B T, D]
+        let mut x = tok.reshape((b, t, d))?; // [B, T, D]
+        let rows: Vec<u32> = positions.repeat(b);
+        if let Some(pos) = &self.pos {
+            let at = Tensor::from_vec(positions.to_vec(), t, ids.device())?;
+            x = x.broadcast_add(&pos.as_tensor().index_select(&at, 0)?)?; // [B, T, D]
+        }
+        let rope = self
+            .rotary
+            .as_ref()
+            .map(|r| (r, RotaryAt::Rows { q: &rows, k: &rows }));
+        for blk in &self.blocks {
+            x = blk.forward(&x, mask, rope)?;
+        }
+        self.head.forward(&self.lnf.forward(&x)?) // [B, T, V_out]
     }
 
     /// An empty KV cache for this model.
@@ -583,31 +602,56 @@ impl Transformer {
         at: Option<RotaryAt>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        if !self.cfg.causal {
+        if self.cfg.mask != AttentionMask::Causal {
             return Err(Error::Config(
-                "a KV cache needs a causal transformer".into(),
+                "a KV cache for incremental decoding needs a causal transformer".into(),
             ));
         }
+        let (logits, layers) = self.cached_step(ids, extra, at, cache, AttentionMask::Causal)?;
+        cache.push(layers, ids.dim(1)?);
+        Ok(logits)
+    }
+
+    /// Block decoding (Arriola et al. 2025, Alg. 2): logits `[B, T, V_out]` of one block
+    /// `ids: [B, T]` at positions `cache.len()..cache.len() + T`, each token attending to every
+    /// cached key and to every token of the block (bidirectionally); `cache` is left as it was
+    /// (a noisy block being denoised). Equal to the `x_t` rows of the block under
+    /// [`AttentionMask::BlockDiffusion`] in [`Transformer::forward_masked`].
+    pub fn forward_block_cached(&self, ids: &Tensor, cache: &KvCache) -> Result<Tensor> {
+        Ok(self
+            .cached_step(ids, None, None, cache, AttentionMask::Full)?
+            .0)
+    }
+
+    /// [`Transformer::forward_block_cached`] for a finished (clean) block, appending its keys
+    /// and values to `cache`; its logits equal the `x_0` rows of the block under
+    /// [`AttentionMask::BlockDiffusion`].
+    pub fn commit_block(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (logits, layers) = self.cached_step(ids, None, None, cache, AttentionMask::Full)?;
+        cache.push(layers, ids.dim(1)?);
+        Ok(logits)
+    }
+
+    /// The logits of the new tokens `ids` after the cached ones, under `mask` over
+    /// `[cache ; new]` (aligned bottom-right), and every block's keys and values of
+    /// `[cache ; new]`.
+    fn cached_step(
+        &self,
+        ids: &Tensor,
+        extra: Option<&Tensor>,
+        at: Option<RotaryAt>,
+        cache: &KvCache,
+        mask: AttentionMask,
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         if cache.layers.len() != self.blocks.len() {
             return Err(Error::Shape("KV cache made for another model".into()));
         }
         let start = cache.len;
         let mut x = self.embed_at(ids, start, extra)?; // [B, T, D]
         let (b, t, d) = x.dims3()?;
-        let total = start + t;
-        // query i (absolute start + i) sees keys j <= start + i
-        let mask: Vec<f32> = (0..t * total)
-            .map(|ij| {
-                if ij % total > start + ij / total {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, total), ids.device())?; // [T, T_total]
         let rope = self.rope(at, start)?;
-        for (blk, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        for (blk, slot) in self.blocks.iter().zip(&cache.layers) {
             let (h, dh) = (blk.n_heads, d / blk.n_heads);
             let qkv = blk.qkv.forward(&blk.ln1.forward(&x)?)?; // [B, T, 3D]
             let qkv = match rope {
@@ -619,22 +663,18 @@ impl Transformer {
                 .permute((2, 0, 3, 1, 4))?
                 .contiguous()?; // [3, B, H, T, dh]
             let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?); // [B, H, T, dh]
-            let (k, v) = match slot.take() {
-                Some((kc, vc)) => (Tensor::cat(&[&kc, &k], 2)?, Tensor::cat(&[&vc, &v], 2)?),
+            let (k, v) = match slot.as_ref() {
+                Some((kc, vc)) => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
                 None => (k, v),
             }; // [B, H, T_total, dh]
-            let s = q
-                .matmul(&k.t()?.contiguous()?)?
-                .affine(1.0 / (dh as f64).sqrt(), 0.0)?
-                .broadcast_add(&mask)?; // [B, H, T, T_total]
-            let y = softmax_last_dim(&s)?.matmul(&v)?; // [B, H, T, dh]
+            let y = attention(&q, &k, &v, mask)?; // [B, H, T, dh]
             let y = y.transpose(1, 2)?.reshape((b, t, d))?; // [B, T, D]
             x = (x + blk.proj.forward(&y)?)?;
             let m = blk.fc1.forward(&blk.ln2.forward(&x)?)?.gelu_erf()?; // [B, T, 4D]
             x = (x + blk.fc2.forward(&m)?)?;
-            *slot = Some((k, v));
+            layers.push((k, v));
         }
-        cache.len = total;
-        self.head.forward(&self.lnf.forward(&x)?) // [B, T, V_out]
+        let logits = self.head.forward(&self.lnf.forward(&x)?)?; // [B, T, V_out]
+        Ok((logits, layers))
     }
 }

@@ -82,7 +82,7 @@ fn kv_cache_matches_with(positions: Positions) {
         d_model: 16,
         n_layers: 2,
         n_heads: 4,
-        causal: true,
+        mask: elbo::nn::transformer::AttentionMask::Causal,
         positions,
     };
     let net = Transformer::new(&mut ParamInit::new(&varmap, &mut rng, &dev), cfg).unwrap();

@@ -25,7 +25,7 @@ fn small_with(causal: bool, positions: Positions) -> TransformerConfig {
         d_model: 16,
         n_layers: 2,
         n_heads: 2,
-        causal,
+        mask: causal.into(),
         positions,
     }
 }
@@ -265,7 +265,7 @@ fn parameter_count_of_the_benchmark_shapes() {
             d_model: 256,
             n_layers: 4,
             n_heads: 4,
-            causal,
+            mask: causal.into(),
             positions: Positions::Learned,
         };
         assert_eq!(cfg.num_params(), expected);

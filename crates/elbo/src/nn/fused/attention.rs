@@ -10,8 +10,11 @@
 //! (Dao et al. eq. in B.4), forms
 //! `dV += P^T dO`, `dP = dO V^T`, `dS = P * (dP - D)`, `dQ += scale dS K`, `dK += scale dS^T Q`.
 //!
-//! The causal mask is aligned bottom-right: query `i` sees keys `j <= i + Lk - Lq` (the usual
-//! convention when `Lq < Lk` holds cached keys), which is `j <= i` when `Lq = Lk`. Work is split
+//! The mask is an [`AttentionMask`]: for each query its visible keys are at most two ranges, so
+//! a key tile that no query of a query tile sees is skipped (causal, block-causal and block
+//! diffusion's two-copy mask leave about half the tiles out). Causal masks are aligned
+//! bottom-right: query `i` sees keys `j <= i + Lk - Lq` (the usual convention when `Lq < Lk`
+//! holds cached keys), which is `j <= i` when `Lq = Lk`. Work is split
 //! over `B H` heads (and the query tiles of each head in the forward pass) on rayon's pool when
 //! large enough; every tile's arithmetic is fixed by the sizes, so results do not depend on the
 //! number of threads. The tile products run against each head's operands packed once
@@ -28,6 +31,7 @@ use rayon::prelude::*;
 use super::kernels::{exp_shift, exp_shift_sum, row_max};
 use super::panels::{matmul_panels, Panels};
 use super::tile::{MatMut, MatRef};
+use crate::nn::attention_mask::AttentionMask;
 
 /// Query rows per tile.
 const BR: usize = 64;
@@ -54,7 +58,7 @@ pub(crate) struct Dims {
     pub lk: usize,
     pub dh: usize,
     pub scale: f32,
-    pub causal: bool,
+    pub mask: AttentionMask,
     pub packing: Packing,
 }
 
@@ -63,14 +67,14 @@ impl Dims {
     pub fn new(
         heads: usize,
         (lq, lk, dh): (usize, usize, usize),
-        causal: bool,
+        mask: AttentionMask,
         packing: Packing,
     ) -> candle_core::Result<Self> {
         if lq > 0 && lk == 0 {
             bail!("attention: {lq} queries but no keys")
         }
-        if causal && lq > lk {
-            bail!("causal attention: more queries ({lq}) than keys ({lk})")
+        if let Err(e) = mask.check(lq, lk) {
+            bail!("{e}")
         }
         Ok(Self {
             heads,
@@ -78,18 +82,25 @@ impl Dims {
             lk,
             dh,
             scale: 1.0 / (dh.max(1) as f32).sqrt(),
-            causal,
+            mask,
             packing,
         })
     }
 
-    /// Keys visible to query `i` are `0..limit(i)`.
-    fn limit(&self, i: usize) -> usize {
-        if self.causal {
-            (i + 1 + self.lk - self.lq).min(self.lk)
-        } else {
-            self.lk
-        }
+    /// The keys query `i` sees within the key tile `ks..ks + bc`, as two sorted ranges of
+    /// column indices of the tile (possibly empty).
+    fn segments(&self, i: usize, ks: usize, bc: usize) -> [(usize, usize); 2] {
+        self.mask.visible(i, self.lq, self.lk).map(|r| {
+            let lo = r.start.clamp(ks, ks + bc) - ks;
+            let hi = r.end.clamp(ks, ks + bc) - ks;
+            (lo, hi.max(lo))
+        })
+    }
+
+    /// Whether some query of `qs..qs + br` sees some key of `ks..ks + bc`.
+    fn tile_visible(&self, (qs, br): (usize, usize), (ks, bc): (usize, usize)) -> bool {
+        self.mask == AttentionMask::Full
+            || (qs..qs + br).any(|i| self.segments(i, ks, bc).iter().any(|(a, b)| a < b))
     }
 
     fn parallel(&self) -> bool {
@@ -199,22 +210,28 @@ fn forward_tile(
     let mut m = vec![f32::NEG_INFINITY; br];
     let mut l = vec![0f32; br];
     o.fill(0.0);
-    let kend = d.limit(qs + br - 1);
-    for ks in (0..kend).step_by(BC) {
+    for ks in (0..d.lk).step_by(BC) {
         let bc = BC.min(d.lk - ks);
+        if !d.tile_visible((qs, br), (ks, bc)) {
+            continue; // every key of this tile is masked for every query of it
+        }
         tile_scores(&mut s, hd, d, &pk.kt, (qs, br), (ks, bc))?;
         for r in 0..br {
             let row = &mut s[r * bc..(r + 1) * bc];
-            let valid = d.limit(qs + r).saturating_sub(ks).min(bc);
-            let mx = row_max(&row[..valid]);
+            let segs = d.segments(qs + r, ks, bc);
+            let mx = segs
+                .iter()
+                .filter(|(a, b)| a < b)
+                .map(|&(a, b)| row_max(&row[a..b]))
+                .fold(f32::NEG_INFINITY, f32::max);
             let m_new = m[r].max(mx);
-            if valid == 0 || m_new == f32::NEG_INFINITY {
+            if mx == f32::NEG_INFINITY || m_new == f32::NEG_INFINITY {
                 row.fill(0.0);
                 continue;
             }
-            // online softmax: P = exp(S - m_new), rescale the running sum and output
-            let sum = exp_shift_sum(&mut row[..valid], m_new);
-            row[valid..].fill(0.0);
+            // online softmax: P = exp(S - m_new) on the visible keys, 0 elsewhere; rescale the
+            // running sum and output
+            let sum = exp_masked(row, &segs, |x| exp_shift_sum(x, m_new));
             if m[r] > f32::NEG_INFINITY && m[r] != m_new {
                 let alpha = (m[r] - m_new).exp();
                 l[r] *= alpha;
@@ -232,11 +249,31 @@ fn forward_tile(
         )?; // O += P V
     }
     for r in 0..br {
-        let inv = 1.0 / l[r];
+        let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 }; // a query that sees no key: 0
         o[r * dh..(r + 1) * dh].iter_mut().for_each(|x| *x *= inv);
         lse[r] = m[r] + l[r].ln();
     }
     Ok(())
+}
+
+/// Applies `f` to the visible segments of `row` (sorted, disjoint), zeroes the rest, and
+/// returns the sum of `f`'s results.
+fn exp_masked(
+    row: &mut [f32],
+    segs: &[(usize, usize); 2],
+    mut f: impl FnMut(&mut [f32]) -> f32,
+) -> f32 {
+    let mut at = 0;
+    let mut sum = 0.0;
+    for &(a, b) in segs {
+        if a < b {
+            row[at..a].fill(0.0);
+            sum += f(&mut row[a..b]);
+            at = b;
+        }
+    }
+    row[at..].fill(0.0);
+    sum
 }
 
 /// Forward pass of one head into `o: [Lq, dh]` (contiguous) and `lse: [Lq]`.
@@ -340,15 +377,18 @@ fn backward_head(
         let bc = BC.min(d.lk - ks);
         for qs in (0..d.lq).step_by(BR) {
             let br = BR.min(d.lq - qs);
-            if d.limit(qs + br - 1) <= ks {
+            if !d.tile_visible((qs, br), (ks, bc)) {
                 continue; // every key of this tile is masked for every query of it
             }
             tile_scores(&mut p, hd, d, &pk.kt, (qs, br), (ks, bc))?;
             for r in 0..br {
                 let row = &mut p[r * bc..(r + 1) * bc];
-                let valid = d.limit(qs + r).saturating_sub(ks).min(bc);
-                exp_shift(&mut row[..valid], lse[qs + r]);
-                row[valid..].fill(0.0);
+                let segs = d.segments(qs + r, ks, bc);
+                let shift = lse[qs + r];
+                exp_masked(row, &segs, |x| {
+                    exp_shift(x, shift);
+                    0.0
+                });
             }
             let p_t = MatRef::rows(&p, br, bc);
             let gv_t = MatMut::rows(&mut gv[ks * dh..], bc, dh);

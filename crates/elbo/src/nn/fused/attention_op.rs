@@ -10,6 +10,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor}
 use super::attention::{backward, forward, scatter, Dims, Packing};
 use super::linear::f32_slice;
 use super::with_f32;
+use crate::nn::attention_mask::AttentionMask;
 
 /// The saved `lse: [B H Lq]`, behind a lock (ops are shared through the graph).
 #[derive(Default)]
@@ -38,7 +39,12 @@ impl Saved {
 }
 
 /// Checks `q: [B, H, Lq, dh]`, `k, v: [B, H, Lk, dh]`.
-fn split_dims(ql: &Layout, kl: &Layout, vl: &Layout, causal: bool) -> candle_core::Result<Dims> {
+fn split_dims(
+    ql: &Layout,
+    kl: &Layout,
+    vl: &Layout,
+    mask: AttentionMask,
+) -> candle_core::Result<Dims> {
     let (b, h, lq, dh) = ql.shape().dims4()?;
     let (kb, kh, lk, kd) = kl.shape().dims4()?;
     if (kb, kh, kd) != (b, h, dh) || vl.dims() != kl.dims() {
@@ -50,20 +56,20 @@ fn split_dims(ql: &Layout, kl: &Layout, vl: &Layout, causal: bool) -> candle_cor
             vl.dims()
         )
     }
-    Dims::new(b * h, (lq, lk, dh), causal, Packing::Split)
+    Dims::new(b * h, (lq, lk, dh), mask, Packing::Split)
 }
 
 /// Attention on split `q, k, v`; the forward pass saves `lse` when `save`.
 pub(crate) struct FlashAttention {
-    causal: bool,
+    mask: AttentionMask,
     save: bool,
     lse: Saved,
 }
 
 impl FlashAttention {
-    pub(crate) fn new(causal: bool, save: bool) -> Self {
+    pub(crate) fn new(mask: AttentionMask, save: bool) -> Self {
         Self {
-            causal,
+            mask,
             save,
             lse: Saved::default(),
         }
@@ -84,7 +90,7 @@ impl CustomOp3 for FlashAttention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = split_dims(ql, kl, vl, self.causal)?;
+        let d = split_dims(ql, kl, vl, self.mask)?;
         let q = f32_slice(qs, ql, "attention q")?;
         let k = f32_slice(ks, kl, "attention k")?;
         let v = f32_slice(vs, vl, "attention v")?;
@@ -106,7 +112,7 @@ impl CustomOp3 for FlashAttention {
         let grad = grad.contiguous()?;
         let all = self.lse.with(|lse| {
             let op = SplitBackward {
-                causal: self.causal,
+                mask: self.mask,
                 o: res,
                 go: &grad,
                 lse,
@@ -124,7 +130,7 @@ impl CustomOp3 for FlashAttention {
 /// The backward pass of [`FlashAttention`] as an op on `(q, k, v)`, returning `dq`, `dk`, `dv`
 /// one after the other in one flat buffer.
 struct SplitBackward<'a> {
-    causal: bool,
+    mask: AttentionMask,
     o: &'a Tensor,
     go: &'a Tensor,
     lse: &'a [f32],
@@ -144,7 +150,7 @@ impl CustomOp3 for SplitBackward<'_> {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = split_dims(ql, kl, vl, self.causal)?;
+        let d = split_dims(ql, kl, vl, self.mask)?;
         let q = f32_slice(qs, ql, "attention q")?;
         let k = f32_slice(ks, kl, "attention k")?;
         let v = f32_slice(vs, vl, "attention v")?;
@@ -165,7 +171,7 @@ impl CustomOp3 for SplitBackward<'_> {
 }
 
 /// Checks `qkv: [B, L, 3 h dh]`.
-fn packed_dims(l: &Layout, h: usize, causal: bool) -> candle_core::Result<Dims> {
+fn packed_dims(l: &Layout, h: usize, mask: AttentionMask) -> candle_core::Result<Dims> {
     let (b, len, w) = l.shape().dims3()?;
     if h == 0 || w % (3 * h) != 0 {
         bail!(
@@ -173,28 +179,23 @@ fn packed_dims(l: &Layout, h: usize, causal: bool) -> candle_core::Result<Dims> 
             l.dims()
         )
     }
-    Dims::new(
-        b * h,
-        (len, len, w / (3 * h)),
-        causal,
-        Packing::Packed { h },
-    )
+    Dims::new(b * h, (len, len, w / (3 * h)), mask, Packing::Packed { h })
 }
 
 /// Attention on a packed `qkv: [B, L, 3 h dh]` (`q`, `k`, `v` one after the other, each
 /// `[h, dh]`), giving `[B, L, h dh]`; the forward pass saves `lse` when `save`.
 pub(crate) struct PackedAttention {
     heads: usize,
-    causal: bool,
+    mask: AttentionMask,
     save: bool,
     lse: Saved,
 }
 
 impl PackedAttention {
-    pub(crate) fn new(heads: usize, causal: bool, save: bool) -> Self {
+    pub(crate) fn new(heads: usize, mask: AttentionMask, save: bool) -> Self {
         Self {
             heads,
-            causal,
+            mask,
             save,
             lse: Saved::default(),
         }
@@ -207,7 +208,7 @@ impl CustomOp1 for PackedAttention {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = packed_dims(l, self.heads, self.causal)?;
+        let d = packed_dims(l, self.heads, self.mask)?;
         let x = f32_slice(s, l, "attention qkv")?;
         let (o_heads, lse) = forward([x, x, x], &d)?; // [B h, L, dh]
         let mut o = vec![0f32; d.q_len()];
@@ -229,7 +230,7 @@ impl CustomOp1 for PackedAttention {
         let g = self.lse.with(|lse| {
             let op = PackedBackward {
                 heads: self.heads,
-                causal: self.causal,
+                mask: self.mask,
                 o: res,
                 go: &grad,
                 lse,
@@ -243,7 +244,7 @@ impl CustomOp1 for PackedAttention {
 /// The backward pass of [`PackedAttention`] as an op on `qkv`, returning `dqkv`.
 struct PackedBackward<'a> {
     heads: usize,
-    causal: bool,
+    mask: AttentionMask,
     o: &'a Tensor,
     go: &'a Tensor,
     lse: &'a [f32],
@@ -255,7 +256,7 @@ impl CustomOp1 for PackedBackward<'_> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = packed_dims(l, self.heads, self.causal)?;
+        let d = packed_dims(l, self.heads, self.mask)?;
         let x = f32_slice(s, l, "attention qkv")?;
         let (nq, nk) = (d.q_len(), d.k_len());
         if self.lse.len() != d.heads * d.lq || self.o.elem_count() != nq {

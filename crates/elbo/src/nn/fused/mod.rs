@@ -159,11 +159,18 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Flash attention `softmax(Q K^T / sqrt(dh) + mask) V` for `q: [B, H, Lq, dh]`,
-/// `k, v: [B, H, Lk, dh]` -> `[B, H, Lq, dh]` (CPU `f32` only); with `causal`, query `i` sees
-/// keys `j <= i + Lk - Lq`. The algorithm (Dao et al. 2022) is described in `fused/attention.rs`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
+/// `k, v: [B, H, Lk, dh]` -> `[B, H, Lq, dh]` (CPU `f32` only) under `mask` (an
+/// [`AttentionMask`](crate::nn::attention_mask::AttentionMask), or a bool: `true` causal, query
+/// `i` sees keys `j <= i + Lk - Lq`). The algorithm (Dao et al. 2022) is described in
+/// `fused/attention.rs`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: impl Into<crate::nn::attention_mask::AttentionMask>,
+) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let op = attention_op::FlashAttention::new(causal, tracks(&[&q, &k, &v]));
+    let op = attention_op::FlashAttention::new(mask.into(), tracks(&[&q, &k, &v]));
     Ok(q.apply_op3(&k, &v, op)?)
 }
 
@@ -172,9 +179,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Ten
 /// heads side by side. The heads are read and written in place through strides: no permuted
 /// copy of `q`, `k`, `v` or of the output exists, and the backward pass gives `dqkv` in the same
 /// layout (CPU `f32` only).
-pub fn attention_packed(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+pub fn attention_packed(
+    qkv: &Tensor,
+    heads: usize,
+    mask: impl Into<crate::nn::attention_mask::AttentionMask>,
+) -> Result<Tensor> {
     let qkv = qkv.contiguous()?;
-    let op = attention_op::PackedAttention::new(heads, causal, qkv.track_op());
+    let op = attention_op::PackedAttention::new(heads, mask.into(), qkv.track_op());
     Ok(qkv.apply_op1(op)?)
 }
 

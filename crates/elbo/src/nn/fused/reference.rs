@@ -3,8 +3,9 @@
 //! functions off CPU `f32` (e.g. on CUDA or in `f64`), and the references the fused ops are
 //! tested against. Re-exported from [`crate::nn::transformer`].
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 
+use crate::nn::attention_mask::AttentionMask;
 use crate::{Error, Result};
 
 /// [`layer_norm`](crate::nn::transformer::layer_norm) built from differentiable candle ops (the fallback, and the tests' reference).
@@ -77,51 +78,44 @@ pub fn cross_entropy_weighted_composed(
     Ok((ce * w)?)
 }
 
-/// Checks `q: [B, H, Lq, dh]`, `k, v: [B, H, Lk, dh]` (and `Lq <= Lk` when causal).
-pub(crate) fn attention_check(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<()> {
+/// Checks `q: [B, H, Lq, dh]`, `k, v: [B, H, Lk, dh]` and that `mask` fits them.
+pub(crate) fn attention_check(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: AttentionMask,
+) -> Result<()> {
     let ok = match (q.dims(), k.dims()) {
-        ([b, h, lq, dh], [kb, kh, lk, kd]) => {
-            (b, h, dh) == (kb, kh, kd) && v.dims() == k.dims() && (!causal || lq <= lk)
-        }
+        ([b, h, _, dh], [kb, kh, _, kd]) => (b, h, dh) == (kb, kh, kd) && v.dims() == k.dims(),
         _ => false,
     };
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Shape(format!(
-            "attention: q {:?}, k {:?}, v {:?} must be [B, H, Lq, dh], [B, H, Lk, dh] twice \
-             (Lq <= Lk when causal)",
+    if !ok {
+        return Err(Error::Shape(format!(
+            "attention: q {:?}, k {:?}, v {:?} must be [B, H, Lq, dh], [B, H, Lk, dh] twice",
             q.dims(),
             k.dims(),
             v.dims()
-        )))
+        )));
     }
+    mask.check(q.dim(2)?, k.dim(2)?).map_err(Error::Shape)
 }
 
-/// `[Lq, Lk]` additive mask: 0 where key `j <= i + Lk - Lq`, -inf elsewhere.
-fn causal_mask_rect(lq: usize, lk: usize, device: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..lq * lk)
-        .map(|ij| {
-            if ij % lk > ij / lk + (lk - lq) {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    Ok(Tensor::from_vec(v, (lq, lk), device)?)
-}
-
-/// [`attention`](crate::nn::transformer::attention) from candle ops: the `[B, H, Lq, Lk]` scores, the mask, the composed softmax.
-pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
-    attention_check(q, k, v, causal)?;
-    let mask = if causal {
-        let (lq, lk) = (q.dim(2)?, k.dim(2)?);
-        Some(causal_mask_rect(lq, lk, q.device())?.to_dtype(q.dtype())?)
-    } else {
-        None
+/// [`attention`](crate::nn::transformer::attention) from candle ops: the `[B, H, Lq, Lk]`
+/// scores, the additive mask of `mask`, the composed softmax.
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: impl Into<AttentionMask>,
+) -> Result<Tensor> {
+    let mask = mask.into();
+    attention_check(q, k, v, mask)?;
+    let (lq, lk) = (q.dim(2)?, k.dim(2)?);
+    let m = match mask.additive(lq, lk, q.device())? {
+        Some(m) => Some(m.to_dtype(q.dtype())?),
+        None => None,
     };
-    masked_attention_composed(q, k, v, mask.as_ref())
+    masked_attention_composed(q, k, v, m.as_ref())
 }
 
 /// `softmax(Q K^T / sqrt(dh) + mask) V` from candle ops, `mask: [Lq, Lk]` (0 or -inf).
