@@ -68,6 +68,25 @@ const BUILTIN_CONFIGS: &[(&str, &str)] = &[
     (
         "../shakespeare-mdlm.toml",
         include_str!("../../../../configs/shakespeare-mdlm.toml"),
+    ),    (
+        "../shakespeare-bd3lm-4.toml",
+        include_str!("../../../../configs/shakespeare-bd3lm-4.toml"),
+    ),
+    (
+        "../shakespeare-bd3lm-16.toml",
+        include_str!("../../../../configs/shakespeare-bd3lm-16.toml"),
+    ),
+    (
+        "../shakespeare-sedd.toml",
+        include_str!("../../../../configs/shakespeare-sedd.toml"),
+    ),
+    (
+        "../digits-bd3lm-4.toml",
+        include_str!("../../../../configs/digits-bd3lm-4.toml"),
+    ),
+    (
+        "../digits-sedd.toml",
+        include_str!("../../../../configs/digits-sedd.toml"),
     ),
 ];
 
