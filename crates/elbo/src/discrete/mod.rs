@@ -17,6 +17,7 @@ use crate::nn::transformer::{Positions, TransformerConfig};
 use crate::{Error, Result};
 
 pub mod any_order;
+pub mod d3pm;
 pub mod filter;
 pub mod masked_diffusion;
 pub mod sampler;

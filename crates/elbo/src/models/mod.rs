@@ -155,6 +155,8 @@ families! {
     any_order => AnyOrder = "ao-ar" | "any-order" | "aoar";
     /// Masked diffusion LM (MDLM, LLaDA).
     mdlm => Mdlm = "mdlm" | "masked-diffusion";
+    /// Discrete diffusion with transition matrices (D3PM).
+    d3pm => D3pm = "d3pm";
     gaussian => Gaussian = "gaussian";
 }
 
