@@ -22,8 +22,7 @@ const V: usize = 3;
 const L: usize = 3;
 
 fn absorbing(steps: usize) -> StructuredTransition {
-    StructuredTransition::new(MatrixKind::Absorbing, Schedule::MutualInformation, V, steps)
-        .unwrap()
+    StructuredTransition::new(MatrixKind::Absorbing, Schedule::MutualInformation, V, steps).unwrap()
 }
 
 fn uniform(steps: usize) -> StructuredTransition {
@@ -98,7 +97,7 @@ impl<'a> Oracle<'a> {
                         self.tr.propagate(&e, t)
                     })
                     .collect();
-                let mut m = vec![1e-300; L * V];
+                let mut m = [1e-300; L * V];
                 for x in all_seqs(V) {
                     let w: f64 = self.p(&x)
                         * (0..L)
@@ -216,7 +215,9 @@ fn cumulative_products_match_one_step_matrices_and_simulation() {
         assert!((b - 1.0 / (21 - t) as f64).abs() < 1e-12, "beta_{t} = {b}");
     }
     // the uniform matrix mixes to the uniform prior; absorbing ends all MASK
-    assert!(u.cumulative(20)[0].iter().all(|x| (x - 1.0 / 3.0).abs() < 1e-9));
+    assert!(u.cumulative(20)[0]
+        .iter()
+        .all(|x| (x - 1.0 / 3.0).abs() < 1e-9));
     assert!((a.cumulative(20)[0][V] - 1.0).abs() < 1e-12);
 }
 
@@ -229,7 +230,11 @@ fn posterior_is_bayes_rule_and_the_batched_reverse_matches() {
         let k = tr.states();
         let dense = DenseTransition::of(tr).unwrap();
         for (s, t) in [(0, 1), (2, 3), (1, 4), (0, tr.steps())] {
-            let (qs, qts, qt) = (dense.cumulative(s), dense.between(s, t), dense.cumulative(t));
+            let (qs, qts, qt) = (
+                dense.cumulative(s),
+                dense.between(s, t),
+                dense.cumulative(t),
+            );
             for x0 in 0..V {
                 for xt in 0..k {
                     if qt[x0][xt] == 0.0 {
@@ -325,7 +330,10 @@ fn vlb_bounds_the_exact_nll_of_the_reverse_chain() {
             };
             let marg = reverse_chain_marginal(tr, &den);
             let total: f64 = marg.values().sum();
-            assert!((total - 1.0).abs() < 1e-6, "{name}: reverse chain mass {total}");
+            assert!(
+                (total - 1.0).abs() < 1e-6,
+                "{name}: reverse chain mass {total}"
+            );
             let mut gaps = 0.0;
             for x in all_seqs(V) {
                 let bound = vlb_by_enumeration(tr, &den, &x).unwrap();
@@ -333,7 +341,10 @@ fn vlb_bounds_the_exact_nll_of_the_reverse_chain() {
                 assert!(bound >= nll - 1e-4, "{name}/{exact} {x:?}: {bound} < {nll}");
                 gaps += bound - nll;
             }
-            assert!(gaps > 1e-3, "{name}/{exact}: the bound should not be tight at T = 6");
+            assert!(
+                gaps > 1e-3,
+                "{name}/{exact}: the bound should not be tight at T = 6"
+            );
         }
     }
 }
@@ -350,12 +361,18 @@ fn absorbing_vlb_is_mdlm_discrete_elbo_and_approaches_the_continuous_one() {
             let d3pm = vlb_by_enumeration(&tr, &den, &x).unwrap();
             let mdlm = nelbo_by_enumeration(&den, &x, t).unwrap();
             // the same bound: weight 1/t on the masked cross-entropy (MDLM eq. 8)
-            assert!((d3pm - mdlm).abs() < 2e-3 * mdlm.max(1.0), "T={t}: {d3pm} vs {mdlm}");
+            assert!(
+                (d3pm - mdlm).abs() < 2e-3 * mdlm.max(1.0),
+                "T={t}: {d3pm} vs {mdlm}"
+            );
             let gap = d3pm - continuous;
             assert!(gap.abs() < last_gap, "T={t}: gap {gap} after {last_gap}");
             last_gap = gap.abs();
         }
-        assert!(last_gap < 0.01 * continuous, "T=1000: gap {last_gap} of {continuous}");
+        assert!(
+            last_gap < 0.01 * continuous,
+            "T=1000: gap {last_gap} of {continuous}"
+        );
     }
 }
 
@@ -373,7 +390,10 @@ fn monte_carlo_vlb_agrees_with_the_exact_sum() {
             .unwrap();
         let v = vlb(tr, &den, &ids, 2, &mut Rng::new(1)).unwrap();
         let (m, se) = elbo::likelihood::mean_stderr(&v);
-        assert!((m - exact).abs() < 3.0 * se, "{name}: MC {m} ± {se} vs {exact}");
+        assert!(
+            (m - exact).abs() < 3.0 * se,
+            "{name}: MC {m} ± {se} vs {exact}"
+        );
     }
 }
 
@@ -382,8 +402,16 @@ fn total_variation(tr: &dyn Transition, oracle: &Oracle, steps: usize, n: usize)
         steps,
         filter: TokenFilter::default(),
     };
-    let rows = ancestral::sample(tr, oracle, &[None; L], n, &cfg, &mut Rng::new(8), &Device::Cpu)
-        .unwrap();
+    let rows = ancestral::sample(
+        tr,
+        oracle,
+        &[None; L],
+        n,
+        &cfg,
+        &mut Rng::new(8),
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut freq: HashMap<Vec<u32>, f64> = HashMap::new();
     for r in rows {
         *freq.entry(r).or_insert(0.0) += 1.0 / n as f64;
@@ -399,7 +427,10 @@ fn exact_reverse_chain_converges_to_the_joint() {
     // the factorised reverse step is exact only one token change at a time: TV = O(1/T)
     let (u10, u50, u200) = (uniform(10), uniform(50), uniform(200));
     let (a10, a50, a200) = (absorbing(10), absorbing(50), absorbing(200));
-    for (name, trs) in [("uniform", [&u10, &u50, &u200]), ("absorbing", [&a10, &a50, &a200])] {
+    for (name, trs) in [
+        ("uniform", [&u10, &u50, &u200]),
+        ("absorbing", [&a10, &a50, &a200]),
+    ] {
         let mut last = f64::INFINITY;
         for tr in trs {
             let o = Oracle::joint(2, tr);
@@ -429,4 +460,53 @@ fn ancestral_samples_match_the_joint() {
     // one step from the prior cannot reach the joint's correlations: the test can fail
     let tv1 = total_variation(&a, &Oracle::joint(2, &a), 1, 4000);
     assert!(tv1 > tv.max(0.06), "one step: TV {tv1}");
+}
+
+#[test]
+fn the_uniform_model_gives_every_parameter_a_gradient_and_a_finite_bound() {
+    use elbo::config::{EvalOptions, SampleOptions};
+    use elbo::data::DataKind;
+    use elbo::model::{DataInfo, GenerativeModel};
+    use elbo::models::d3pm::{Config, D3pm};
+    // the contract test covers the default (absorbing); the uniform matrix adds the time input
+    let cfg = Config {
+        matrix: MatrixKind::Uniform,
+        schedule: Schedule::Cosine,
+        diffusion_steps: 50,
+        transformer: elbo::discrete::TransformerSettings {
+            d_model: 16,
+            n_heads: 2,
+            n_layers: 1,
+            ..Default::default()
+        },
+        ..Config::default()
+    };
+    let info = DataInfo::flat(6, DataKind::Discrete { levels: 5 });
+    let model = D3pm::new(&cfg, info, &Device::Cpu, &mut Rng::new(0)).unwrap();
+    let mut rng = Rng::new(1);
+    let x: Vec<f32> = (0..8 * 6).map(|_| rng.below(5) as f32).collect();
+    let batch = Tensor::from_vec(x, (8, 6), &Device::Cpu).unwrap();
+    let grads = model.loss(&batch, &mut rng).unwrap().backward().unwrap();
+    for (name, var) in elbo::train::optim::named_vars(model.varmap()).unwrap() {
+        let g = grads.get(var.as_tensor()).expect(&name);
+        let n: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(n > 0.0 && n.is_finite(), "{name}: gradient norm {n}");
+    }
+    let nll = model
+        .log_likelihood(&batch, &EvalOptions::default(), &mut rng)
+        .unwrap();
+    assert!(nll.nats.iter().all(|v| v.is_finite() && *v > 0.0));
+    let s = model
+        .sample(3, &SampleOptions::default(), &mut rng)
+        .unwrap();
+    assert_eq!(s.dims(), [3, 6]);
+    // a bad setting names its key
+    let bad = Config {
+        diffusion_steps: 0,
+        ..Config::default()
+    };
+    let e = D3pm::new(&bad, info, &Device::Cpu, &mut Rng::new(0))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("diffusion_steps"), "{e}");
 }

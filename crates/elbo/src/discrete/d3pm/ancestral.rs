@@ -39,9 +39,7 @@ pub fn sample(
 ) -> Result<Vec<Vec<u32>>> {
     let v = tr.data_states();
     if template.iter().flatten().any(|&x| x as usize >= v) {
-        return Err(Error::Config(format!(
-            "template tokens must be in 0..{v}"
-        )));
+        return Err(Error::Config(format!("template tokens must be in 0..{v}")));
     }
     let prior = tr.prior();
     let mut x: Vec<Vec<u32>> = (0..n)

@@ -113,7 +113,7 @@ pub fn reverse_log_probs(
     let (b, l, v) = log_p0.dims3()?;
     let (k, dev) = (tr.states(), log_p0.device());
     let p0 = log_p0.exp()?; // [B, L, V]
-    // p~ Qbar_s, per row
+                            // p~ Qbar_s, per row
     let prop = match tr.mixture(0) {
         Some(_) => {
             let (mut a, mut m) = (Vec::with_capacity(b), Vec::with_capacity(b * k));
@@ -137,7 +137,11 @@ pub fn reverse_log_probs(
                 .iter()
                 .flat_map(|&sb| {
                     let q = tr.cumulative(sb);
-                    q[..v].iter().flatten().map(|&x| x as f32).collect::<Vec<_>>()
+                    q[..v]
+                        .iter()
+                        .flatten()
+                        .map(|&x| x as f32)
+                        .collect::<Vec<_>>()
                 })
                 .collect();
             p0.matmul(&Tensor::from_vec(mats, (b, v, k), dev)?)? // [B, L, K]
@@ -251,10 +255,15 @@ pub fn vlb_by_enumeration(tr: &dyn Transition, den: &dyn X0Denoiser, x0: &[u32])
     let v = tr.data_states();
     let mut total = prior_kl(tr, x0);
     for t in 1..=tr.steps() {
-        let marg: Vec<Vec<f64>> = x0.iter().map(|&x| tr.propagate(&one_hot(x, v), t)).collect();
+        let marg: Vec<Vec<f64>> = x0
+            .iter()
+            .map(|&x| tr.propagate(&one_hot(x, v), t))
+            .collect();
         let (mut rows, mut w) = (Vec::new(), Vec::new());
         for code in 0..k.pow(l as u32) {
-            let row: Vec<u32> = (0..l).map(|i| (code / k.pow(i as u32) % k) as u32).collect();
+            let row: Vec<u32> = (0..l)
+                .map(|i| (code / k.pow(i as u32) % k) as u32)
+                .collect();
             let p: f64 = row.iter().zip(&marg).map(|(&x, m)| m[x as usize]).product();
             if p > 0.0 {
                 rows.push(row);
@@ -264,7 +273,11 @@ pub fn vlb_by_enumeration(tr: &dyn Transition, den: &dyn X0Denoiser, x0: &[u32])
         let x0s = vec![x0.to_vec(); rows.len()];
         let (kl, _) = vlb_terms_at(tr, den, &x0s, &rows, &vec![t; rows.len()], &Device::Cpu)?;
         let kl: Vec<f32> = kl.to_vec1()?;
-        total += kl.iter().zip(&w).map(|(a, b)| f64::from(*a) * b).sum::<f64>();
+        total += kl
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| f64::from(*a) * b)
+            .sum::<f64>();
     }
     Ok(total)
 }
