@@ -16,7 +16,9 @@ use crate::discrete::d3pm::ancestral::{self, time_grid, AncestralConfig};
 use crate::discrete::d3pm::transition::{MatrixKind, Schedule, StructuredTransition, Transition};
 use crate::discrete::d3pm::vlb::{sample_steps, vlb, vlb_estimate_terms, X0Denoiser};
 use crate::discrete::filter::{TokenFilter, TokenSampling};
-use crate::discrete::{check_prompt_len, per_chunk, to_ids, vocab_of, TransformerSettings, EVAL_CHUNK};
+use crate::discrete::{
+    check_prompt_len, per_chunk, to_ids, vocab_of, TransformerSettings, EVAL_CHUNK,
+};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
 use crate::nn::transformer::{log_softmax_last_dim, Transformer};
@@ -252,7 +254,9 @@ impl GenerativeModel for D3pm {
         likelihood_choice(opts, "d3pm", Config::LIKELIHOODS)?;
         check_prompt_len(opts, self.len, "the D3PM bound", false)?;
         let ids = to_ids(batch, self.len, self.vocab)?;
-        let nats = per_chunk(&ids, |c| vlb(&self.transition, self, c, opts.lm_samples, rng))?;
+        let nats = per_chunk(&ids, |c| {
+            vlb(&self.transition, self, c, opts.lm_samples, rng)
+        })?;
         Ok(Nll {
             nats,
             dims: self.len,
