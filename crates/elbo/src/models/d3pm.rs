@@ -155,7 +155,7 @@ impl D3pm {
     /// Sinusoidal embeddings of `1000 t` per row, broadcast to `[B, L, D]`.
     fn time_embedding(&self, time: &[f64], l: usize) -> Result<Tensor> {
         let d = self.cfg.transformer.d_model;
-        let half = d / 2;
+        let half = (d / 2).max(1);
         let v: Vec<f32> = time
             .iter()
             .flat_map(|&t| {
