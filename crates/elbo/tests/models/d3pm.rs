@@ -483,6 +483,13 @@ fn the_uniform_model_gives_every_parameter_a_gradient_and_a_finite_bound() {
     };
     let info = DataInfo::flat(6, DataKind::Discrete { levels: 5 });
     let model = D3pm::new(&cfg, info, &Device::Cpu, &mut Rng::new(0)).unwrap();
+    let params: usize = elbo::train::optim::named_vars(model.varmap())
+        .unwrap()
+        .iter()
+        .map(|(_, v)| v.as_tensor().elem_count())
+        .sum();
+    let est = elbo::models::FamilyConfig::memory_estimate(&cfg, &info, 8);
+    assert_eq!(est.params, params as u64, "uniform: V input ids, no MASK");
     let mut rng = Rng::new(1);
     let x: Vec<f32> = (0..8 * 6).map(|_| rng.below(5) as f32).collect();
     let batch = Tensor::from_vec(x, (8, 6), &Device::Cpu).unwrap();
