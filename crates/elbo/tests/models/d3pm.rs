@@ -355,22 +355,25 @@ fn absorbing_vlb_is_mdlm_discrete_elbo_and_approaches_the_continuous_one() {
     let den = Oracle::arbitrary(9, &tr1); // time-independent
     for x in [[2u32, 0, 1], [1, 1, 0]] {
         let continuous = nelbo_by_enumeration(&den, &x, 0).unwrap();
+        // |gap| (the discrete bound may lie below the continuous one for a denoiser that is
+        // not a joint's conditionals): measured 0.26 / 0.025 / 0.0025 nats of 8.6
         let mut last_gap = f64::INFINITY;
         for t in [10, 100, 1000] {
             let tr = absorbing(t);
             let d3pm = vlb_by_enumeration(&tr, &den, &x).unwrap();
             let mdlm = nelbo_by_enumeration(&den, &x, t).unwrap();
             // the same bound: weight 1/t on the masked cross-entropy (MDLM eq. 8)
-            assert!(
-                (d3pm - mdlm).abs() < 2e-3 * mdlm.max(1.0),
-                "T={t}: {d3pm} vs {mdlm}"
-            );
+            assert!((d3pm - mdlm).abs() < 1e-4, "T={t}: {d3pm} vs {mdlm}");
             let gap = d3pm - continuous;
-            assert!(gap.abs() < last_gap, "T={t}: gap {gap} after {last_gap}");
+            // first order in 1/T: each tenfold T shrinks the gap at least fivefold
+            assert!(
+                gap.abs() < 0.2 * last_gap,
+                "T={t}: gap {gap} after {last_gap}"
+            );
             last_gap = gap.abs();
         }
         assert!(
-            last_gap < 0.01 * continuous,
+            last_gap < 1e-3 * continuous,
             "T=1000: gap {last_gap} of {continuous}"
         );
     }
