@@ -18,6 +18,7 @@ use crate::{Error, Result};
 
 pub mod any_order;
 pub mod block_diffusion;
+pub mod d3pm;
 pub mod filter;
 pub mod graph;
 pub mod masked_diffusion;

@@ -155,6 +155,8 @@ families! {
     any_order => AnyOrder = "ao-ar" | "any-order" | "aoar";
     /// Masked diffusion LM (MDLM, LLaDA).
     mdlm => Mdlm = "mdlm" | "masked-diffusion";
+    /// Discrete diffusion with transition matrices (D3PM).
+    d3pm => D3pm = "d3pm";
     /// Block diffusion LM (BD3-LM).
     bd3lm => Bd3lm = "bd3lm" | "block-diffusion";
     /// Score-entropy discrete diffusion (SEDD).

@@ -79,7 +79,7 @@ fn tiny_mlp_estimate_is_its_exact_parameter_count() {
 fn every_family_and_backbone_counts_its_parameters_exactly() {
     for f in FAMILIES {
         let (data, sets): (DataInfo, Vec<&str>) = match f.name {
-            "ar" | "ao-ar" | "mdlm" | "bd3lm" | "sedd" => (
+            "ar" | "ao-ar" | "mdlm" | "d3pm" | "bd3lm" | "sedd" => (
                 tokens(12, 7),
                 vec![
                     "model.transformer.d_model=16",
