@@ -68,7 +68,8 @@ const BUILTIN_CONFIGS: &[(&str, &str)] = &[
     (
         "../shakespeare-mdlm.toml",
         include_str!("../../../../configs/shakespeare-mdlm.toml"),
-    ),    (
+    ),
+    (
         "../shakespeare-bd3lm-4.toml",
         include_str!("../../../../configs/shakespeare-bd3lm-4.toml"),
     ),
@@ -87,6 +88,18 @@ const BUILTIN_CONFIGS: &[(&str, &str)] = &[
     (
         "../digits-sedd.toml",
         include_str!("../../../../configs/digits-sedd.toml"),
+    ),
+    (
+        "../shakespeare-d3pm-absorb.toml",
+        include_str!("../../../../configs/shakespeare-d3pm-absorb.toml"),
+    ),
+    (
+        "../shakespeare-d3pm-uniform.toml",
+        include_str!("../../../../configs/shakespeare-d3pm-uniform.toml"),
+    ),
+    (
+        "../digits-d3pm-absorb.toml",
+        include_str!("../../../../configs/digits-d3pm-absorb.toml"),
     ),
 ];
 

@@ -12,10 +12,10 @@ use crate::discrete::{
 };
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
-use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::rotary::RotaryAt;
 use crate::nn::transformer::{log_softmax_last_dim, Positions, Transformer};
 use crate::nn::ParamInit;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::{Error, Nll, NllKind, Result, Rng};
 
 /// The `[model]` table of `ao-ar`.
@@ -87,9 +87,7 @@ impl AnyOrder {
             let src = p
                 .push("src_pos")
                 .normal("weight", &[len + 1, d_model], 1.0)?;
-            let tgt = p
-                .push("tgt_pos")
-                .normal("weight", &[len, d_model], 1.0)?;
+            let tgt = p.push("tgt_pos").normal("weight", &[len, d_model], 1.0)?;
             (net, src, tgt)
         };
         Ok(Self {

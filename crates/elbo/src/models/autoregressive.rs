@@ -15,9 +15,9 @@ use crate::discrete::{
 };
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
-use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::transformer::{log_softmax_last_dim, Transformer};
 use crate::nn::ParamInit;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::{Error, Nll, NllKind, Result, Rng};
 
 /// The `[model]` table of `ar`.
@@ -31,7 +31,8 @@ pub struct Config {
 }
 
 impl FamilyConfig for Config {
-    const ABOUT: &'static str = "autoregressive transformer LM (exact likelihood by the chain rule)";
+    const ABOUT: &'static str =
+        "autoregressive transformer LM (exact likelihood by the chain rule)";
     const LIKELIHOODS: &'static [&'static str] = &["exact"];
 
     fn validate(&self) -> Result<()> {

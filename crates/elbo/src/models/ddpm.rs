@@ -14,14 +14,16 @@ use crate::continuous::diffusion::param::{
     level_cross_entropy, simple_target, x0_from_output, ParameterizationChoice,
 };
 use crate::continuous::diffusion::pf_ode::{self, PfOde};
-use crate::continuous::diffusion::sampling::{self, DiffusionSampling, GaussianDiffusion, SamplerName};
+use crate::continuous::diffusion::sampling::{
+    self, DiffusionSampling, GaussianDiffusion, SamplerName,
+};
 use crate::continuous::diffusion::vlb::{vlb, Decoder};
 use crate::continuous::parameterization::{Coeffs, Parameterization};
 use crate::continuous::schedule::{BetaSchedule, NoiseSchedule};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
-use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::ParamInit;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::{Error, Nll, NllKind, Result, Rng};
 
 /// The `[model]` table of `ddpm`.

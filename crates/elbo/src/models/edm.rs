@@ -11,13 +11,15 @@ use serde::{Deserialize, Serialize};
 use crate::config::{EvalOptions, SampleOptions};
 use crate::continuous::diffusion::net::{check_batch, DataScale, DenoiserNet, NetConfig};
 use crate::continuous::diffusion::pf_ode::{self, PfOde};
-use crate::continuous::diffusion::sampling::{self, DiffusionSampling, GaussianDiffusion, SamplerName};
+use crate::continuous::diffusion::sampling::{
+    self, DiffusionSampling, GaussianDiffusion, SamplerName,
+};
 use crate::continuous::parameterization::{Coeffs, EdmPrecond};
 use crate::continuous::schedule::{Edm as EdmSchedule, NoiseSchedule};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
-use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::ParamInit;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::{Error, Nll, Result, Rng};
 
 /// The `[model]` table of `edm`.
@@ -85,7 +87,9 @@ impl FamilyConfig for Config {
             ));
         }
         if !(self.p_std > 0.0 && self.rho > 0.0) {
-            return Err(Error::Config("model.p_std and model.rho must be positive".into()));
+            return Err(Error::Config(
+                "model.p_std and model.rho must be positive".into(),
+            ));
         }
         Ok(())
     }
@@ -226,11 +230,17 @@ impl GenerativeModel for Edm {
     }
 
     fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
-        let x = self
-            .net
-            .with_packed(|| {
-                sampling::sample(self, SamplerName::Heun, n, &self.sampling, opts, rng, &self.device)
-            })?;
+        let x = self.net.with_packed(|| {
+            sampling::sample(
+                self,
+                SamplerName::Heun,
+                n,
+                &self.sampling,
+                opts,
+                rng,
+                &self.device,
+            )
+        })?;
         self.scale.to_data(&x)
     }
 

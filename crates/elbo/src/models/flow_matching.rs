@@ -17,15 +17,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalOptions, SampleOptions};
 use crate::continuous::cnf;
-use crate::continuous::diffusion::pf_ode;
 use crate::continuous::diffusion::net::{BackboneKind, Bins, DataScale, DenoiserNet, NetConfig};
+use crate::continuous::diffusion::pf_ode;
 use crate::continuous::diffusion::sampling::{self, DiffusionSampling, SamplerName};
 use crate::continuous::ode::Solver;
 use crate::continuous::VelocityField;
 use crate::model::{DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
-use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::{sinusoidal_embedding, sinusoidal_row, Mlp, PackedMlp, ParamInit};
+use crate::resources::{estimate, MemoryEstimate};
 use crate::{Error, Nll, Result, Rng};
 
 pub use crate::continuous::diffusion::pf_ode::solver_label;
@@ -250,7 +250,11 @@ impl GenerativeModel for FlowMatching {
                 let solver = solver_label(opts.solver.as_str(), opts.steps, opts.rtol, opts.atol);
                 format!("ODE {solver}")
             }
-            s => format!("{} sampler on the CondOT path, {} steps", s.name(), opts.steps),
+            s => format!(
+                "{} sampler on the CondOT path, {} steps",
+                s.name(),
+                opts.steps
+            ),
         }
     }
 

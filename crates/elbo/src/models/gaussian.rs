@@ -30,8 +30,8 @@ use crate::model::{
     StepContext, StepOutput, DEFAULT_GROUP,
 };
 use crate::models::FamilyConfig;
-use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::ParamInit;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::{Error, Nll, NllKind, Result, Rng};
 
 /// The `[model]` table of `gaussian`.
@@ -170,7 +170,10 @@ impl Gaussian {
     fn a_matrix(&self) -> Result<Tensor> {
         let d = self.core.dim;
         let dev = &self.core.device;
-        let flat = Tensor::cat(&[&Tensor::zeros(1, DType::F32, dev)?, self.lower.as_tensor()], 0)?;
+        let flat = Tensor::cat(
+            &[&Tensor::zeros(1, DType::F32, dev)?, self.lower.as_tensor()],
+            0,
+        )?;
         let off = flat.index_select(&self.layout, 0)?.reshape((d, d))?; // [D, D]
         let diag = Tensor::eye(d, DType::F32, dev)?.broadcast_mul(&self.log_diag.exp()?)?;
         Ok((off + diag)?)
@@ -179,7 +182,9 @@ impl Gaussian {
     /// Per-example -log p(x) of model-space rows `x: [B, D]` (before any Jacobian).
     fn nll_rows(&self, x: &Tensor) -> Result<Tensor> {
         let d = self.core.dim as f64;
-        let z = x.broadcast_sub(self.mean.as_tensor())?.matmul(&self.a_matrix()?.t()?)?; // [B, D]
+        let z = x
+            .broadcast_sub(self.mean.as_tensor())?
+            .matmul(&self.a_matrix()?.t()?)?; // [B, D]
         let half_sq = (z.sqr()?.sum(1)? * 0.5)?; // [B]
         let log_det = self.log_diag.sum_all()?; // Σ log A_ii
         let c = 0.5 * d * (2.0 * std::f64::consts::PI).ln();
@@ -221,7 +226,8 @@ impl Gaussian {
         let mu: Vec<f32> = mu.iter().map(|&m| m as f32).collect();
         self.mean.set(&Tensor::from_vec(mu, d, dev)?)?;
         self.log_diag.set(&Tensor::from_vec(log_diag, d, dev)?)?;
-        self.lower.set(&Tensor::from_vec(lower, (d * d - d) / 2, dev)?)?;
+        self.lower
+            .set(&Tensor::from_vec(lower, (d * d - d) / 2, dev)?)?;
         Ok(())
     }
 }
@@ -297,7 +303,9 @@ impl GenerativeModel for Gaussian {
 
     /// The closed-form fit takes no optimiser steps, so its weights keep no EMA.
     fn param_groups(&self) -> Vec<ParamGroup> {
-        let ema = (self.cfg.fit == Fit::Gradient).then_some(true).or(Some(false));
+        let ema = (self.cfg.fit == Fit::Gradient)
+            .then_some(true)
+            .or(Some(false));
         vec![ParamGroup::all(DEFAULT_GROUP).settings(GroupSettings {
             ema,
             ..GroupSettings::default()
@@ -356,7 +364,11 @@ impl GenerativeModel for Gaussian {
 
     fn sample(&self, n: usize, _opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
         let d = self.core.dim;
-        let a: Vec<f64> = self.a_matrix()?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let a: Vec<f64> = self
+            .a_matrix()?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1()?;
         let mu: Vec<f64> = self.mean.to_dtype(DType::F64)?.to_vec1()?;
         let mut out = Vec::with_capacity(n * d);
         for _ in 0..n {

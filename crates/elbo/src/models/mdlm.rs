@@ -15,9 +15,9 @@ use crate::discrete::{
 };
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
-use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::transformer::{log_softmax_last_dim, Transformer};
 use crate::nn::ParamInit;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::{Nll, NllKind, Result, Rng};
 
 /// The `[model]` table of `mdlm`.

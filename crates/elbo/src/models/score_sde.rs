@@ -11,13 +11,15 @@ use serde::{Deserialize, Serialize};
 use crate::config::{EvalOptions, SampleOptions};
 use crate::continuous::diffusion::net::{check_batch, DataScale, DenoiserNet, NetConfig};
 use crate::continuous::diffusion::pf_ode::{self, PfOde};
+use crate::continuous::diffusion::sampling::{
+    self, DiffusionSampling, GaussianDiffusion, SamplerName,
+};
 use crate::continuous::parameterization::Coeffs;
-use crate::continuous::diffusion::sampling::{self, DiffusionSampling, GaussianDiffusion, SamplerName};
 use crate::continuous::schedule::{NoiseSchedule, SubVp, Ve, Vp};
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
-use crate::resources::{estimate, MemoryEstimate};
 use crate::nn::ParamInit;
+use crate::resources::{estimate, MemoryEstimate};
 use crate::{Error, Nll, Result, Rng};
 
 /// The `[model]` table of `sde`.
@@ -280,11 +282,17 @@ impl GenerativeModel for ScoreSde {
     }
 
     fn sample(&self, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
-        let x = self
-            .net
-            .with_packed(|| {
-                sampling::sample(self, SamplerName::Pc, n, &self.sampling, opts, rng, &self.device)
-            })?;
+        let x = self.net.with_packed(|| {
+            sampling::sample(
+                self,
+                SamplerName::Pc,
+                n,
+                &self.sampling,
+                opts,
+                rng,
+                &self.device,
+            )
+        })?;
         self.scale.to_data(&x)
     }
 

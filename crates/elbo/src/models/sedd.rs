@@ -157,9 +157,9 @@ impl FamilyConfig for Config {
         };
         // the score-entropy weights [B, L, V] twice beside the transformer's activations
         let mut m = estimate::transformer(t, states, vocab, data.dim, time, batch);
-        m.activations = m
-            .activations
-            .saturating_add(estimate::prod(&[batch, data.dim, vocab, 2 * 4]));
+        m.activations =
+            m.activations
+                .saturating_add(estimate::prod(&[batch, data.dim, vocab, 2 * 4]));
         m
     }
 
@@ -275,7 +275,10 @@ impl RatioModel for Sedd {
                 let s: Vec<f32> = sigma_bar.iter().map(|&s| s as f32).collect();
                 let s = Tensor::from_vec(s, b, &self.device)?;
                 let e = time.forward(&sinusoidal_embedding(&s, d, 10_000.0)?)?; // [B, D]
-                let e = e.reshape((b, 1, d))?.broadcast_as((b, l, d))?.contiguous()?;
+                let e = e
+                    .reshape((b, 1, d))?
+                    .broadcast_as((b, l, d))?
+                    .contiguous()?;
                 self.net.forward_with(&xt, Some(&e)) // [B, L, V]
             }
         }
