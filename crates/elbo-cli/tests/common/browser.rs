@@ -52,8 +52,8 @@ pub fn find_browser() -> Option<PathBuf> {
     None
 }
 
-/// Script inserted first in `<head>`: it records errors from the moment parsing starts and,
-/// after `load`, decodes every image and writes the findings into `<pre id="elbo-probe">`.
+/// Script inserted first in `<head>`: it records errors from the moment parsing starts and, at
+/// `load`, checks every image and writes the findings into `<pre id="elbo-probe">`.
 const PROBE: &str = r#"<script>
 window.__errs = [];
 window.addEventListener('error', function (e) {
@@ -68,21 +68,17 @@ window.addEventListener('error', function (e) {
   };
 })();
 window.addEventListener('load', function () {
+  // `load` waits for every image, so each one has decoded (naturalWidth > 0) or failed (0)
   var imgs = Array.from(document.images);
-  Promise.all(imgs.map(function (i) {
-    return i.decode().then(
-      function () { return i.naturalWidth > 0 ? null : i.alt; },
-      function () { return i.alt; });
-  })).then(function (r) {
-    var rows = Array.from(document.querySelectorAll('#likelihoods tr.row'))
-      .map(function (tr) { return tr.cells[0].textContent; });
-    var out = document.createElement('pre');
-    out.id = 'elbo-probe';
-    out.textContent = 'ELBO-' + 'PROBE ' + JSON.stringify({
-      images: imgs.length, bad: r.filter(function (x) { return x !== null; }),
-      rows: rows, errors: window.__errs });
-    document.body.appendChild(out);
-  });
+  var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
+    .map(function (i) { return i.alt; });
+  var rows = Array.from(document.querySelectorAll('#likelihoods tr.row'))
+    .map(function (tr) { return tr.cells[0].textContent; });
+  var out = document.createElement('pre');
+  out.id = 'elbo-probe';
+  out.textContent = 'ELBO-' + 'PROBE ' + JSON.stringify({
+    images: imgs.length, bad: bad, rows: rows, errors: window.__errs });
+  document.body.appendChild(out);
 });
 </script>"#;
 
