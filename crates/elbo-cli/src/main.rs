@@ -125,8 +125,9 @@ pub struct TrainArgs {
 #[derive(Args, Debug, Default)]
 pub struct DiffusionSampleArgs {
     /// Sampler (model.sampling.sampler). Diffusion and flow matching: auto, ddpm, ddim, euler,
-    /// heun (edm), dpm++2m, euler-maruyama (em), pc or ode. MDLM: ancestral, cached,
-    /// low-confidence or random.
+    /// heun (edm), dpm++2m, euler-maruyama (em), pc or ode. MDLM and BD3-LM (inside each
+    /// block): ancestral, cached, low-confidence or random. SEDD: euler (tau-leaping) or
+    /// analytic (Tweedie). D3PM has one sampler (ancestral) and takes no --sampler.
     #[arg(long)]
     pub sampler: Option<String>,
     /// Steps of the diffusion sampler (and of fixed-step ODE solvers; at least 1).
