@@ -39,6 +39,12 @@ pub struct Config {
     pub antithetic: bool,
     /// The sampler of each block (`[model.sampling]`; `block_len` is ignored).
     pub sampling: MaskedSampling,
+    /// Tokens `elbo sample` generates (0: the training length). Past the training length the
+    /// KV cache slides: when the next block would not fit, the cache is rebuilt, block by
+    /// block, from the last `L - L'` tokens at positions `0..L - L'`, so every block sees at
+    /// most `L - L'` tokens of context (Arriola et al. 2025, sec. 6.2, arbitrary-length
+    /// generation).
+    pub sample_length: usize,
 }
 
 impl Default for Config {
@@ -50,6 +56,7 @@ impl Default for Config {
             clip_high: 1.0,
             antithetic: true,
             sampling: MaskedSampling::default(),
+            sample_length: 0,
         }
     }
 }
@@ -182,9 +189,10 @@ impl Bd3lm {
         opts.steps.div_ceil(blocks).max(1)
     }
 
-    /// Block-by-block generation of `n` rows of up to `max_blocks` blocks (at most the trained
-    /// length), the given tokens of `template` kept; returns the rows (`max_blocks` blocks
-    /// each) and the network calls spent denoising.
+    /// Block-by-block generation of `n` rows of `max(template.len(), L)` tokens, or of its
+    /// first `max_blocks` blocks, the given tokens of `template` kept; past the trained length
+    /// `L` the KV cache slides (see [`Config::sample_length`]). Returns the rows and the
+    /// network calls spent denoising.
     pub fn generate(
         &self,
         n: usize,
@@ -194,7 +202,7 @@ impl Bd3lm {
         rng: &mut Rng,
     ) -> Result<(Vec<Vec<u32>>, usize)> {
         let mut t = template.to_vec();
-        t.resize(self.len, None);
+        t.resize(template.len().max(self.len), None);
         let init: Vec<Vec<u32>> = (0..n)
             .map(|_| t.iter().map(|x| x.unwrap_or(self.vocab as u32)).collect())
             .collect();
@@ -203,6 +211,9 @@ impl Bd3lm {
             cache: self.net.new_cache(),
             vocab: self.vocab,
             device: &self.device,
+            history: vec![Vec::new(); n],
+            window: self.len,
+            block: self.cfg.block_size,
         };
         let cfg = self.sampler_config(steps_per_block)?;
         let block = self.cfg.block_size;
@@ -226,12 +237,41 @@ impl BlockDenoiser for Bd3lm {
     }
 }
 
-/// The network with a KV cache over the finished blocks (Arriola et al. 2025, Alg. 2).
+/// The network with a KV cache over the finished blocks (Arriola et al. 2025, Alg. 2), sliding
+/// once the cache and the next block would exceed `window` positions.
 struct CachedDecoder<'a> {
     net: &'a Transformer,
     cache: KvCache,
     vocab: usize,
     device: &'a Device,
+    /// Every row's committed tokens.
+    history: Vec<Vec<u32>>,
+    /// The trained length: the most positions the network has.
+    window: usize,
+    block: usize,
+}
+
+impl CachedDecoder<'_> {
+    /// Rebuilds the cache from the last `window - block` committed tokens, one block at a
+    /// time as in training (a clean block sees the clean blocks up to itself), at positions
+    /// `0..window - block`.
+    fn slide(&mut self) -> Result<()> {
+        let keep = self.window - self.block;
+        self.cache = self.net.new_cache();
+        let total = self.history.first().map_or(0, Vec::len);
+        let start = total - keep;
+        for b in (0..keep).step_by(self.block) {
+            let end = (b + self.block).min(keep);
+            let rows: Vec<Vec<u32>> = self
+                .history
+                .iter()
+                .map(|h| h[start + b..start + end].to_vec())
+                .collect();
+            let ids = crate::discrete::ids_tensor(&rows, self.device)?; // [n, block]
+            self.net.commit_block(&ids, &mut self.cache)?;
+        }
+        Ok(())
+    }
 }
 
 impl BlockDecoder for CachedDecoder<'_> {
@@ -247,8 +287,17 @@ impl BlockDecoder for CachedDecoder<'_> {
     }
 
     fn commit(&mut self, x0: &Tensor) -> Result<()> {
-        self.net
-            .commit_block(&x0.to_device(self.device)?, &mut self.cache)?;
+        let rows = x0.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        for (h, r) in self.history.iter_mut().zip(rows) {
+            h.extend(r);
+        }
+        if self.cache.len() + x0.dim(1)? <= self.window {
+            self.net
+                .commit_block(&x0.to_device(self.device)?, &mut self.cache)?;
+        }
+        if self.cache.len() + self.block > self.window {
+            self.slide()?;
+        }
         Ok(())
     }
 }
@@ -298,10 +347,13 @@ impl GenerativeModel for Bd3lm {
         opts: &SampleOptions,
         rng: &mut Rng,
     ) -> Result<Tensor> {
-        let blocks = self.len / self.cfg.block_size;
-        let (rows, _) = self.generate(n, template, blocks, self.steps_per_block(opts), rng)?;
+        let len = template.len().max(self.len).max(self.cfg.sample_length);
+        let mut t = template.to_vec();
+        t.resize(len, None);
+        let blocks = len.div_ceil(self.cfg.block_size);
+        let (rows, _) = self.generate(n, &t, blocks, self.steps_per_block(opts), rng)?;
         let flat: Vec<f32> = rows.iter().flatten().map(|&t| t as f32).collect();
-        Ok(Tensor::from_vec(flat, (n, self.len), &self.device)?.to_dtype(DType::F32)?)
+        Ok(Tensor::from_vec(flat, (n, len), &self.device)?.to_dtype(DType::F32)?)
     }
 
     /// The per-block NELBO on the full interval `t in (0, 1]` (a bound on -log p(x)).

@@ -397,3 +397,51 @@ fn block_samples_match_the_joint() {
     let d = tv(&counts, rows.len(), &cond);
     assert!(d < 0.06, "prompted: TV {d} to the conditional");
 }
+
+/// Generation past the trained length with a real (untrained) network: the KV cache slides
+/// instead of running out of positions, every token is a data token, the given tokens stay,
+/// and with the same seed a longer generation begins with the shorter one (the slide only
+/// changes what later blocks see).
+#[test]
+fn generation_slides_past_the_trained_length() -> Result<()> {
+    use elbo::data::DataKind;
+    use elbo::model::{DataInfo, GenerativeModel};
+    use elbo::models::bd3lm::{Bd3lm, Config};
+
+    let dev = Device::Cpu;
+    let mut cfg = Config::default();
+    cfg.transformer.d_model = 16;
+    cfg.transformer.n_heads = 2;
+    cfg.transformer.n_layers = 1;
+    cfg.block_size = 2;
+    let info = DataInfo::flat(6, DataKind::Discrete { levels: 5 });
+    let model = Bd3lm::new(&cfg, info, &dev, &mut Rng::new(3))?;
+    let opts = elbo::config::SampleOptions {
+        steps: 6,
+        ..Default::default()
+    };
+    let sample = |len: usize, template: &[Option<u32>]| -> Result<Vec<Vec<f32>>> {
+        let mut t = template.to_vec();
+        t.resize(len, None);
+        let x = model.sample_conditional(3, &t, &opts, &mut Rng::new(11))?;
+        Ok(x.to_vec2::<f32>()?)
+    };
+    let short = sample(6, &[])?;
+    for len in [7, 13, 20] {
+        let long = sample(len, &[])?;
+        assert_eq!(long.len(), 3);
+        for (s, l) in short.iter().zip(&long) {
+            assert_eq!(l.len(), len);
+            assert_eq!(&l[..6], &s[..], "length {len}: the first L tokens changed");
+            assert!(l.iter().all(|&t| t >= 0.0 && t < 5.0 && t.fract() == 0.0));
+        }
+    }
+    // a template reaching past the trained length keeps its tokens
+    let mut t = vec![None; 16];
+    t[9] = Some(4);
+    t[15] = Some(1);
+    for row in sample(16, &t)? {
+        assert_eq!((row[9], row[15]), (4.0, 1.0));
+    }
+    Ok(())
+}
