@@ -208,9 +208,10 @@ pub(crate) fn outcome(r: &EntryReport) -> String {
             format!("FAILED: {}", r.error.as_deref().unwrap_or("unknown error"))
         }
         (EntryStatus::Ok, Some(b)) => format!(
-            "{} {} bits/dim ({}){}",
+            "{} {} {} ({}){}",
             b.likelihood,
             elbo::compare::report::pm(b.bits_per_dim, b.stderr_bits_per_dim),
+            elbo::compare::report::unit_of(&r.data),
             b.kind.label(),
             if r.provenance.is_empty() {
                 String::new()

@@ -122,9 +122,10 @@ fn table(s: &mut String, r: &CompareReport) {
     let _ = writeln!(
         s,
         "<h2>Held-out likelihood</h2>\n<table id=\"likelihoods\"><thead><tr><th>entry</th><th>family</th>\
-         <th>data</th><th>likelihood</th><th>kind</th><th>bits/dim ± s.e.</th><th>NLL nats ± s.e.</th>\
+         <th>data</th><th>likelihood</th><th>kind</th><th>{} ± s.e.</th><th>NLL nats ± s.e.</th>\
          <th>gap to entropy</th><th>n</th><th>checkpoint</th><th>steps</th><th>train s</th>\
-         <th>params</th></tr></thead><tbody>"
+         <th>params</th></tr></thead><tbody>",
+        r.unit()
     );
     for l in r.sorted_lines() {
         let (e, row) = (l.entry, l.row);
@@ -318,8 +319,9 @@ fn chart(r: &CompareReport) -> String {
     }
     let _ = writeln!(
         s,
-        "<text x=\"{left}\" y=\"{}\">bits/dim (whiskers ±1 s.e.; green square exact, blue triangle bound, orange circle estimate)</text></svg>",
-        h - 4.0
+        "<text x=\"{left}\" y=\"{}\">{} (whiskers ±1 s.e.; green square exact, blue triangle bound, orange circle estimate)</text></svg>",
+        h - 4.0,
+        r.unit()
     );
     s
 }

@@ -65,6 +65,16 @@ impl Machine {
     }
 }
 
+/// The unit of bits per dimension on the data set named `data`: "bits/char" for text (the
+/// Shakespeare characters, `text:PATH` or a `.txt` file's bytes), else "bits/dim".
+pub fn unit_of(data: &str) -> &'static str {
+    if data == "shakespeare" || data.starts_with("text:") || data.ends_with(".txt") {
+        "bits/char"
+    } else {
+        "bits/dim"
+    }
+}
+
 /// Whether an entry produced its figures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -295,6 +305,15 @@ impl CompareReport {
         serde_json::from_value(v).map_err(|e| Error::data("report.json", e.to_string()))
     }
 
+    /// The unit of the comparable figure: "bits/char" when every entry models text (bits per
+    /// token of a character-level or byte-level data set), else "bits/dim".
+    pub fn unit(&self) -> &'static str {
+        match self.entries.iter().all(|e| unit_of(&e.data) == "bits/char") {
+            true if !self.entries.is_empty() => "bits/char",
+            _ => "bits/dim",
+        }
+    }
+
     /// A Markdown document: the table sorted by bits/dim, the failures, the checks, the
     /// sample metrics and the machine.
     pub fn to_markdown(&self) -> String {
@@ -307,7 +326,8 @@ impl CompareReport {
         );
         let _ = writeln!(
             s,
-            "| entry | family | data | likelihood | kind | bits/dim ± s.e. | NLL nats ± s.e. | gap to entropy | n | checkpoint | steps | train s | params |"
+            "| entry | family | data | likelihood | kind | {} ± s.e. | NLL nats ± s.e. | gap to entropy | n | checkpoint | steps | train s | params |",
+            self.unit()
         );
         let _ = writeln!(
             s,
@@ -487,6 +507,23 @@ mod tests {
         ok.config = serde_json::json!({"model": {"name": "ddpm"}, "train": {"lr": 1e-3}});
         let bad = EntryReport::failed("broken", Path::new("out/runs/broken"), "boom".into());
         CompareReport::new("digits", true, vec![ok, bad])
+    }
+
+    #[test]
+    fn text_is_reported_in_bits_per_char() {
+        assert_eq!(unit_of("shakespeare"), "bits/char");
+        assert_eq!(unit_of("text:plays.txt"), "bits/char");
+        assert_eq!(unit_of("digits"), "bits/dim");
+        let mut r = sample_report();
+        assert_eq!(r.unit(), "bits/dim");
+        assert!(r.to_markdown().contains("| bits/dim ± s.e. |"));
+        for e in &mut r.entries {
+            e.data = "shakespeare".into();
+        }
+        assert_eq!(r.unit(), "bits/char");
+        assert!(r.to_markdown().contains("| bits/char ± s.e. |"));
+        r.entries[1].data = "digits".into();
+        assert_eq!(r.unit(), "bits/dim", "mixed data keeps the general unit");
     }
 
     #[test]

@@ -433,7 +433,9 @@ fn generation_slides_past_the_trained_length() -> Result<()> {
         for (s, l) in short.iter().zip(&long) {
             assert_eq!(l.len(), len);
             assert_eq!(&l[..6], &s[..], "length {len}: the first L tokens changed");
-            assert!(l.iter().all(|&t| (0.0..5.0).contains(&t) && t.fract() == 0.0));
+            assert!(l
+                .iter()
+                .all(|&t| (0.0..5.0).contains(&t) && t.fract() == 0.0));
         }
     }
     // a template reaching past the trained length keeps its tokens
