@@ -127,6 +127,11 @@ pub fn to_ids(batch: &Tensor, len: usize, vocab: usize) -> Result<Tensor> {
     Ok(batch.to_dtype(DType::U32)?)
 }
 
+/// Samples `[n, L]` as `f32` token values (the layout of the data batches) from rows of ids.
+pub fn samples_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+    Ok(ids_tensor(rows, device)?.to_dtype(DType::F32)?)
+}
+
 /// Token ids `[n, L]` (u32) from rows of ids.
 pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
     let n = rows.len();

@@ -218,12 +218,7 @@ impl AnyOrder {
     }
 
     fn rows_to_tensor(&self, rows: &[Vec<u32>]) -> Result<Tensor> {
-        let flat: Vec<f32> = rows.iter().flatten().map(|&t| t as f32).collect();
-        Ok(Tensor::from_vec(
-            flat,
-            (rows.len(), self.len),
-            &self.device,
-        )?)
+        crate::discrete::samples_tensor(rows, &self.device)
     }
 }
 

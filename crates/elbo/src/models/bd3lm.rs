@@ -352,8 +352,8 @@ impl GenerativeModel for Bd3lm {
         t.resize(len, None);
         let blocks = len.div_ceil(self.cfg.block_size);
         let (rows, _) = self.generate(n, &t, blocks, self.steps_per_block(opts), rng)?;
-        let flat: Vec<f32> = rows.iter().flatten().map(|&t| t as f32).collect();
-        Ok(Tensor::from_vec(flat, (n, len), &self.device)?.to_dtype(DType::F32)?)
+        debug_assert!(rows.len() == n && rows.iter().all(|r| r.len() == len));
+        crate::discrete::samples_tensor(&rows, &self.device)
     }
 
     /// The per-block NELBO on the full interval `t in (0, 1]` (a bound on -log p(x)).

@@ -8,7 +8,7 @@
 //! sec. 3.5) added to every input embedding; with the absorbing matrix the masked fraction
 //! carries the time, as in MDLM, and none is given.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalOptions, SampleOptions};
@@ -245,8 +245,7 @@ impl GenerativeModel for D3pm {
             )?,
         };
         let rows = ancestral::sample(&self.transition, self, &t, n, &cfg, rng, &self.device)?;
-        let flat: Vec<f32> = rows.iter().flatten().map(|&t| t as f32).collect();
-        Ok(Tensor::from_vec(flat, (n, self.len), &self.device)?.to_dtype(DType::F32)?)
+        crate::discrete::samples_tensor(&rows, &self.device)
     }
 
     /// The Monte-Carlo bound: `opts.lm_samples` stratified steps per example.

@@ -1,7 +1,7 @@
 //! The masked diffusion language model (MDLM, Sahoo et al. 2024) as a [`GenerativeModel`], with
 //! the NELBO of [`crate::discrete::masked_diffusion`] and LLaDA's estimator (Nie et al. 2025).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalOptions, SampleOptions};
@@ -220,8 +220,7 @@ impl GenerativeModel for Mdlm {
             .map(|_| t.iter().map(|x| x.unwrap_or(self.vocab as u32)).collect())
             .collect();
         let (rows, _stats) = sampler::sample(self, init, &self.sampler_config(opts)?, rng)?;
-        let flat: Vec<f32> = rows.iter().flatten().map(|&t| t as f32).collect();
-        Ok(Tensor::from_vec(flat, (n, self.len), &self.device)?.to_dtype(DType::F32)?)
+        crate::discrete::samples_tensor(&rows, &self.device)
     }
 
     /// The NELBO (`likelihood = "nelbo"`, the default) or LLaDA's estimator of it

@@ -9,7 +9,7 @@
 //! app. C.2), so the network needs no time input (as MDLM). Uniform graph: `sigma_bar` enters
 //! as a sinusoidal embedding added to every input position, and `f` is the log ratio itself.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalOptions, SampleOptions};
@@ -341,8 +341,7 @@ impl GenerativeModel for Sedd {
         let mut t = template.to_vec();
         t.resize(self.len, None);
         let (rows, _stats) = ratio_sampler::sample(self, n, &t, &self.sampler_config(opts)?, rng)?;
-        let flat: Vec<f32> = rows.iter().flatten().map(|&t| t as f32).collect();
-        Ok(Tensor::from_vec(flat, (n, self.len), &self.device)?.to_dtype(DType::F32)?)
+        crate::discrete::samples_tensor(&rows, &self.device)
     }
 
     /// The score-entropy bound (eq. 10) with `opts.lm_samples` stratified times per example.
