@@ -402,6 +402,13 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         };
         o.validate_likelihood(run.config.model.name())?;
     }
+    if let Some(path) = &a.score {
+        for c in choices {
+            opts.likelihood = c;
+            score_file(&run, &opts, path, a.seed)?;
+        }
+        return Ok(());
+    }
     let mut rows = Vec::new();
     for c in choices {
         opts.likelihood = c;
@@ -433,6 +440,52 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     report.write(&a.run, "report")?;
     println!("{}", report.to_terminal());
     eprintln!("wrote {0}/report.json and {0}/report.md", a.run.display());
+    Ok(())
+}
+
+/// `elbo eval --score FILE`: the run's likelihood of the rows of an `.npy` file, in bits per
+/// dimension (per character for text), with its standard error over the rows.
+fn score_file(run: &LoadedRun, opts: &EvalOptions, path: &Path, seed: u64) -> Result<()> {
+    let (vals, shape) = elbo::data::npy::read_npy(path)?;
+    let d = run.data.dim();
+    if shape.len() != 2 || shape[1] != d {
+        bail!(
+            "{}: shape {shape:?}, but the run models examples of {d} values: give an [n, {d}] \
+             array (elbo sample --out FILE.npy writes one)",
+            path.display()
+        );
+    }
+    let n = shape[0];
+    if n == 0 {
+        bail!("{}: no rows to score", path.display());
+    }
+    let x = candle_core::Tensor::from_vec(vals, (n, d), run.model.device())?; // [n, D]
+    let mut rng = Rng::new(seed);
+    let (mut nats, mut kind, mut dims) = (Vec::with_capacity(n), None, d);
+    for start in (0..n).step_by(opts.batch_size.max(1)) {
+        let len = opts.batch_size.max(1).min(n - start);
+        let nll = run
+            .model
+            .log_likelihood(&x.narrow(0, start, len)?, opts, &mut rng)?;
+        nats.extend(nll.nats);
+        kind = Some(nll.kind);
+        dims = nll.dims;
+    }
+    let (mean, se) = elbo::likelihood::mean_stderr(&nats);
+    let bits = mean / (dims as f64 * std::f64::consts::LN_2);
+    let se_bits = se / (dims as f64 * std::f64::consts::LN_2);
+    let unit = if run.data.tokenizer().is_some() {
+        "bits/char"
+    } else {
+        "bits/dim"
+    };
+    println!(
+        "{} ({}) scores the {n} rows of {}: {bits:.4} ± {se_bits:.4} {unit} ({})",
+        run.config.model.name(),
+        opts.likelihood,
+        path.display(),
+        kind.map_or("none", |k| k.label())
+    );
     Ok(())
 }
 

@@ -264,6 +264,12 @@ pub struct EvalArgs {
     /// Samples drawn for --metrics (default 2000, at most the held-out examples; at least 1).
     #[arg(long)]
     pub metric_samples: Option<usize>,
+    /// Score the rows of this `.npy` file (`[n, D]`, e.g. another model's samples from `elbo
+    /// sample`) instead of the held-out data: for a language model, how likely this model finds
+    /// another's text (the "generative perplexity" of the diffusion-LM papers, with this run as
+    /// the judge). Prints the figure and leaves the run's report untouched.
+    #[arg(long, value_name = "FILE.npy")]
+    pub score: Option<PathBuf>,
 }
 
 /// `elbo quickstart`

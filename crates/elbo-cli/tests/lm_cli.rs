@@ -117,3 +117,49 @@ fn ar_scores_a_continuation_given_its_prompt() {
     );
     assert!(out.contains("(exact)"), "{out}");
 }
+
+#[test]
+fn eval_scores_another_models_samples_from_a_file() {
+    let d = trained("ar");
+    let o = elbo(
+        &["sample", "--run", "run", "-n", "6", "--out", "s.npy"],
+        d.path(),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let report = d.path().join("run/report.json");
+    let before = std::fs::read(&report).ok();
+    let o = elbo(&["eval", "--run", "run", "--score", "s.npy"], d.path());
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("scores the 6 rows of s.npy"), "{out}");
+    let bits: f64 = out
+        .split("s.npy: ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    // a byte-level model after 10 steps: well below uniform over 256 bytes, above 0
+    assert!(bits > 0.0 && bits < 8.0, "{out}");
+    assert!(out.contains("bits/char (exact)"), "{out}");
+    assert_eq!(
+        std::fs::read(&report).ok(),
+        before,
+        "the run's report is untouched"
+    );
+    // a file of the wrong width is refused, naming both shapes
+    let o = elbo(
+        &["sample", "--run", "run", "-n", "2", "--out", "t.npy"],
+        d.path(),
+    );
+    assert!(o.status.success());
+    let mut bytes = std::fs::read(d.path().join("t.npy")).unwrap();
+    // reinterpret [2, 16] as [4, 8] by editing the header's shape (same length)
+    let at = bytes
+        .windows(7)
+        .position(|w| w == b"(2, 16)")
+        .expect("the header names the shape");
+    bytes[at..at + 7].copy_from_slice(b"(4, 8) ");
+    std::fs::write(d.path().join("t.npy"), bytes).unwrap();
+    let o = elbo(&["eval", "--run", "run", "--score", "t.npy"], d.path());
+    common::assert_clean_failure(&o, &["t.npy", "[4, 8]", "16 values"]);
+}
