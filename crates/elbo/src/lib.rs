@@ -31,6 +31,7 @@ pub mod deadline;
 pub mod discrete;
 pub mod error;
 pub mod eval;
+pub mod flows;
 pub mod likelihood;
 pub mod model;
 pub mod models;

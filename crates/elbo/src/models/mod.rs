@@ -161,6 +161,8 @@ families! {
     bd3lm => Bd3lm = "bd3lm" | "block-diffusion";
     /// Score-entropy discrete diffusion (SEDD).
     sedd => Sedd = "sedd" | "score-entropy";
+    /// Normalizing flows: NICE, RealNVP, Glow.
+    normalizing_flow => NormalizingFlow = "normalizing-flow" | "nf" | "normalizing_flow";
     gaussian => Gaussian = "gaussian";
 }
 

@@ -44,6 +44,12 @@ impl<'a> ParamInit<'a> {
         }
     }
 
+    /// The generator initial values are drawn from (for initialisations computed outside the
+    /// factory, such as a random rotation).
+    pub fn rng(&mut self) -> &mut Rng {
+        self.rng
+    }
+
     /// The device parameters are created on.
     pub fn device(&self) -> &Device {
         &self.device

@@ -30,6 +30,17 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// A layer whose weight and bias are drawn from U(-bound, bound): a small `bound` makes a
+    /// read-out that starts near zero, as the last layer of a flow's coupling network (Kingma &
+    /// Dhariwal 2018, sec. 3.3, start each coupling near the identity) while every weight still
+    /// receives a gradient.
+    pub fn with_bound(p: &mut ParamInit, d_in: usize, d_out: usize, bound: f64) -> Result<Self> {
+        Ok(Self {
+            weight: p.uniform("weight", &[d_out, d_in], bound)?,
+            bias: Some(p.uniform("bias", &[d_out], bound)?),
+        })
+    }
+
     /// The weight, [out, in].
     pub fn weight(&self) -> &Tensor {
         self.weight.as_tensor()

@@ -86,6 +86,28 @@ impl Mlp {
         Ok(Self { hidden, out, act })
     }
 
+    /// As [`Mlp::new`], with the read-out's initial weights scaled by `out_scale` (PyTorch's
+    /// bound `1/sqrt(width)` times `out_scale`): a network whose output starts near zero.
+    pub fn with_output_scale(
+        p: &mut ParamInit,
+        d_in: usize,
+        width: usize,
+        n_hidden: usize,
+        d_out: usize,
+        act: Activation,
+        out_scale: f64,
+    ) -> Result<Self> {
+        let mut hidden = Vec::with_capacity(n_hidden);
+        let mut d = d_in;
+        for i in 0..n_hidden {
+            hidden.push(Linear::new(&mut p.push(&format!("hidden.{i}")), d, width, true)?);
+            d = width;
+        }
+        let bound = out_scale / (d.max(1) as f64).sqrt();
+        let out = Linear::with_bound(&mut p.push("out"), d, d_out, bound)?;
+        Ok(Self { hidden, out, act })
+    }
+
     /// The hidden layers and the read-out.
     pub fn layers(&self) -> (&[Linear], &Linear) {
         (&self.hidden, &self.out)
