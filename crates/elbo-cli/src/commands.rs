@@ -374,6 +374,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if let Some(v) = a.lm_samples {
         opts.lm_samples = v;
     }
+    if let Some(v) = a.importance_samples {
+        opts.importance_samples = v;
+    }
     if let Some(v) = a.prompt_len {
         opts.prompt_len = v;
     }

@@ -57,6 +57,7 @@ pub fn check_eval(a: &EvalArgs) -> Result<()> {
     at_least_one("--probes", a.probes)?;
     at_least_one("--ode-steps", a.ode_steps)?;
     at_least_one("--lm-samples", a.lm_samples)?;
+    at_least_one("--importance-samples", a.importance_samples)?;
     at_least_one("--examples", a.examples)?;
     at_least_one("--metric-samples", a.metric_samples)?;
     number("--rtol", a.rtol, 0.0, f64::INFINITY, false)?;

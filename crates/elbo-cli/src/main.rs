@@ -257,6 +257,10 @@ pub struct EvalArgs {
     /// least 1).
     #[arg(long)]
     pub lm_samples: Option<usize>,
+    /// VAE: importance samples per example of the IWAE bound (`--likelihood iwae`; default
+    /// 64, Burda et al. report 5000; at least 1).
+    #[arg(long, short = 'k')]
+    pub importance_samples: Option<usize>,
     /// Sample metrics to report beside the likelihood, comma-separated: energy-distance,
     /// mmd, sliced-wasserstein (samples of the run against the same held-out examples).
     #[arg(long)]

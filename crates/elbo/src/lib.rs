@@ -32,6 +32,7 @@ pub mod discrete;
 pub mod error;
 pub mod eval;
 pub mod flows;
+pub mod latent;
 pub mod likelihood;
 pub mod model;
 pub mod models;

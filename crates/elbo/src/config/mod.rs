@@ -230,6 +230,10 @@ pub struct EvalOptions {
     /// rest: -log p(rest | prompt). Autoregressive models (exact) and MDLM with LLaDA's
     /// estimator (`likelihood = "llada"`); 0 scores the whole example.
     pub prompt_len: usize,
+    // --- latent-variable models ---
+    /// Importance samples per example of the VAE's IWAE bound (`likelihood = "iwae"`; Burda
+    /// et al. 2016 report k = 5000).
+    pub importance_samples: usize,
     /// Sample metrics `elbo eval` reports beside the likelihood (energy-distance, mmd,
     /// sliced-wasserstein), each comparing `metric_samples` samples with the held-out examples.
     pub metrics: Vec<String>,
@@ -251,6 +255,7 @@ impl Default for EvalOptions {
             likelihood: "auto".into(),
             lm_samples: 4,
             prompt_len: 0,
+            importance_samples: 64,
             metrics: Vec::new(),
             metric_samples: 2000,
         }

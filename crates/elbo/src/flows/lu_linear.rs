@@ -91,7 +91,11 @@ impl LuLinear {
 impl Bijector for LuLinear {
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let z = x.matmul(&self.weight()?.t()?)?; // [B, D]
-        let ld = self.log_s.sum_all()?.broadcast_as(x.dim(0)?)?.contiguous()?; // [B]
+        let ld = self
+            .log_s
+            .sum_all()?
+            .broadcast_as(x.dim(0)?)?
+            .contiguous()?; // [B]
         Ok((z, ld))
     }
 

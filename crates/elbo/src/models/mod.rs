@@ -163,6 +163,8 @@ families! {
     sedd => Sedd = "sedd" | "score-entropy";
     /// Normalizing flows: NICE, RealNVP, Glow.
     normalizing_flow => NormalizingFlow = "normalizing-flow" | "nf" | "normalizing_flow";
+    /// Variational autoencoder with the ELBO and IWAE bounds.
+    vae => Vae = "vae";
     gaussian => Gaussian = "gaussian";
 }
 

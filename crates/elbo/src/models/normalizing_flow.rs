@@ -106,13 +106,19 @@ impl FamilyConfig for Config {
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.layers == 0 || self.layers > 256 {
-            return bad(format!("model.layers must be in 1..=256, got {}", self.layers));
+            return bad(format!(
+                "model.layers must be in 1..=256, got {}",
+                self.layers
+            ));
         }
         if self.hidden == 0 {
             return bad("model.hidden must be at least 1".into());
         }
         if self.depth > 16 {
-            return bad(format!("model.depth must be at most 16, got {}", self.depth));
+            return bad(format!(
+                "model.depth must be at most 16, got {}",
+                self.depth
+            ));
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
             return bad(format!(
@@ -130,12 +136,7 @@ impl FamilyConfig for Config {
             params: self.param_count(d) as u64,
             // per layer: the conditioner's hidden activations and a handful of [B, D] tensors,
             // each with its gradient
-            activations: estimate::prod(&[
-                batch,
-                self.layers,
-                width * (self.depth + 1) + 8 * d,
-                8,
-            ]),
+            activations: estimate::prod(&[batch, self.layers, width * (self.depth + 1) + 8 * d, 8]),
             fixed: estimate::prod(&[d, d, 32]),
         }
     }
@@ -182,7 +183,8 @@ impl NormalizingFlow {
                             _ => CouplingKind::Affine,
                         };
                         let mask = Mask::Parity(i % 2);
-                        let c = Coupling::new(&mut q.push("coupling"), kind, mask, d, h, depth, act)?;
+                        let c =
+                            Coupling::new(&mut q.push("coupling"), kind, mask, d, h, depth, act)?;
                         flow.push(Box::new(c));
                         if cfg.variant == Variant::Realnvp {
                             flow.push(Box::new(ActNorm::new(&mut q.push("actnorm"), d)?));
@@ -273,8 +275,8 @@ impl GenerativeModel for NormalizingFlow {
     }
 
     fn sample(&self, n: usize, _opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
-        let z = (rng.normal_tensor(&[n, self.core.dim], &self.core.device)?
-            * self.cfg.temperature)?; // [n, D]
+        let z =
+            (rng.normal_tensor(&[n, self.core.dim], &self.core.device)? * self.cfg.temperature)?; // [n, D]
         let x = self.flow.inverse(&z)?;
         self.scale.to_data(&x)
     }

@@ -100,7 +100,12 @@ impl Mlp {
         let mut hidden = Vec::with_capacity(n_hidden);
         let mut d = d_in;
         for i in 0..n_hidden {
-            hidden.push(Linear::new(&mut p.push(&format!("hidden.{i}")), d, width, true)?);
+            hidden.push(Linear::new(
+                &mut p.push(&format!("hidden.{i}")),
+                d,
+                width,
+                true,
+            )?);
             d = width;
         }
         let bound = out_scale / (d.max(1) as f64).sqrt();

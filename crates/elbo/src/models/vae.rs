@@ -1,0 +1,385 @@
+//! The variational autoencoder (Kingma & Welling 2014): a Gaussian encoder `q(z | x)`, the
+//! standard normal prior and a decoder `p(x | z)` with an observation model fitted to the data
+//! ([`crate::latent::observation`]: Bernoulli, categorical, discretized logistic, Gaussian),
+//! trained on the negative ELBO
+//!
+//!   -L(x) = -E_q[log p(x | z)] + KL(q(z | x) || p(z))                 (eq. 3),
+//!
+//! with an optional linear KL warm-up (Sønderby et al. 2016) and free bits per latent
+//! dimension (Kingma et al. 2016, eq. 15) during training only. Held out it reports the ELBO
+//! (`elbo`, a bound) or the importance-weighted bound with `k = eval.importance_samples` draws
+//! (`iwae`, Burda et al. 2016, eq. 8), both upper bounds on the NLL of the data as stored.
+//!
+//! Encoder and decoder are MLPs on the flat example; a decoder with `depth = 0` is linear, which
+//! with the Gaussian observation model is factor analysis (probabilistic PCA with a shared
+//! scale), whose marginal likelihood is known in closed form (the tests check the bounds
+//! against it).
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{EvalOptions, SampleOptions};
+use crate::continuous::diffusion::net::{check_batch, DataScale};
+use crate::latent::observation::log_mean_exp_rows;
+use crate::latent::{
+    diag_normal_log_density, kl_std_normal, reparameterise, std_normal_log_density, Observation,
+    ObservationModel,
+};
+use crate::model::{
+    likelihood_choice, DataInfo, GenerativeModel, ModelCore, StepContext, StepOutput, DEFAULT_GROUP,
+};
+use crate::models::FamilyConfig;
+use crate::nn::{Activation, Mlp, ParamInit};
+use crate::resources::{estimate, MemoryEstimate};
+use crate::{Error, Nll, NllKind, Result, Rng};
+
+/// The `[model]` table of `vae`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Latent dimensions.
+    pub latent: usize,
+    /// Units of each hidden layer of the encoder and the decoder.
+    pub hidden: usize,
+    /// Hidden layers of each network (0: linear maps).
+    pub depth: usize,
+    /// The networks' activation.
+    pub activation: Activation,
+    /// The decoder's observation model: auto, bernoulli, categorical, logistic or gaussian.
+    pub observation: Observation,
+    /// Training steps over which the KL weight rises linearly from 0 to 1 (0: no warm-up).
+    pub kl_warmup_steps: usize,
+    /// Free bits: nats per latent dimension below which the batch-mean KL is not penalised
+    /// during training (0: off).
+    pub free_bits: f64,
+    /// Samples show the decoder's most likely value instead of a draw from `p(x | z)`.
+    pub sample_mean: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            latent: 32,
+            hidden: 512,
+            depth: 2,
+            activation: Activation::Silu,
+            observation: Observation::Auto,
+            kl_warmup_steps: 0,
+            free_bits: 0.0,
+            sample_mean: false,
+        }
+    }
+}
+
+impl Config {
+    fn mlp_params(&self, d_in: usize, d_out: usize) -> usize {
+        let h = self.hidden;
+        match self.depth {
+            0 => d_in * d_out + d_out,
+            n => d_in * h + h + (n - 1) * (h * h + h) + h * d_out + d_out,
+        }
+    }
+
+    fn param_count(&self, d: usize, per_dim: usize, gaussian: bool) -> usize {
+        self.mlp_params(d, 2 * self.latent)
+            + self.mlp_params(self.latent, d * per_dim)
+            + if gaussian { d } else { 0 }
+    }
+}
+
+impl FamilyConfig for Config {
+    const ABOUT: &'static str =
+        "variational autoencoder: Gaussian encoder, ELBO training, ELBO or IWAE-k bound";
+    const LIKELIHOODS: &'static [&'static str] = &["elbo", "iwae"];
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.latent == 0 || self.latent > 4096 {
+            return bad(format!(
+                "model.latent must be in 1..=4096, got {}",
+                self.latent
+            ));
+        }
+        if self.hidden == 0 {
+            return bad("model.hidden must be at least 1".into());
+        }
+        if self.depth > 16 {
+            return bad(format!(
+                "model.depth must be at most 16, got {}",
+                self.depth
+            ));
+        }
+        if !(self.free_bits.is_finite() && self.free_bits >= 0.0) {
+            return bad(format!(
+                "model.free_bits must be >= 0, got {}",
+                self.free_bits
+            ));
+        }
+        Ok(())
+    }
+
+    fn memory_estimate(&self, data: &DataInfo, batch: usize) -> MemoryEstimate {
+        let d = data.dim;
+        let per_dim = self
+            .observation
+            .resolve(data.kind)
+            .map(|o| o.outputs_per_dim())
+            .unwrap_or(1);
+        MemoryEstimate {
+            params: self.param_count(d, per_dim, data.kind == crate::data::DataKind::Continuous)
+                as u64,
+            activations: estimate::prod(&[
+                batch,
+                2 * self.hidden * (self.depth + 1) + 3 * d * per_dim,
+                8,
+            ]),
+            fixed: 0,
+        }
+    }
+
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        // the IWAE bound decodes a chunk of at most IWAE_CHUNK_VALUES outputs at a time
+        let per = self
+            .memory_estimate(data, eval.batch_size.min(256))
+            .activations;
+        per.max(estimate::prod(&[IWAE_CHUNK_VALUES, 4 * 4]))
+    }
+
+    fn build(
+        &self,
+        data: &DataInfo,
+        device: &Device,
+        rng: &mut Rng,
+    ) -> Result<Box<dyn GenerativeModel>> {
+        Ok(Box::new(Vae::new(self, *data, device, rng)?))
+    }
+}
+
+/// Decoder outputs (examples x draws x values) decoded at once by the IWAE bound.
+const IWAE_CHUNK_VALUES: usize = 1 << 22;
+
+/// A VAE on flat examples.
+pub struct Vae {
+    core: ModelCore,
+    cfg: Config,
+    obs: ObservationModel,
+    scale: DataScale,
+    encoder: Mlp,
+    decoder: Mlp,
+    /// The Gaussian observation model's per-dimension log-scale, `[D]`.
+    log_scale: Option<Tensor>,
+}
+
+impl Vae {
+    /// The VAE of `cfg` on data shaped like `data`, initial weights from `rng`.
+    pub fn new(cfg: &Config, data: DataInfo, device: &Device, rng: &mut Rng) -> Result<Self> {
+        cfg.validate()?;
+        let obs = cfg.observation.resolve(data.kind)?;
+        let d = data.dim;
+        let core = ModelCore::new(d, device);
+        let (encoder, decoder, log_scale) = {
+            let mut p = ParamInit::new(&core.varmap, rng, device);
+            let (h, n, act) = (cfg.hidden, cfg.depth, cfg.activation);
+            let enc = Mlp::new(&mut p.push("encoder"), d, h, n, 2 * cfg.latent, act)?;
+            let dec = Mlp::new(
+                &mut p.push("decoder"),
+                cfg.latent,
+                h,
+                n,
+                d * obs.outputs_per_dim(),
+                act,
+            )?;
+            let ls = match obs {
+                ObservationModel::Gaussian => {
+                    Some(p.constant("log_scale", &[d], 0.0)?.as_tensor().clone())
+                }
+                _ => None,
+            };
+            (enc, dec, ls)
+        };
+        Ok(Self {
+            core,
+            cfg: cfg.clone(),
+            obs,
+            scale: DataScale::new(data.kind)?,
+            encoder,
+            decoder,
+            log_scale,
+        })
+    }
+
+    /// The observation model the decoder uses.
+    pub fn observation(&self) -> ObservationModel {
+        self.obs
+    }
+
+    /// `(μ, logvar)` of `q(z | x)`, each `[N, Z]`.
+    pub fn encode(&self, batch: &Tensor, graph: bool) -> Result<(Tensor, Tensor)> {
+        let x = self.scale.to_grid(batch)?; // [N, D] in [-1, 1]
+        let h = if graph {
+            self.encoder.forward(&x)?
+        } else {
+            self.encoder.forward_inference(&x)?
+        }; // [N, 2Z]
+        let z = self.cfg.latent;
+        Ok((h.narrow(1, 0, z)?, h.narrow(1, z, z)?.clamp(-30f32, 20f32)?))
+    }
+
+    /// `log p(x | z)` per row for latents `z: [N, Z]` and data `x: [N, D]`.
+    pub fn log_likelihood_given(&self, z: &Tensor, x: &Tensor, graph: bool) -> Result<Tensor> {
+        let out = if graph {
+            self.decoder.forward(z)?
+        } else {
+            self.decoder.forward_inference(z)?
+        };
+        self.obs.log_prob(&out, x, self.log_scale.as_ref())
+    }
+
+    /// Per-example `(log p(x | z), KL per latent dimension [N, Z])` at one posterior draw.
+    fn elbo_terms(&self, batch: &Tensor, rng: &mut Rng, graph: bool) -> Result<(Tensor, Tensor)> {
+        let (mu, logvar) = self.encode(batch, graph)?;
+        let z = reparameterise(&mu, &logvar, rng)?;
+        let rec = self.log_likelihood_given(&z, batch, graph)?; // [N]
+        Ok((rec, kl_std_normal(&mu, &logvar)?))
+    }
+
+    /// The KL weight at training step `step` (linear warm-up).
+    fn kl_weight(&self, step: usize) -> f64 {
+        match self.cfg.kl_warmup_steps {
+            0 => 1.0,
+            w => ((step + 1) as f64 / w as f64).min(1.0),
+        }
+    }
+
+    /// The training objective at `step`: `(-E log p(x|z) + β KL_fb) / D`, with the free-bits
+    /// floor applied per latent dimension to the batch-mean KL.
+    fn objective(&self, batch: &Tensor, rng: &mut Rng, step: usize) -> Result<Tensor> {
+        check_batch(batch, self.core.dim, "vae")?;
+        let (rec, kl) = self.elbo_terms(batch, rng, true)?;
+        let kl = kl.mean(0)?; // [Z]
+        let kl = if self.cfg.free_bits > 0.0 {
+            kl.maximum(self.cfg.free_bits)?
+        } else {
+            kl
+        };
+        let total = ((kl.sum_all()? * self.kl_weight(step))? - rec.mean_all()?)?;
+        Ok((total / self.core.dim as f64)?)
+    }
+
+    /// `-L_k(x)` per example for `k` importance samples (k = 1: the ELBO).
+    fn iwae_nll(&self, batch: &Tensor, k: usize, rng: &mut Rng) -> Result<Vec<f64>> {
+        let n = batch.dim(0)?;
+        let d = self.core.dim;
+        let (mu, logvar) = self.encode(batch, false)?;
+        let per_draw = d * self.obs.outputs_per_dim();
+        let chunk = (IWAE_CHUNK_VALUES / (n * per_draw).max(1)).clamp(1, k);
+        let mut w: Vec<Vec<f64>> = vec![Vec::with_capacity(k); n];
+        let x_rep = |c: usize| -> Result<Tensor> {
+            Ok(batch
+                .unsqueeze(0)?
+                .broadcast_as((c, n, d))?
+                .reshape((c * n, d))?)
+        };
+        let mut done = 0;
+        while done < k {
+            let c = chunk.min(k - done);
+            let z_dim = self.cfg.latent;
+            let mu_c = mu
+                .unsqueeze(0)?
+                .broadcast_as((c, n, z_dim))?
+                .reshape((c * n, z_dim))?;
+            let lv_c = logvar
+                .unsqueeze(0)?
+                .broadcast_as((c, n, z_dim))?
+                .reshape((c * n, z_dim))?;
+            let z = reparameterise(&mu_c, &lv_c, rng)?; // [c*n, Z]
+            let lw = ((self.log_likelihood_given(&z, &x_rep(c)?, false)?
+                + std_normal_log_density(&z)?)?
+                - diag_normal_log_density(&z, &mu_c, &lv_c)?)?; // [c*n]
+            let lw: Vec<f32> = lw.to_vec1()?;
+            for (j, v) in lw.iter().enumerate() {
+                w[j % n].push(f64::from(*v));
+            }
+            done += c;
+        }
+        Ok(log_mean_exp_rows(&w).into_iter().map(|l| -l).collect())
+    }
+}
+
+impl GenerativeModel for Vae {
+    fn family(&self) -> &'static str {
+        "vae"
+    }
+
+    fn core(&self) -> &ModelCore {
+        &self.core
+    }
+
+    /// The negative ELBO in nats per dimension (full KL weight, no free bits).
+    fn loss(&self, batch: &Tensor, rng: &mut Rng) -> Result<Tensor> {
+        self.objective(batch, rng, usize::MAX - 1)
+    }
+
+    fn train_step(&mut self, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
+        let step = ctx.step();
+        let batch = ctx.batch()?;
+        let loss = self.objective(&batch, ctx.rng(), step)?;
+        ctx.minimize(DEFAULT_GROUP, &loss)
+    }
+
+    fn likelihoods(&self) -> &'static [&'static str] {
+        Config::LIKELIHOODS
+    }
+
+    fn sampling(&self, _opts: &SampleOptions) -> String {
+        format!(
+            "z ~ N(0, I), then {} of the {} decoder",
+            if self.cfg.sample_mean {
+                "the most likely x"
+            } else {
+                "x ~ p(x | z)"
+            },
+            self.obs.name()
+        )
+    }
+
+    fn sample(&self, n: usize, _opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
+        let z = rng.normal_tensor(&[n, self.cfg.latent], &self.core.device)?; // [n, Z]
+        let out = self.decoder.forward_inference(&z)?;
+        self.obs
+            .sample(&out, self.log_scale.as_ref(), self.cfg.sample_mean, rng)
+    }
+
+    fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
+        let which = likelihood_choice(opts, "vae", Config::LIKELIHOODS)?;
+        check_batch(batch, self.core.dim, "vae")?;
+        let nats = match which {
+            "iwae" => self.iwae_nll(batch, opts.importance_samples.max(1), rng)?,
+            _ => {
+                let (rec, kl) = self.elbo_terms(batch, rng, false)?;
+                let nll = (kl.sum(1)? - rec)?.detach();
+                nll.to_vec1::<f32>()?.into_iter().map(f64::from).collect()
+            }
+        };
+        Ok(Nll {
+            nats,
+            dims: self.core.dim,
+            kind: NllKind::Bound,
+        })
+    }
+
+    fn likelihood_method(&self, opts: &EvalOptions) -> String {
+        let obs = self.obs.name();
+        match likelihood_choice(opts, "vae", Config::LIKELIHOODS) {
+            Ok("iwae") => format!(
+                "IWAE bound (Burda et al. 2016, eq. 8) with k = {} importance samples from \
+                 q(z|x), {obs} decoder (standard error over examples includes the sampling)",
+                opts.importance_samples.max(1)
+            ),
+            _ => format!(
+                "negative ELBO, one posterior draw per example, KL in closed form, {obs} decoder \
+                 (standard error over examples includes the draw)"
+            ),
+        }
+    }
+}
