@@ -149,7 +149,7 @@ fn gram_schmidt(a: &[f64], d: usize) -> Result<Vec<f64>> {
             }
         }
         let n: f64 = (0..d).map(|k| q[i * d + k].powi(2)).sum::<f64>().sqrt();
-        if !(n > 1e-12) {
+        if n.is_nan() || n <= 1e-12 {
             return Err(Error::Numerical(
                 "random rotation: degenerate draw, try another seed".into(),
             ));
@@ -207,7 +207,7 @@ pub(crate) fn invert(a: &[f64], d: usize) -> Result<Vec<f64>> {
             .max_by(|&i, &j| m[i * d + k].abs().total_cmp(&m[j * d + k].abs()))
             .unwrap_or(k);
         let pivot = m[p * d + k];
-        if !(pivot.abs() > 1e-300) || !pivot.is_finite() {
+        if !pivot.is_finite() || pivot.abs() <= 1e-300 {
             return Err(Error::Numerical(
                 "the flow's linear layer is singular and cannot be inverted".into(),
             ));

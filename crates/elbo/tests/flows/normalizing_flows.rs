@@ -124,7 +124,7 @@ fn every_layer_inverts_and_its_log_determinant_matches_autograd() {
         assert!(err < 1e-5, "{name}: |f⁻¹(f(x)) - x| = {err}");
         assert!(max_abs_diff(&z, &x) > 1e-3, "{name} is the identity");
         let ld: Vec<f32> = ld.to_vec1().unwrap();
-        for b in 0..3 {
+        for (b, &ld_b) in ld.iter().enumerate().take(3) {
             // J[i][j] = ∂z_i/∂x_j for row b, one backward pass per output
             let xb = candle_core::Var::from_tensor(&x.narrow(0, b, 1).unwrap()).unwrap();
             let (zb, _) = layer.forward(xb.as_tensor()).unwrap();
@@ -147,9 +147,9 @@ fn every_layer_inverts_and_its_log_determinant_matches_autograd() {
             }
             let brute = log_abs_det(jac, d);
             assert!(
-                (brute - f64::from(ld[b])).abs() < 1e-4,
+                (brute - f64::from(ld_b)).abs() < 1e-4,
                 "{name} row {b}: closed form {} vs autograd {brute}",
-                ld[b]
+                ld_b
             );
         }
     }
