@@ -101,6 +101,26 @@ const BUILTIN_CONFIGS: &[(&str, &str)] = &[
         "../digits-d3pm-absorb.toml",
         include_str!("../../../../configs/digits-d3pm-absorb.toml"),
     ),
+    (
+        "../8gaussians-glow.toml",
+        include_str!("../../../../configs/8gaussians-glow.toml"),
+    ),
+    (
+        "../8gaussians-realnvp.toml",
+        include_str!("../../../../configs/8gaussians-realnvp.toml"),
+    ),
+    (
+        "../checkerboard-glow.toml",
+        include_str!("../../../../configs/checkerboard-glow.toml"),
+    ),
+    (
+        "../checkerboard-realnvp.toml",
+        include_str!("../../../../configs/checkerboard-realnvp.toml"),
+    ),
+    (
+        "../digits-vae.toml",
+        include_str!("../../../../configs/digits-vae.toml"),
+    ),
 ];
 
 /// The file as written.
