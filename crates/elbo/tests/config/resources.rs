@@ -87,6 +87,8 @@ fn every_family_and_backbone_counts_its_parameters_exactly() {
                 ],
             ),
             "gaussian" => (points(), vec![]),
+            "normalizing-flow" => (points(), vec!["model.hidden=16", "model.layers=3"]),
+            "vae" => (image(4), vec!["model.hidden=16", "model.latent=3"]),
             _ => (points(), vec!["model.net.hidden=16"]),
         };
         let mut c = family(f.name, &sets);
@@ -97,6 +99,32 @@ fn every_family_and_backbone_counts_its_parameters_exactly() {
         let est = c.model.memory_estimate(&data, 8);
         assert_eq!(est.params, count(model.as_ref()), "{}", f.name);
         assert!(est.activations > 0, "{}", f.name);
+        for variant in ["nice", "glow"]
+            .into_iter()
+            .filter(|_| f.name == "normalizing-flow")
+        {
+            c.set(&format!("model.variant=\"{variant}\"")).unwrap();
+            let model = c
+                .model
+                .build(&data, &Device::Cpu, &mut Rng::new(1))
+                .unwrap();
+            let est = c.model.memory_estimate(&data, 8);
+            assert_eq!(
+                est.params,
+                count(model.as_ref()),
+                "normalizing flow, {variant}"
+            );
+        }
+        if f.name == "vae" {
+            // the Gaussian decoder's log-scale on continuous data
+            c.set("model.observation=\"gaussian\"").unwrap();
+            let model = c
+                .model
+                .build(&points(), &Device::Cpu, &mut Rng::new(1))
+                .unwrap();
+            let est = c.model.memory_estimate(&points(), 8);
+            assert_eq!(est.params, count(model.as_ref()), "vae, Gaussian decoder");
+        }
         if f.name == "ar" {
             c.set("model.transformer.positions=learned").unwrap();
             let model = c
