@@ -61,6 +61,21 @@ export CUDA_ROOT="$cuda_root" CUDA_PATH="$cuda_root" CUDA_HOME="$cuda_root"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-13000}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda}"
+# candle-kernels links its statically compiled MoE / GGUF kernels against the CUDA runtime with
+# `-lcudart` (a dynamic libcudart.so.13 the binary would need to start at all). Here `-lcudart`
+# finds a linker script (as glibc's libc.so is one) that links NVIDIA's libcudart_static.a
+# instead: it opens libcuda itself at run time, so the binary still starts without any CUDA
+# library. LIBRARY_PATH reaches the linker through the cc driver and, unlike RUSTFLAGS, does not
+# change cargo's fingerprints.
+cudart_static="$(find "$cuda_root" -name libcudart_static.a -print -quit)"
+if [ -z "$cudart_static" ]; then
+  echo "build_cuda: no libcudart_static.a under $cuda_root" >&2
+  exit 1
+fi
+link_dir="$cache/link-${wheels//[^0-9A-Za-z.]/_}"
+mkdir -p "$link_dir"
+echo "INPUT($cudart_static)" >"$link_dir/libcudart.so"
+export LIBRARY_PATH="$link_dir${LIBRARY_PATH:+:$LIBRARY_PATH}"
 nvcc --version | tail -n 2 >&2
 echo "build_cuda: CUDA_ROOT=$CUDA_ROOT CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP" \
   "CUDARC_CUDA_VERSION=$CUDARC_CUDA_VERSION CARGO_TARGET_DIR=$CARGO_TARGET_DIR" >&2
