@@ -9,6 +9,8 @@
 # `dynamic-loading`), so it links without them and runs, on the CPU, where they are missing.
 #
 # Usage: scripts/build_cuda.sh [extra cargo build args]
+#        scripts/build_cuda.sh --print-env   (prints the build environment as `export` lines, for
+#                                             other cargo commands: eval "$(... --print-env)")
 # Environment (all optional):
 #   ELBO_CUDA_CACHE      where the wheels' venv lives (default ${XDG_CACHE_HOME:-~/.cache}/elbo-cuda)
 #   ELBO_CUDA_WHEELS     version pattern of the CUDA wheels (default 13.0.*, matching
@@ -76,6 +78,13 @@ link_dir="$cache/link-${wheels//[^0-9A-Za-z.]/_}"
 mkdir -p "$link_dir"
 echo "INPUT($cudart_static)" >"$link_dir/libcudart.so"
 export LIBRARY_PATH="$link_dir${LIBRARY_PATH:+:$LIBRARY_PATH}"
+if [ "${1:-}" = --print-env ]; then
+  for v in PATH CUDA_ROOT CUDA_PATH CUDA_HOME CUDA_COMPUTE_CAP CUDARC_CUDA_VERSION \
+    CARGO_TARGET_DIR LIBRARY_PATH; do
+    printf 'export %s=%q\n' "$v" "${!v}"
+  done
+  exit 0
+fi
 nvcc --version | tail -n 2 >&2
 echo "build_cuda: CUDA_ROOT=$CUDA_ROOT CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP" \
   "CUDARC_CUDA_VERSION=$CUDARC_CUDA_VERSION CARGO_TARGET_DIR=$CARGO_TARGET_DIR" >&2

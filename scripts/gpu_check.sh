@@ -73,13 +73,9 @@ fi
 # runs the composed paths on the GPU against the fused CPU kernels; the CLI tests run the `elbo`
 # binary, which trains on ELBO_DEVICE.
 if [ "${GPU_CHECK_TESTS:-1}" != 0 ]; then
-  # shellcheck disable=SC1090
-  env_line="$(grep '^build_cuda: CUDA_ROOT=' "$out/build.log" | tail -n 1)"
-  cuda_root="$(sed -n 's/.*CUDA_ROOT=\([^ ]*\).*/\1/p' <<<"$env_line")"
   start=$SECONDS
-  if PATH="$cuda_root/bin:$PATH" CUDA_ROOT="$cuda_root" CUDA_PATH="$cuda_root" \
-    CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-13000}" CARGO_TARGET_DIR=target/cuda \
-    cargo test --release --workspace --features elbo/cuda,elbo-cli/cuda \
+  if (eval "$(scripts/build_cuda.sh --print-env)" &&
+    cargo test --release --workspace --features elbo/cuda,elbo-cli/cuda) \
     >"$out/tests.log" 2>&1; then
     note "ok   cargo test --release --workspace (cuda) in $((SECONDS - start)) s: $(grep -c '^test .* ok$' "$out/tests.log") passed"
   else
