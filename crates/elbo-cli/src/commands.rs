@@ -38,14 +38,10 @@ fn toml_string(s: &str) -> String {
     format!("{:?}", s)
 }
 
-/// The compute device: CPU, or the first CUDA GPU when built with `--features cuda`.
+/// The compute device: `ELBO_DEVICE` (`cpu`, `cuda`, `cuda:N`), by default the first CUDA GPU
+/// when built with `--features cuda` and the CPU otherwise ([`crate::cuda_libs::device`]).
 pub fn device() -> Result<Device> {
-    #[cfg(feature = "cuda")]
-    {
-        return Ok(Device::new_cuda(0)?);
-    }
-    #[allow(unreachable_code)]
-    Ok(Device::Cpu)
+    crate::cuda_libs::device()
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {

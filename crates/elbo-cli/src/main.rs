@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// mimalloc reuses freed tensor buffers instead of returning them to the kernel: with glibc's
 /// allocator every large tensor is a fresh mmap and about half of a training step was spent in
@@ -29,6 +29,7 @@ fn keep_freed_memory() {
 mod bench;
 mod commands;
 mod compare;
+mod cuda_libs;
 mod flags;
 mod quickstart;
 
@@ -367,9 +368,23 @@ pub struct BenchArgs {
     pub corpus: Option<PathBuf>,
 }
 
+/// The command line; `--version` also reports the CUDA libraries ([`cuda_libs::report`]), probed
+/// only when asked for.
+fn parse_cli() -> Cli {
+    let mut cmd = Cli::command();
+    if std::env::args_os()
+        .skip(1)
+        .any(|a| a == "--version" || a == "-V")
+    {
+        let v = format!("{}\n{}", env!("CARGO_PKG_VERSION"), cuda_libs::report());
+        cmd = cmd.version(&*Box::leak(v.into_boxed_str()));
+    }
+    Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let res = match cli.command {
         Command::Train(a) => commands::train(a),
         Command::Sample(a) => commands::sample(a),

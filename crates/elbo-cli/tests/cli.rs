@@ -2,7 +2,7 @@
 //! panic) for malformed configs, unknown data sets and corrupt checkpoints.
 
 mod common;
-use common::{assert_clean_failure, elbo, stderr};
+use common::{assert_clean_failure, elbo, refused, stderr};
 
 const TINY: &str = r#"
 [model.net]
@@ -161,5 +161,35 @@ fn help_lists_every_command() {
     let out = String::from_utf8_lossy(&o.stdout);
     for c in ["train", "sample", "eval", "quickstart", "bench"] {
         assert!(out.contains(c), "--help lacks {c}: {out}");
+    }
+}
+
+#[test]
+fn version_reports_cuda_and_a_bad_device_is_a_clean_error() {
+    let d = tempfile::tempdir().unwrap();
+    let o = elbo(&["--version"], d.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.starts_with("elbo ") && out.contains("\nCUDA: "),
+        "{out}"
+    );
+    if !cfg!(feature = "cuda") {
+        assert!(out.contains("built without CUDA"), "{out}");
+    }
+    let with_device = |dev: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_elbo"))
+            .args([
+                "train", "--model", "gaussian", "--data", "moons", "--steps", "1",
+            ])
+            .args(["--out", "run", "--quiet"])
+            .env("ELBO_DEVICE", dev)
+            .current_dir(d.path())
+            .output()
+            .unwrap()
+    };
+    refused(&with_device("tpu"), &["ELBO_DEVICE", "cpu, cuda or cuda:N"]);
+    if !cfg!(feature = "cuda") {
+        refused(&with_device("cuda"), &["built without CUDA"]);
     }
 }

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarMap;
 use elbo::nn::transformer::{
     cross_entropy_rows, cross_entropy_weighted, Positions, Transformer, TransformerConfig,
@@ -58,7 +58,7 @@ fn load_corpus(path: Option<&Path>) -> Result<(Vec<u32>, String)> {
 
 /// W3 (`causal = false`) or W4 (`causal = true`).
 pub fn run(causal: bool, steps: (usize, usize), corpus: Option<&Path>) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = super::device()?;
     let (ids, corpus_name) = load_corpus(corpus)?;
     let (b, l) = (32usize, 256usize);
     if ids.len() < l + 2 {

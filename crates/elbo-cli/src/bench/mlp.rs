@@ -48,7 +48,7 @@ fn nparams(vm: &VarMap) -> Result<usize> {
 }
 
 pub fn w1(steps: (usize, usize)) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = super::device()?;
     let (vm, net) = w1_model(&dev)?;
     let params = named_vars(&vm)?;
     let mut opt = adamw();
@@ -149,7 +149,7 @@ fn w2_input(x: &Tensor, t: &Tensor) -> Result<Tensor> {
 }
 
 pub fn w2(steps: (usize, usize)) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = super::device()?;
     // All 1797 digits scaled to [-1, 1] as x / 8 - 1 (the embedded file is sklearn's
     // load_digits data, row for row).
     let digits = elbo::data::digits::load()?;

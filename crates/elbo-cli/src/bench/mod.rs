@@ -60,18 +60,36 @@ fn adamw() -> AdamW {
     })
 }
 
-/// Runs `step` `warmup` times untimed, then `iters` times timed; returns the seconds per step.
+/// The device of the training workloads and `gemm`: `ELBO_DEVICE` as for `elbo train` (the CPU
+/// by default in a CPU build; s1 and s2 time the packed CPU sampling path, always on the CPU).
+fn device() -> Result<Device> {
+    let dev = crate::commands::device()?;
+    let _ = TIMED_DEVICE.set(dev.clone());
+    Ok(dev)
+}
+
+/// The device [`time_steps`] waits for after each step (GPU work is queued asynchronously).
+static TIMED_DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+
+/// Runs `step` `warmup` times untimed, then `iters` times timed; returns the seconds per step
+/// (each ends when the device has finished the step's work).
 fn time_steps(
     (warmup, iters): (usize, usize),
     mut step: impl FnMut() -> Result<()>,
 ) -> Result<Vec<f64>> {
+    let sync = || match TIMED_DEVICE.get() {
+        Some(d) => d.synchronize(),
+        None => Ok(()),
+    };
     for _ in 0..warmup {
         step()?;
     }
+    sync()?;
     let mut ts = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t0 = Instant::now();
         step()?;
+        sync()?;
         ts.push(t0.elapsed().as_secs_f64());
     }
     Ok(ts)
@@ -142,7 +160,7 @@ fn median_ms(s: &Map<String, Value>) -> f64 {
 /// torch_bench.cmd_gemm: C = A B for standard normal A, B of size n x n; 3 warm-up products,
 /// then 30 (n = 1024) or 10 (n = 2048) timed ones. The flags --warmup/--iters do not apply.
 fn gemm() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = device()?;
     let mut rng = Rng::new(0);
     for n in [1024usize, 2048] {
         let a = rng.normal_tensor(&[n, n], &dev)?;

@@ -7,7 +7,6 @@
 //! of the same network.
 
 use anyhow::Result;
-use candle_core::Device;
 use candle_nn::VarMap;
 use elbo::nn::{ParamInit, UNet, UNetConfig};
 use elbo::train::optim::{named_vars, AdamW, AdamWConfig};
@@ -28,7 +27,7 @@ fn presets() -> Vec<(&'static str, UNetConfig, usize, usize)> {
 
 /// Times every preset: `steps` = (warm-up, timed) training steps, and as many forward passes.
 pub fn run(steps: (usize, usize)) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = super::device()?;
     for (name, cfg, b, hw) in presets() {
         let vm = VarMap::new();
         let net = {
@@ -78,7 +77,7 @@ pub fn run(steps: (usize, usize)) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Tensor;
+    use candle_core::{Device, Tensor};
 
     #[test]
     fn presets_build_and_take_a_step() {

@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::{Error, Result};
@@ -178,7 +178,7 @@ impl Rotary {
             )));
         }
         self.check(at, b, t)?;
-        if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+        if crate::nn::fused::cpu_f32(&[qkv]) {
             let at = match at {
                 RotaryAt::From(s) => At::From(s),
                 RotaryAt::Rows { q, k } => At::Rows(Arc::new((q.to_vec(), k.to_vec()))),

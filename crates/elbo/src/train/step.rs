@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::clip::{clip_grad_norm, grad_norm};
+use super::clip::{clip_grad_norm, clip_grad_norm_tensor, grad_norm, grad_norm_tensor};
 use super::ema::Ema;
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::LrSchedule;
@@ -85,14 +85,37 @@ impl ParamGroup {
 /// What one training step reports.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StepOutput {
-    /// The loss logged for the step.
+    /// The loss logged for the step (NaN while [`StepOutput::on_device`] holds it).
     pub loss: f64,
-    /// Gradient norm before clipping of the last minimisation.
+    /// Gradient norm before clipping of the last minimisation (NaN while
+    /// [`StepOutput::on_device`] holds it).
     pub grad_norm: f64,
     /// Learning rate of the last minimisation.
     pub lr: f64,
     /// Further named figures to log (e.g. a critic's loss).
     pub extra: Vec<(String, f64)>,
+    /// The loss and gradient norm still on the device, not read yet: set by
+    /// [`StepContext::minimize`] when the trainer defers host reads (GPU devices, see
+    /// [`crate::train::Trainer::set_deferred_reads`]); the trainer reads a batch of them at once
+    /// and fills `loss` and `grad_norm`. Only the returned output is read: a family that logs
+    /// the loss of an earlier minimisation of its step (e.g. a critic's) reads it itself.
+    pub on_device: Option<DeviceScalars>,
+}
+
+/// A step's loss and gradient norm as scalar `f64` tensors on the training device.
+#[derive(Clone, Debug)]
+pub struct DeviceScalars {
+    /// The loss (detached).
+    pub loss: Tensor,
+    /// The gradient norm before clipping.
+    pub grad_norm: Tensor,
+}
+
+impl PartialEq for DeviceScalars {
+    /// The same tensors (values are not read: that would synchronise).
+    fn eq(&self, other: &Self) -> bool {
+        self.loss.id() == other.loss.id() && self.grad_norm.id() == other.grad_norm.id()
+    }
 }
 
 /// One group's parameters and optimiser state.
@@ -196,6 +219,8 @@ pub struct StepContext<'a> {
     pub(crate) device: Device,
     pub(crate) groups: &'a mut [GroupState],
     pub(crate) step: usize,
+    /// Leave the loss and gradient norm on the device ([`StepOutput::on_device`]).
+    pub(crate) defer_reads: bool,
 }
 
 impl StepContext<'_> {
@@ -229,6 +254,14 @@ impl StepContext<'_> {
     /// Minimise the scalar `loss` over the parameters of `group`: backward, clip the group's
     /// gradient norm, one AdamW step at the scheduled learning rate, EMA update. A NaN or
     /// infinite loss is an error and changes nothing.
+    ///
+    /// When the trainer defers host reads (by default on GPU devices), nothing is read back:
+    /// the loss and the norm stay on the device ([`StepOutput::on_device`]; `loss` and
+    /// `grad_norm` are NaN until the trainer reads them), clipping scales the gradients by a
+    /// device scalar ([`clip_grad_norm_tensor`]), and a non-finite loss is found by the trainer
+    /// at its next read (a log, checkpoint or evaluation step), after the parameters were
+    /// updated with it; the error names the step it happened at, and no checkpoint is written
+    /// from such weights.
     pub fn minimize(&mut self, group: &str, loss: &Tensor) -> Result<StepOutput> {
         let step = self.step;
         let Some(idx) = self.groups.iter().position(|g| g.name == group) else {
@@ -238,6 +271,30 @@ impl StepContext<'_> {
             )));
         };
         let g = &mut self.groups[idx];
+        if self.defer_reads {
+            let loss_t = loss.detach().to_dtype(DType::F64)?;
+            let mut grads = loss.backward()?;
+            let gnorm = if g.clip > 0.0 {
+                clip_grad_norm_tensor(&g.params, &mut grads, g.clip, loss.device())?
+            } else {
+                grad_norm_tensor(&g.params, &grads, loss.device())?
+            };
+            let lr = g.sched.lr_at(step);
+            g.optim.step(&g.params, &grads, lr)?;
+            if let Some(ema) = g.ema.as_mut() {
+                ema.update(&g.params)?;
+            }
+            return Ok(StepOutput {
+                loss: f64::NAN,
+                grad_norm: f64::NAN,
+                lr,
+                extra: Vec::new(),
+                on_device: Some(DeviceScalars {
+                    loss: loss_t,
+                    grad_norm: gnorm,
+                }),
+            });
+        }
         let loss_val = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !loss_val.is_finite() {
             return Err(Error::NonFiniteLoss {
@@ -262,6 +319,7 @@ impl StepContext<'_> {
             grad_norm: gnorm,
             lr,
             extra: Vec::new(),
+            on_device: None,
         })
     }
 }

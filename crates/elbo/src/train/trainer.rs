@@ -113,6 +113,8 @@ pub struct Trainer {
     eval_pending: bool,
     last_loss: Option<f64>,
     stopped_early: bool,
+    /// Leave each step's loss on the device until the next log step ([`Trainer::set_deferred_reads`]).
+    defer_reads: bool,
     /// What opening the run directory did (stale lock taken over, temporaries removed, ...).
     notes: Vec<String>,
     /// Held for the trainer's lifetime: no other process trains into the directory meanwhile.
@@ -190,6 +192,9 @@ impl Trainer {
                 return Ok(self.finish(out, start));
             }
         }
+        // Steps whose loss is still on the device (deferred reads): read together at the next
+        // log, checkpoint or evaluation step, before anything is written.
+        let mut pending: Vec<(usize, StepOutput)> = Vec::new();
         while self.step < stop_at {
             let s = match self.train_step() {
                 Ok(s) => s,
@@ -199,16 +204,37 @@ impl Trainer {
                 }
             };
             self.step += 1;
-            self.last_loss = Some(s.loss);
-            out.losses.push((self.step, s.loss));
-            smooth = if smooth.is_nan() {
-                s.loss
-            } else {
-                0.98 * smooth + 0.02 * s.loss
+            let log_due = self.step.is_multiple_of(tc.log_every) || self.step == stop_at;
+            let eval_due = (tc.eval_every > 0 && self.step.is_multiple_of(tc.eval_every))
+                || self.step == tc.steps;
+            let save_due = eval_due || self.step.is_multiple_of(tc.checkpoint_every);
+            let on_host = s.on_device.is_none();
+            pending.push((self.step, s));
+            if !(on_host || log_due || save_due) {
+                continue;
+            }
+            let read = match read_pending(&mut pending) {
+                Ok(r) => r,
+                Err(e) => {
+                    bar.abandon();
+                    return Err(self.explain_failure(e));
+                }
             };
+            let Some((_, s)) = read.last().cloned() else {
+                continue;
+            };
+            for (step, r) in read {
+                self.last_loss = Some(r.loss);
+                out.losses.push((step, r.loss));
+                smooth = if smooth.is_nan() {
+                    r.loss
+                } else {
+                    0.98 * smooth + 0.02 * r.loss
+                };
+            }
             bar.set_position(self.step as u64);
             bar.set_message(format!("loss {smooth:.4}"));
-            if self.step.is_multiple_of(tc.log_every) || self.step == stop_at {
+            if log_due {
                 let mut line = json!({"step": self.step, "loss": s.loss, "lr": s.lr,
                     "grad_norm": s.grad_norm, "elapsed_s": start.elapsed().as_secs_f64()});
                 for (k, v) in &s.extra {
@@ -216,8 +242,6 @@ impl Trainer {
                 }
                 writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
             }
-            let eval_due = (tc.eval_every > 0 && self.step.is_multiple_of(tc.eval_every))
-                || self.step == tc.steps;
             if eval_due {
                 self.eval_pending = true;
                 self.save_latest(&bar)?;
@@ -239,6 +263,19 @@ impl Trainer {
         out
     }
 
+    /// Whether training steps leave their loss and gradient norm on the device, to be read in
+    /// one transfer at the next log, checkpoint or evaluation step, instead of synchronising
+    /// with the device at every step. On by default off the CPU (CUDA), where each read waits
+    /// for the step's queued kernels; off on the CPU, where a read costs nothing. The losses,
+    /// metrics and checkpoints are the same either way; what differs is when a NaN or infinite
+    /// loss is noticed: at once (and the step changes nothing), or at the next read, after the
+    /// parameters were updated with it (the error names the step the loss went bad at, and the
+    /// last checkpoint, written from finite weights, is kept). See
+    /// [`StepContext::minimize`](crate::train::step::StepContext::minimize).
+    pub fn set_deferred_reads(&mut self, on: bool) {
+        self.defer_reads = on;
+    }
+
     /// The family's training step in a context over this run's data, generator and groups.
     fn train_step(&mut self) -> Result<StepOutput> {
         let device = self.model.device().clone();
@@ -249,6 +286,7 @@ impl Trainer {
             device,
             groups: &mut self.groups,
             step: self.step,
+            defer_reads: self.defer_reads,
         };
         self.model.train_step(&mut ctx)
     }
@@ -433,4 +471,41 @@ fn progress_bar(visible: bool, len: u64, pos: u64) -> ProgressBar {
     bar.set_style(style);
     bar.set_position(pos);
     bar
+}
+
+/// Reads the losses and gradient norms of the `pending` steps still on the device in one
+/// transfer, fills them in and returns every pending step (emptying `pending`). A loss read from
+/// the device that is NaN or infinite is [`Error::NonFiniteLoss`] at its step (values computed
+/// on the host were checked by [`StepContext::minimize`](crate::train::step::StepContext::minimize)).
+fn read_pending(pending: &mut Vec<(usize, StepOutput)>) -> Result<Vec<(usize, StepOutput)>> {
+    let mut steps = std::mem::take(pending);
+    let mut scalars = Vec::new();
+    for (_, s) in &steps {
+        if let Some(d) = &s.on_device {
+            scalars.push(d.loss.clone());
+            scalars.push(d.grad_norm.clone());
+        }
+    }
+    if scalars.is_empty() {
+        return Ok(steps);
+    }
+    let vals: Vec<f64> = Tensor::stack(&scalars, 0)?.to_vec1()?;
+    let mut vals = vals.chunks_exact(2);
+    for (step, s) in &mut steps {
+        if s.on_device.take().is_none() {
+            continue;
+        }
+        let Some(&[loss, grad_norm]) = vals.next() else {
+            unreachable!("two values per step on the device");
+        };
+        if !loss.is_finite() {
+            return Err(Error::NonFiniteLoss {
+                step: *step,
+                loss,
+                kept: String::new(),
+            });
+        }
+        (s.loss, s.grad_norm) = (loss, grad_norm);
+    }
+    Ok(steps)
 }

@@ -452,3 +452,28 @@ fn in_place_ema_matches_its_formula() {
         assert_eq!(back, live);
     }
 }
+
+/// The one dispatch rule: fused kernels on CPU `f32` only. A CUDA (or Metal) tensor takes the
+/// composed candle path of every entry point, which the other tests here check against the
+/// fused one on the CPU (`f64` CPU tensors take that path too: see the tests of
+/// `fused_transformer.rs` and `device_fallback.rs`, which runs it on a GPU).
+#[test]
+fn fused_kernels_are_picked_on_cpu_f32_only() {
+    use candle_core::DeviceLocation;
+    use elbo::nn::fused::{cpu_f32, fused_at};
+    assert!(fused_at(DeviceLocation::Cpu, DType::F32));
+    for dtype in [DType::F64, DType::F16, DType::BF16] {
+        assert!(!fused_at(DeviceLocation::Cpu, dtype), "{dtype:?}");
+    }
+    for loc in [
+        DeviceLocation::Cuda { gpu_id: 0 },
+        DeviceLocation::Cuda { gpu_id: 3 },
+        DeviceLocation::Metal { gpu_id: 0 },
+    ] {
+        assert!(!fused_at(loc, DType::F32), "{loc:?}");
+    }
+    let x = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    assert!(cpu_f32(&[&x, &x]));
+    assert!(!cpu_f32(&[&x, &x64]));
+}

@@ -324,6 +324,17 @@ impl GenerativeModel for Poisoned {
 
 #[test]
 fn divergence_keeps_the_last_checkpoint_with_finite_weights() {
+    divergence_case(false);
+}
+
+/// With deferred reads (the default on GPU devices) the NaN loss of step 8 is found at the read
+/// of step 10 (a checkpoint step; logs every 25 steps), and reported at step 8 all the same.
+#[test]
+fn deferred_reads_report_the_step_a_loss_went_bad_at() {
+    divergence_case(true);
+}
+
+fn divergence_case(defer: bool) {
     let dev = Device::Cpu;
     // poisoned at step 10, a checkpoint step: the loss was still finite, the weights not
     // (Error::Diverged); poisoned at step 7: the loss of step 8 is NaN (Error::NonFiniteLoss).
@@ -339,7 +350,11 @@ fn divergence_keeps_the_last_checkpoint_with_finite_weights() {
         let d = tempfile::tempdir().unwrap();
         let mut cfg = tiny(20);
         cfg.train.select_by = "mmd".into();
+        if defer {
+            cfg.train.log_every = 25;
+        }
         let mut t = Trainer::create_with(cfg, d.path(), &dev, Some(&build)).unwrap();
+        t.set_deferred_reads(defer);
         let e = t.run(false).err().unwrap();
         let msg = e.to_string();
         match e {
@@ -510,4 +525,39 @@ fn checkpoint_state_floats_read_back_exactly_and_pass_the_state_hash() {
         .iter()
         .zip(&floats)
         .all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
+/// Deferred reads (the default on GPU devices: each step's loss and gradient norm stay on the
+/// device until the next log or checkpoint step) change nothing on disk or in the outcome:
+/// the same losses, metrics lines and checkpoint, with gradient clipping on the device.
+#[test]
+fn deferred_reads_give_the_same_losses_metrics_and_checkpoint() {
+    let dev = Device::Cpu;
+    let run = |defer: bool| {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = tiny(12);
+        cfg.train.log_every = 4;
+        cfg.train.grad_clip = 0.5;
+        let mut t = Trainer::create(cfg, d.path(), &dev).unwrap();
+        t.set_deferred_reads(defer);
+        let out = t.run(false).unwrap();
+        let metrics: Vec<serde_json::Value> = fs::read_to_string(d.path().join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("elapsed_s");
+                v
+            })
+            .collect();
+        let model = fs::read(d.path().join("checkpoint/model.safetensors")).unwrap();
+        (out.losses, metrics, model)
+    };
+    let (now, later) = (run(false), run(true));
+    assert_eq!(now.0.len(), 12);
+    assert_eq!(now.0, later.0, "losses");
+    assert!(now.1.len() >= 3, "{:?}", now.1);
+    assert_eq!(now.1, later.1, "metrics");
+    assert!(now.0.iter().all(|(_, l)| l.is_finite()));
+    assert!(now.2 == later.2, "checkpointed weights differ");
 }

@@ -259,7 +259,7 @@ impl DenoiserNet {
         };
         let (hidden, out) = mlp.layers();
         let w = hidden.first().unwrap_or(out).weight();
-        if !w.device().is_cpu() || w.dtype() != DType::F32 || self.packed.get().is_some() {
+        if !crate::nn::fused::cpu_f32(&[w]) || self.packed.get().is_some() {
             return f();
         }
         let Some(p) = PackedMlp::new(mlp, self.time_embed_dim)? else {

@@ -15,8 +15,10 @@
 //! - in-place AdamW and EMA updates (crate-internal; used by [`crate::train::optim::AdamW`] and
 //!   [`crate::train::ema::Ema`]).
 //!
-//! Every entry point runs the fused kernel only on the CPU with `f32` tensors and falls back to
-//! the equivalent composition of candle ops elsewhere, so results agree up to float rounding.
+//! Every entry point runs the fused kernel only on the CPU with `f32` tensors ([`fused_at`]) and
+//! falls back to the equivalent composition of candle ops elsewhere (CUDA included), so results
+//! agree up to float rounding. The custom ops themselves ([`layer_norm`], [`softmax`],
+//! [`attention`], ...) have only a CPU forward pass: callers dispatch first.
 //! SiLU uses [`exp_f32`], a branch-free `exp` with relative error below 3e-7, in place of libm.
 
 mod attention;
@@ -32,7 +34,7 @@ pub mod reference;
 mod softmax;
 mod tile;
 
-use candle_core::{bail, DType, Storage, Tensor};
+use candle_core::{bail, DType, DeviceLocation, Storage, Tensor};
 
 pub use cross_entropy::IGNORE_INDEX;
 pub(crate) use inplace::{adamw_inplace, ema_inplace};
@@ -52,10 +54,22 @@ pub enum FusedAct {
     Silu,
 }
 
-/// True when every tensor is on the CPU with dtype `f32`, the case the fused kernels handle.
+/// True when the fused kernels handle a tensor of `dtype` on the device at `location`: the CPU
+/// with `f32`, nothing else. This is the one dispatch rule of the crate: every entry point above
+/// (and every caller of the CPU-only custom ops below: layer norm, softmax, attention,
+/// cross-entropy, group norm, convolution, rotary embedding, AdamW, EMA, packed weights) takes
+/// the differentiable composition of candle ops otherwise, e.g. on a CUDA or Metal device, where
+/// candle's own kernels and autograd run. The custom ops have only `cpu_fwd`, so reaching one
+/// with a GPU tensor would be an error.
+pub fn fused_at(location: DeviceLocation, dtype: DType) -> bool {
+    matches!(location, DeviceLocation::Cpu) && dtype == DType::F32
+}
+
+/// True when every tensor is on the CPU with dtype `f32`, the case the fused kernels handle
+/// ([`fused_at`]).
 pub fn cpu_f32(ts: &[&Tensor]) -> bool {
     ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+        .all(|t| fused_at(t.device().location(), t.dtype()))
 }
 
 /// True when [`linear_act`] takes the fused path for these operands: CPU, `f32`, `x: [B, in]`,

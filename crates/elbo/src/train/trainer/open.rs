@@ -100,6 +100,7 @@ impl Trainer {
             eval_pending: false,
             last_loss: None,
             stopped_early: false,
+            defer_reads: !device.is_cpu(),
             notes,
             _lock: lock,
         })
@@ -199,6 +200,7 @@ impl Trainer {
             eval_pending: st.eval_pending,
             last_loss: st.last_loss,
             stopped_early: st.stopped_early,
+            defer_reads: !device.is_cpu(),
             cfg,
             dir: dir.to_path_buf(),
             model,
