@@ -6,7 +6,7 @@
 # usage: scripts/bench_compare.sh [gemm w1 w2 w3 w3_sdpa w4 w4_sdpa s1 s2]   (default: all)
 #   PY           python with torch (default ~/.cache/torchenv/bin/python; create it with
 #                python3 -m venv ~/.cache/torchenv && ~/.cache/torchenv/bin/pip install torch numpy scikit-learn)
-#   TORCH_BENCH  path to torch_bench.py (default ../shared/bench-ref/torch_bench.py)
+#   TORCH_BENCH  path to torch_bench.py (default bench/torch_bench.py)
 #   OUT          where the JSON lines and time logs go (default bench-results/compare)
 #   BENCH_FLAGS  extra flags for both sides, e.g. "--warmup 1 --iters 2" for a quick check
 # w3_sdpa / w4_sdpa are torch's `--sdpa` runs, compared against elbo's w3 / w4 (run once).
@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$HOME/.cache/torchenv/bin/python}
-TORCH_BENCH=${TORCH_BENCH:-../shared/bench-ref/torch_bench.py}
+TORCH_BENCH=${TORCH_BENCH:-bench/torch_bench.py}
 OUT=${OUT:-bench-results/compare}
 BENCH_FLAGS=${BENCH_FLAGS:-}
 [ -x "$PY" ] || { echo "no python with torch at $PY (set PY)" >&2; exit 1; }

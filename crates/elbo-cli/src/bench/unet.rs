@@ -3,10 +3,10 @@
 //! forward pass with dropout on a fixed batch of standard normal images, the mean squared error
 //! against the input, the backward pass and one AdamW update (default settings, lr 1e-4); the
 //! median of the timed steps is reported beside the median of plain forward passes (as in
-//! sampling, no autograd graph kept). scripts/bench_compare.sh times it beside the PyTorch port
-//! of the same network.
+//! sampling, no autograd graph kept). scripts/bench_compare.sh times it (W5, `--preset NAME`)
+//! beside the PyTorch port of the same network, bench/torch_unet_bench.py.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::Device;
 use candle_nn::VarMap;
 use elbo::nn::{ParamInit, UNet, UNetConfig};
@@ -14,7 +14,7 @@ use elbo::train::optim::{named_vars, AdamW, AdamWConfig};
 use elbo::Rng;
 use serde_json::json;
 
-use super::{emit, extend, median_ms, summarize, time_steps};
+use super::{add_efficiency, emit, extend, flops, median_ms, summarize, time_steps};
 
 /// The presets: name, config, batch, image side.
 fn presets() -> Vec<(&'static str, UNetConfig, usize, usize)> {
@@ -26,10 +26,33 @@ fn presets() -> Vec<(&'static str, UNetConfig, usize, usize)> {
     ]
 }
 
-/// Times every preset: `steps` = (warm-up, timed) training steps, and as many forward passes.
-pub fn run(steps: (usize, usize)) -> Result<()> {
+/// Parameter counts of the presets, asserted by bench/torch_unet_bench.py (`EXPECTED_PARAMS`)
+/// for its PyTorch port and checked here against the networks built.
+#[cfg(test)]
+const PARAMS: [(&str, usize); 4] = [
+    ("digits", 701_345),
+    ("digits_small", 176_849),
+    ("mnist", 1_062_497),
+    ("mnist_small", 267_313),
+];
+
+/// Times `preset` (a name of [`presets`], or "all"): `steps` = (warm-up, timed) training steps,
+/// and as many forward passes.
+pub fn run(steps: (usize, usize), preset: &str) -> Result<()> {
     let dev = Device::Cpu;
-    for (name, cfg, b, hw) in presets() {
+    let chosen: Vec<_> = presets()
+        .into_iter()
+        .filter(|(name, ..)| preset == "all" || *name == preset)
+        .collect();
+    if chosen.is_empty() {
+        let names: Vec<_> = presets().iter().map(|p| p.0).collect();
+        bail!(
+            "unknown U-Net preset '{preset}'; one of {} or all",
+            names.join(", ")
+        );
+    }
+    for (name, cfg, b, hw) in chosen {
+        let flop = flops::train(flops::unet(&cfg, b, hw, hw));
         let vm = VarMap::new();
         let net = {
             let mut rng = Rng::new(40);
@@ -70,6 +93,7 @@ pub fn run(steps: (usize, usize)) -> Result<()> {
                 ("loss_last", json!(loss_last)),
             ],
         );
+        add_efficiency(&mut s, &format!("unet {name}"), flop)?;
         emit(s);
     }
     Ok(())
@@ -79,6 +103,22 @@ pub fn run(steps: (usize, usize)) -> Result<()> {
 mod tests {
     use super::*;
     use candle_core::Tensor;
+
+    #[test]
+    fn param_counts_match_the_torch_port() {
+        for ((name, cfg, ..), (pname, n)) in presets().into_iter().zip(PARAMS) {
+            let vm = VarMap::new();
+            let mut rng = Rng::new(0);
+            UNet::new(&mut ParamInit::new(&vm, &mut rng, &Device::Cpu), cfg).unwrap();
+            let count: usize = named_vars(&vm)
+                .unwrap()
+                .iter()
+                .map(|(_, v)| v.elem_count())
+                .sum();
+            assert_eq!((name, count), (pname, n));
+        }
+        assert!(run((0, 1), "nonesuch").is_err());
+    }
 
     #[test]
     fn presets_build_and_take_a_step() {
