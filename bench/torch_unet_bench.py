@@ -212,6 +212,71 @@ def nparams(m):
     return sum(p.numel() for p in m.parameters())
 
 
+def read_safetensors(path):
+    """{name: float32 tensor} of a safetensors file (F32 and U32 entries only)."""
+    import numpy as np
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        a, b = v["data_offsets"]
+        dt = {"F32": np.float32, "U32": np.uint32}[v["dtype"]]
+        arr = np.frombuffer(raw[8 + n + a:8 + n + b], dtype=dt).reshape(v["shape"])
+        out[k] = torch.from_numpy(arr.astype(np.float32))
+    return out
+
+
+def torch_name(elbo_name):
+    """elbo's parameter name -> this port's: temb.0 -> temb0, down.i.res/attn/down ->
+    down.i.{0,1}, mid.j -> mid.j, up.i.res/attn/up -> up.i.{0,1,2}."""
+    parts = elbo_name.split(".")
+    if parts[0] == "temb":
+        return f"temb{parts[1]}." + ".".join(parts[2:])
+    return ".".join(parts)
+
+
+def check(name, path):
+    """Loads elbo's weights, input and output of `name` from `path` (`elbo bench unet --export`)
+    into this port and compares the outputs."""
+    cfg, _, _ = PRESETS[name]
+    net = UNet(cfg).eval()
+    f = read_safetensors(path)
+    # position of each layer in its group, by the kind of layer, to map res/attn/down/up
+    mods = dict(net.named_modules())
+    state = {}
+    for k, w in f.items():
+        if not k.startswith("param."):
+            continue
+        parts = k[len("param."):].split(".")
+        if parts[0] in ("down", "up"):
+            group = mods[f"{parts[0]}.{parts[1]}"]
+            kinds = {"res": ResBlock, "attn": AttnBlock, "down": Down, "up": Up}[parts[2]]
+            j = next(i for i, m in enumerate(group) if isinstance(m, kinds))
+            parts = parts[:2] + [str(j)] + parts[3:]
+        tname = torch_name(".".join(parts))
+        p = dict(net.named_parameters())[tname]
+        if p.dim() == 4:  # elbo's conv weight [out, k k in], columns (ky, kx, c)
+            o, i, kh, kw = p.shape
+            w = w.reshape(o, kh, kw, i).permute(0, 3, 1, 2)
+        state[tname] = w.reshape(p.shape)
+    missing = set(dict(net.named_parameters())) - set(state)
+    if missing:
+        sys.exit(f"{name}: no weights for {sorted(missing)}")
+    net.load_state_dict(state)
+    with torch.inference_mode():
+        y = net(f["x"], f["t"])
+    err = (y - f["y"]).abs().max().item()
+    scale = f["y"].abs().max().item()
+    print(json.dumps(dict(check="unet_port", preset=name, params=nparams(net),
+                          max_abs_diff=err, max_abs_output=scale)), flush=True)
+    if not err <= 1e-4 * max(1.0, scale):
+        sys.exit(f"{name}: the port's output differs from elbo's by {err} (outputs up to {scale})")
+
+
 def run(name, args):
     cfg, B, hw = PRESETS[name]
     torch.manual_seed(40)
@@ -258,6 +323,8 @@ def main():
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--channels-last", action="store_true", help="torch.channels_last tensors")
+    p.add_argument("--check", metavar="DIR", help="time nothing; compare the port's output with "
+                   "elbo's, from DIR/unet_PRESET.safetensors of `elbo bench unet --export DIR`")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -265,7 +332,10 @@ def main():
     for name in names:
         if name not in PRESETS:
             sys.exit(f"unknown preset '{name}'; one of {', '.join(PRESETS)} or all")
-        run(name, args)
+        if args.check:
+            check(name, f"{args.check}/unet_{name}.safetensors")
+        else:
+            run(name, args)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@
 #   GEMM_GFLOPS  the GEMM rate for the efficiency column (default: one `elbo bench gemm` run)
 #   REPORT_ONLY  =1: run nothing, print the table of the named workloads from the files in $OUT
 # w5_PRESET: `elbo bench unet --preset PRESET` against bench/torch_unet_bench.py --preset PRESET
-# (the PyTorch port of elbo's U-Net; parameter counts must agree). s3_*: LM sampling throughput,
+# (the PyTorch port of elbo's U-Net; parameter counts must agree, and before timing, the port's
+# output on elbo's weights and input must equal elbo's: `elbo bench unet --export`, `--check`). s3_*: LM sampling throughput,
 # 16 x 256 tokens per run (ms per run; tokens/s = 4096 / s), `elbo bench s3_*` against
 # torch_bench.py s3_*; s3_*_sdpa are torch's --sdpa runs against the same elbo run.
 # w3_sdpa / w4_sdpa are torch's `--sdpa` runs, compared against elbo's w3 / w4 (run once).
@@ -68,7 +69,10 @@ for w in $workloads; do
       targs=("$TORCH_BENCH" "$base" "${sdpa[@]}"); eargs=("$base") ;;
     w5_digits|w5_digits_small|w5_mnist|w5_mnist_small)
       [[ $w == *_sdpa ]] && { echo "no '$w'" >&2; exit 1; }
-      targs=("$TORCH_UNET" --preset "${base#w5_}"); eargs=(unet --preset "${base#w5_}") ;;
+      targs=("$TORCH_UNET" --preset "${base#w5_}"); eargs=(unet --preset "${base#w5_}")
+      # the port must compute elbo's function: same weights and input, same output
+      "$ELBO" bench unet --preset "${base#w5_}" --export "$OUT/unet_port" 2>/dev/null
+      "$PY" "$TORCH_UNET" --preset "${base#w5_}" --check "$OUT/unet_port" >&2 ;;
     *) echo "unknown workload '$w'" >&2; exit 1 ;;
   esac
   [[ $base == w3 || $base == w4 ]] && eargs+=(--corpus "$OUT/corpus.txt")

@@ -370,6 +370,11 @@ pub struct BenchArgs {
     /// that the probe's memory stays out of the peak RSS).
     #[arg(long)]
     pub gemm_gflops: Option<f64>,
+    /// unet: time nothing; write each chosen preset's network with random weights, an input
+    /// batch and its output to DIR/unet_PRESET.safetensors, for
+    /// `bench/torch_unet_bench.py --check DIR` (the PyTorch port must give the same output).
+    #[arg(long, value_name = "DIR")]
+    pub export: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {

@@ -56,7 +56,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "w4" => lm::run(true, train(3, 10), a.corpus.as_deref()),
         "s1" => mlp::s1(sample()),
         "s2" => mlp::s2(sample()),
-        "unet" => unet::run(train(1, 5), &a.preset),
+        "unet" => unet::run(train(1, 5), &a.preset, a.export.as_deref()),
         "s3_ar" => sample_lm::run(sample_lm::Sampler::Ar, sample()),
         "s3_mdlm" => sample_lm::run(
             sample_lm::Sampler::Mdlm,

@@ -6,8 +6,11 @@
 //! sampling, no autograd graph kept). scripts/bench_compare.sh times it (W5, `--preset NAME`)
 //! beside the PyTorch port of the same network, bench/torch_unet_bench.py.
 
-use anyhow::{bail, Result};
-use candle_core::Device;
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use elbo::nn::{ParamInit, UNet, UNetConfig};
 use elbo::train::optim::{named_vars, AdamW, AdamWConfig};
@@ -37,8 +40,9 @@ const PARAMS: [(&str, usize); 4] = [
 ];
 
 /// Times `preset` (a name of [`presets`], or "all"): `steps` = (warm-up, timed) training steps,
-/// and as many forward passes.
-pub fn run(steps: (usize, usize), preset: &str) -> Result<()> {
+/// and as many forward passes; with `export`, writes the networks for the port's check instead
+/// ([`export_preset`]).
+pub fn run(steps: (usize, usize), preset: &str, export: Option<&Path>) -> Result<()> {
     let dev = Device::Cpu;
     let chosen: Vec<_> = presets()
         .into_iter()
@@ -65,6 +69,10 @@ pub fn run(steps: (usize, usize), preset: &str) -> Result<()> {
         let mut rng = Rng::new(41);
         let x = rng.normal_tensor(&[b, 1, hw, hw], &dev)?; // [B, 1, H, W]
         let t = rng.uniform_tensor(&[b], &dev)?; // [B]
+        if let Some(dir) = export {
+            export_preset(dir, name, &net, &params, &x, &t, &mut rng)?;
+            continue;
+        }
         let fwd = time_steps(steps, || {
             std::hint::black_box(net.forward(&x, &t)?);
             Ok(())
@@ -99,6 +107,37 @@ pub fn run(steps: (usize, usize), preset: &str) -> Result<()> {
     Ok(())
 }
 
+/// Sets every parameter of `net` to N(0, 0.2^2) draws (the zero-initialised output layers
+/// would otherwise make the output 0 whatever the rest computes) and writes the parameters
+/// (elbo's names and layouts), the batch `x`, `t` and the output `y = net(x, t)` to
+/// `dir/unet_{name}.safetensors`.
+fn export_preset(
+    dir: &Path,
+    name: &str,
+    net: &UNet,
+    params: &[(String, Var)],
+    x: &Tensor,
+    t: &Tensor,
+    rng: &mut Rng,
+) -> Result<()> {
+    let mut map = HashMap::new();
+    for (pname, v) in params {
+        let w = (rng.normal_tensor(v.dims(), v.device())? * 0.2)?;
+        v.set(&w)?;
+        map.insert(format!("param.{pname}"), w);
+    }
+    let y = net.forward(x, t)?; // [B, 1, H, W]
+    map.insert("x".into(), x.clone());
+    map.insert("t".into(), t.clone());
+    map.insert("y".into(), y);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("unet_{name}.safetensors"));
+    candle_core::safetensors::save(&map, &path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,7 +156,7 @@ mod tests {
                 .sum();
             assert_eq!((name, count), (pname, n));
         }
-        assert!(run((0, 1), "nonesuch").is_err());
+        assert!(run((0, 1), "nonesuch", None).is_err());
     }
 
     #[test]
