@@ -352,8 +352,8 @@ pub struct ReportArgs {
 /// `elbo bench`
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Workload: gemm, w1, w2, w3, w4, s1 or s2 (the PyTorch reference workloads that
-    /// scripts/bench_compare.sh times side by side), or unet.
+    /// Workload: gemm, w1, w2, w3, w4, s1, s2, unet (W5), s3_ar, s3_mdlm or s3_bd3lm (the
+    /// PyTorch reference workloads that scripts/bench_compare.sh times side by side).
     pub workload: String,
     /// Untimed warm-up steps (default: the reference's; 0 means the default for w1-w4, as in
     /// torch_bench.py).
@@ -366,6 +366,20 @@ pub struct BenchArgs {
     /// synthetic corpus of 2,000,000 random symbols.
     #[arg(long)]
     pub corpus: Option<PathBuf>,
+    /// unet: the preset to time (digits, digits_small, mnist, mnist_small or all).
+    #[arg(long, default_value = "all")]
+    pub preset: String,
+    /// The machine's fp32 GEMM rate (GFLOP/s) the efficiency column divides by; default: measured
+    /// once in this process with `elbo bench gemm`'s probe at 2048^3 (after the workload, so it
+    /// does not change the warm-up; scripts/bench_compare.sh passes the rate of one probe run so
+    /// that the probe's memory stays out of the peak RSS).
+    #[arg(long)]
+    pub gemm_gflops: Option<f64>,
+    /// unet: time nothing; write each chosen preset's network with random weights, an input
+    /// batch and its output to DIR/unet_PRESET.safetensors, for
+    /// `bench/torch_unet_bench.py --check DIR` (the PyTorch port must give the same output).
+    #[arg(long, value_name = "DIR")]
+    pub export: Option<PathBuf>,
 }
 
 /// The command line; `--version` also reports the CUDA libraries ([`cuda_libs::report`]), probed

@@ -15,7 +15,7 @@ use elbo::train::optim::named_vars;
 use elbo::Rng;
 use serde_json::json;
 
-use super::{adamw, emit, extend, median_ms, summarize, time_steps};
+use super::{adamw, add_efficiency, emit, extend, flops, median_ms, summarize, time_steps};
 
 /// Symbols of the character vocabulary: '\n' and printable ASCII 32..126.
 const V: usize = 96;
@@ -153,6 +153,17 @@ pub fn run(causal: bool, steps: (usize, usize), corpus: Option<&Path>) -> Result
             ("corpus_symbols", json!(ids.len())),
         ],
     );
+    let shape = flops::TransformerShape {
+        d: cfg.d_model,
+        layers: cfg.n_layers,
+        heads: cfg.n_heads,
+        vocab_out: V,
+    };
+    add_efficiency(
+        &mut s,
+        name,
+        flops::train(flops::transformer(shape, b, l, l)),
+    )?;
     emit(s);
     Ok(())
 }

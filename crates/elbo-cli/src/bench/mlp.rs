@@ -12,7 +12,12 @@ use elbo::train::optim::named_vars;
 use elbo::Rng;
 use serde_json::json;
 
-use super::{adamw, emit, extend, median_ms, summarize, time_steps};
+use super::{adamw, add_efficiency, emit, extend, flops, median_ms, summarize, time_steps};
+
+/// Layer widths of W1's network.
+const W1_DIMS: [usize; 6] = [2 + 32, 512, 512, 512, 512, 2];
+/// Layer widths of W2's network.
+const W2_DIMS: [usize; 5] = [64 + TEMB, 1024, 1024, 1024, 64];
 
 /// W1's velocity network: concat(x[2], sinusoidal(1000 t)[32]) -> 4 x (Linear 512 + SiLU) -> Linear 2.
 fn w1_model(dev: &Device) -> Result<(VarMap, VelocityMlp)> {
@@ -67,7 +72,16 @@ pub fn w1(steps: (usize, usize)) -> Result<()> {
         losses.push(loss.to_scalar::<f32>()? as f64);
         Ok(())
     })?;
-    emit_train_step(ts, "w1_flow_mlp_train", nparams(&vm)?, b, &losses, vec![])
+    let flop = flops::train(flops::mlp(b, &W1_DIMS));
+    emit_train_step(
+        ts,
+        "w1_flow_mlp_train",
+        nparams(&vm)?,
+        b,
+        &losses,
+        flop,
+        vec![],
+    )
 }
 
 pub fn s2(steps: (usize, usize)) -> Result<()> {
@@ -103,6 +117,8 @@ pub fn s2(steps: (usize, usize)) -> Result<()> {
             ("ms_per_model_call", json!(med / n_steps as f64)),
         ],
     );
+    let flop = n_steps as f64 * flops::mlp(b, &W1_DIMS);
+    add_efficiency(&mut s, "s2_flow_euler_100", flop)?;
     emit(s);
     Ok(())
 }
@@ -194,6 +210,7 @@ pub fn w2(steps: (usize, usize)) -> Result<()> {
         nparams(&vm)?,
         b,
         &losses,
+        flops::train(flops::mlp(b, &W2_DIMS)),
         vec![("data", json!("embedded-digits"))],
     )
 }
@@ -205,6 +222,7 @@ fn emit_train_step(
     params: usize,
     batch: usize,
     losses: &[f64],
+    flop: f64,
     extra: Vec<(&str, serde_json::Value)>,
 ) -> Result<()> {
     let mut s = summarize(ts)?;
@@ -220,6 +238,7 @@ fn emit_train_step(
     ];
     keys.extend(extra);
     extend(&mut s, keys);
+    add_efficiency(&mut s, bench, flop)?;
     emit(s);
     Ok(())
 }
@@ -273,6 +292,11 @@ pub fn s1(steps: (usize, usize)) -> Result<()> {
             ("ms_per_model_call", json!(med / T as f64)),
         ],
     );
+    add_efficiency(
+        &mut s,
+        "s1_ddpm_sample_1000",
+        T as f64 * flops::mlp(b, &W2_DIMS),
+    )?;
     emit(s);
     Ok(())
 }

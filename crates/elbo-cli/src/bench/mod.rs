@@ -7,12 +7,20 @@
 //! - `gemm`: fp32 matmul GFLOP/s at 1024^3 and 2048^3.
 //! - `w1`, `w2`, `s1`, `s2`: the MLP workloads ([`mlp`]).
 //! - `w3`, `w4`: the character transformer workloads ([`lm`]).
-//! - `unet`: training steps of the U-Net presets ([`unet`]).
+//! - `unet`: training steps of the U-Net presets ([`unet`]), W5.
+//! - `s3_ar`, `s3_mdlm`, `s3_bd3lm`: language-model sampling throughput ([`sample_lm`]).
+//!
+//! Beside each median, the workload lines carry an efficiency column ([`add_efficiency`]): the
+//! analytic FLOPs of a step ([`flops`]), the rate they were done at, and its fraction of the
+//! machine's fp32 GEMM rate (`--gemm-gflops`, or the `gemm` probe at 2048^3 run once).
 
+mod flops;
 mod lm;
 mod mlp;
+mod sample_lm;
 mod unet;
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -24,13 +32,22 @@ use serde_json::{json, Map, Value};
 use crate::BenchArgs;
 
 /// The workloads, in the order of torch_bench.py.
-const WORKLOADS: &str = "gemm, w1, w2, w3, w4, s1, s2, unet";
+const WORKLOADS: &str = "gemm, w1, w2, w3, w4, s1, s2, unet, s3_ar, s3_mdlm, s3_bd3lm";
+
+/// The GEMM rate (GFLOP/s) the efficiency column divides by: `--gemm-gflops`, or measured once.
+static GEMM_GFLOPS: OnceLock<f64> = OnceLock::new();
 
 pub fn run(a: BenchArgs) -> Result<()> {
     // torch_bench.py: training workloads take `args.warmup or N` (so 0 means the default),
     // sampling workloads `args.warmup if args.warmup is not None else 1`; iters is `or N`.
     let train = |w: usize, i: usize| (a.warmup.filter(|&x| x > 0).unwrap_or(w), nz(a.iters, i));
     let sample = || (a.warmup.unwrap_or(1), nz(a.iters, 3));
+    if let Some(g) = a.gemm_gflops {
+        if !(g.is_finite() && g > 0.0) {
+            bail!("--gemm-gflops must be a positive rate, got {g}");
+        }
+        GEMM_GFLOPS.get_or_init(|| g);
+    }
     match a.workload.as_str() {
         "gemm" => gemm(),
         "w1" => mlp::w1(train(5, 30)),
@@ -39,7 +56,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "w4" => lm::run(true, train(3, 10), a.corpus.as_deref()),
         "s1" => mlp::s1(sample()),
         "s2" => mlp::s2(sample()),
-        "unet" => unet::run(train(1, 5)),
+        "unet" => unet::run(train(1, 5), &a.preset, a.export.as_deref()),
+        "s3_ar" => sample_lm::run(sample_lm::Sampler::Ar, sample()),
+        "s3_mdlm" => sample_lm::run(
+            sample_lm::Sampler::Mdlm,
+            (a.warmup.unwrap_or(0), nz(a.iters, 1)),
+        ),
+        "s3_bd3lm" => sample_lm::run(sample_lm::Sampler::Bd3lm, sample()),
         other => bail!("unknown workload '{other}'; available: {WORKLOADS}"),
     }
 }
@@ -132,15 +155,72 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Prints one JSON line: `fields` plus the framework, thread count and peak RSS.
+/// Prints one JSON line: `fields` plus the framework, thread count and peak RSS (unless
+/// already recorded, by [`add_efficiency`]).
 fn emit(mut fields: Map<String, Value>) {
     fields.insert("framework".into(), json!("elbo"));
     fields.insert(
         "threads".into(),
         json!(candle_core::utils::get_num_threads()),
     );
-    fields.insert("peak_rss_mb".into(), json!(peak_rss_mb()));
+    if !fields.contains_key("peak_rss_mb") {
+        fields.insert("peak_rss_mb".into(), json!(peak_rss_mb()));
+    }
     println!("{}", Value::Object(fields));
+}
+
+/// The efficiency column of a summary `s` of steps that each do `flop` FLOPs: adds `gflop` (per
+/// step), `achieved_gflops`, `gemm_gflops` and `gemm_fraction` (achieved / GEMM rate) and prints
+/// them beside the median on stderr. The peak RSS is recorded first, so a GEMM probe run here
+/// does not count in it.
+fn add_efficiency(s: &mut Map<String, Value>, name: &str, flop: f64) -> Result<()> {
+    s.insert("peak_rss_mb".into(), json!(peak_rss_mb()));
+    let med = median_ms(s);
+    let gemm = gemm_rate()?;
+    let rate = flop / (med / 1e3) / 1e9;
+    extend(
+        s,
+        vec![
+            ("gflop", json!(flop / 1e9)),
+            ("achieved_gflops", json!(rate)),
+            ("gemm_gflops", json!(gemm)),
+            ("gemm_fraction", json!(rate / gemm)),
+        ],
+    );
+    eprintln!(
+        "{name}: median {med:.1} ms, {:.3} GFLOP -> {rate:.1} GFLOP/s = {:.1}% of the GEMM rate \
+         ({gemm:.1} GFLOP/s)",
+        flop / 1e9,
+        100.0 * rate / gemm
+    );
+    Ok(())
+}
+
+/// The GEMM rate: `--gemm-gflops`, or the median of [`gemm_probe`] at 2048^3, measured once.
+fn gemm_rate() -> Result<f64> {
+    if let Some(&g) = GEMM_GFLOPS.get() {
+        return Ok(g);
+    }
+    let n = 2048;
+    let ts = gemm_probe(n, 10)?;
+    let g = 2.0 * (n as f64).powi(3) / median(&ts) / 1e9;
+    Ok(*GEMM_GFLOPS.get_or_init(|| g))
+}
+
+/// `elbo bench gemm`'s probe: C = A B for standard normal n x n matrices A, B, 3 warm-up
+/// products, then `iters` timed ones; the sorted seconds.
+fn gemm_probe(n: usize, iters: usize) -> Result<Vec<f64>> {
+    let dev = device()?;
+    let mut rng = Rng::new(0);
+    let a = rng.normal_tensor(&[n, n], &dev)?;
+    let b = rng.normal_tensor(&[n, n], &dev)?;
+    let mut ts = time_steps((3, iters), || {
+        let c = a.matmul(&b)?; // [n, n]
+        std::hint::black_box(c);
+        Ok(())
+    })?;
+    ts.sort_by(|x, y| x.total_cmp(y));
+    Ok(ts)
 }
 
 /// Adds `pairs` to `m`.
@@ -160,18 +240,8 @@ fn median_ms(s: &Map<String, Value>) -> f64 {
 /// torch_bench.cmd_gemm: C = A B for standard normal A, B of size n x n; 3 warm-up products,
 /// then 30 (n = 1024) or 10 (n = 2048) timed ones. The flags --warmup/--iters do not apply.
 fn gemm() -> Result<()> {
-    let dev = device()?;
-    let mut rng = Rng::new(0);
     for n in [1024usize, 2048] {
-        let a = rng.normal_tensor(&[n, n], &dev)?;
-        let b = rng.normal_tensor(&[n, n], &dev)?;
-        let iters = if n == 1024 { 30 } else { 10 };
-        let mut ts = time_steps((3, iters), || {
-            let c = a.matmul(&b)?; // [n, n]
-            std::hint::black_box(c);
-            Ok(())
-        })?;
-        ts.sort_by(|x, y| x.total_cmp(y));
+        let ts = gemm_probe(n, if n == 1024 { 30 } else { 10 })?;
         let med = median(&ts);
         let flop = 2.0 * (n as f64).powi(3);
         let mut m = Map::new();
