@@ -9,14 +9,17 @@
 //! region per convolution replaces the per-tile threading of a general GEMM call, whose wake-ups
 //! and yields cost more than the products on these shapes. The forward pass writes each output
 //! tile in place after seeding it with the bias (no separate bias pass, no temporary product).
-//! The backward pass splits at image boundaries so each thread scatter-adds into its own images
-//! of `dx`, and keeps its own partial `dW` and `db`, summed at the end in a fixed order (results
-//! do not depend on the scheduling, only on the thread count).
+//! The backward pass splits at image boundaries so each thread keeps its own partial `dW` and
+//! `db`, summed at the end in a fixed order (results do not depend on the scheduling, only on
+//! the thread count). For stride 1, `dx` is the convolution of `dy` with the flipped, transposed
+//! kernel (Dumoulin & Visin 2016, "A guide to convolution arithmetic", sec. 4) and runs as a
+//! forward pass; otherwise each thread scatter-adds `dy W` into its own images of `dx`.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::im2col::Geometry;
+use super::Window;
 
 /// Column floats per tile (1 MiB of f32).
 pub const TILE_FLOATS: usize = 1 << 18;
@@ -206,6 +209,24 @@ pub(crate) fn forward(
     y
 }
 
+/// The kernel of the input gradient of a stride-1 convolution: `w: [out, k, k, C]` to
+/// `[C, k, k, out]` with both spatial axes reversed.
+fn flip_kernel(w: &[f32], c_out: usize, k: usize, c: usize) -> Vec<f32> {
+    let mut t = vec![0f32; w.len()];
+    for o in 0..c_out {
+        for ky in 0..k {
+            for kx in 0..k {
+                let src = &w[((o * k + ky) * k + kx) * c..][..c];
+                let (fy, fx) = (k - 1 - ky, k - 1 - kx);
+                for (ci, &v) in src.iter().enumerate() {
+                    t[((ci * k + fy) * k + fx) * c_out + o] = v;
+                }
+            }
+        }
+    }
+    t
+}
+
 /// The gradients of [`forward`] for output gradient `dy: [b Ho Wo, out]`: `(dx, dW, db)` with
 /// `db: [b, out]` (the bias gradient of each image), `dx` empty unless `want_dx`.
 pub(crate) fn backward(
@@ -218,6 +239,28 @@ pub(crate) fn backward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (row, pixels) = (g.row(), g.pixels());
     let c_out = w.len().checked_div(row).unwrap_or(0);
+    let Window { k, stride, padding } = g.win;
+    if want_dx && stride == 1 && padding < k {
+        // stride 1: dx is itself a convolution, of dy (padded by k - 1 - p) with the flipped,
+        // transposed kernel, so it is gathered and multiplied like a forward pass (no column
+        // gradient, no scatter-add, no zeroed dx)
+        let gt = Geometry {
+            h: g.ho,
+            w: g.wo,
+            c: c_out,
+            win: Window {
+                k,
+                stride: 1,
+                padding: k - 1 - padding,
+            },
+            ho: g.h,
+            wo: g.w,
+        };
+        let wt = flip_kernel(w, c_out, k, g.c); // [C, k k out]
+        let dx = forward(&gt, dy, &wt, &vec![0f32; g.c], b, g.c);
+        let (_, dw, db) = backward(g, x, w, dy, b, false);
+        return (dx, dw, db);
+    }
     let rows = b * pixels;
     let mut dx = if want_dx {
         vec![0f32; b * g.image()]
@@ -316,7 +359,6 @@ pub(crate) fn backward(
 #[cfg(test)]
 mod tests {
     use super::super::im2col::geometry;
-    use super::super::Window;
     use super::*;
 
     /// `(y, dx, dW, db)` of the convolution by direct loops in f64: `x: [B, H, W, C]`,

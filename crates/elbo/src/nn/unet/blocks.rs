@@ -9,7 +9,7 @@ use super::upsample::upsample_nearest2_nhwc;
 use crate::nn::conv::{Conv2d, Window};
 use crate::nn::group_norm::GroupNorm;
 use crate::nn::transformer::softmax_last_dim;
-use crate::nn::{Linear, ParamInit};
+use crate::nn::{fused, Linear, ParamInit};
 use crate::{Error, Result, Rng};
 
 /// A 3x3 convolution keeping the size.
@@ -110,7 +110,7 @@ impl ResBlock {
             Some(s) => s.forward_nhwc(x, false)?,
             None => x.clone(),
         };
-        Ok((s + h)?)
+        fused::add(&s, &h)
     }
 }
 
@@ -170,7 +170,7 @@ impl AttnBlock {
             .affine(1.0 / (dh as f64).sqrt(), 0.0)?;
         let y = softmax_last_dim(&scores)?.matmul(&v)?; // [B, nh, L, dh]
         let y = y.transpose(1, 2)?.reshape((b, h, w, c))?; // [B, H, W, C]
-        Ok((x + self.proj.forward_nhwc(&y, false)?)?)
+        fused::add(x, &self.proj.forward_nhwc(&y, false)?)
     }
 }
 
