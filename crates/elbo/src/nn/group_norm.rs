@@ -270,11 +270,19 @@ fn backward_example_base(
     (sdyx, sdy)
 }
 
-/// Defines `$public`, which runs `$base` compiled for AVX2 + FMA (as `$avx2`) when the CPU
-/// has them and as built otherwise (wider vectors for the same straight-line loops; Rust does
-/// not contract `a * b + c` into an FMA, so both give identical results).
+/// Defines `$public`, which runs `$base` compiled for AVX-512 (as `$avx512`) or AVX2 + FMA (as
+/// `$avx2`) when the CPU has them and as built otherwise (wider vectors for the same
+/// straight-line loops, which are vectorised across channels; Rust does not contract
+/// `a * b + c` into an FMA, so every build gives identical results).
 macro_rules! dispatch {
-    ($public:ident / $avx2:ident => $base:ident ($($p:ident : $t:ty),*) $(-> $ret:ty)?) => {
+    ($public:ident / $avx512:ident / $avx2:ident => $base:ident ($($p:ident : $t:ty),*) $(-> $ret:ty)?) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx512($($p: $t),*) $(-> $ret)? {
+            $base($($p),*)
+        }
+
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         #[allow(clippy::too_many_arguments)]
@@ -286,6 +294,11 @@ macro_rules! dispatch {
         fn $public($($p: $t),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `$avx512` is built for; no other
+                    // precondition.
+                    return unsafe { $avx512($($p),*) };
+                }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU has the features `$avx2` is built for; no other
                     // precondition.
@@ -297,10 +310,10 @@ macro_rules! dispatch {
     };
 }
 
-dispatch!(forward_example / forward_example_avx2 => forward_example_base(
+dispatch!(forward_example / forward_example_avx512 / forward_example_avx2 => forward_example_base(
     x: &[f32], y: &mut [f32], gamma: &[f32], beta: &[f32], g: usize, eps: f32, silu: bool
 ));
-dispatch!(backward_example / backward_example_avx2 => backward_example_base(
+dispatch!(backward_example / backward_example_avx512 / backward_example_avx2 => backward_example_base(
     x: &[f32], go: &[f32], dx: &mut [f32], gamma: &[f32], beta: &[f32], g: usize, eps: f32,
     silu: bool
 ) -> (Vec<f32>, Vec<f32>));

@@ -5,9 +5,11 @@
 //! `cols(x): [B H' W', k k C]` gathers each output pixel's receptive field and
 //! `W: [out, k k C]`. In the channels-last layout the `k` pixels of one kernel row are adjacent,
 //! so the gather is one `memcpy` of `k C` floats per kernel row. On CPU `f32` the whole
-//! convolution is one custom op, [`Conv2dOp`], whose backward recomputes the columns and returns
-//! `dx = col2im(dy W)`, `dW = dy^T cols`, `db = sum dy`: only image-sized gradients pass through
-//! candle's gradient store. [`Im2Col`] and its adjoint [`Col2Im`] are also custom ops with each
+//! convolution is one custom op, [`Conv2dOp`] (threaded tiles, never the whole column matrix:
+//! `tiled.rs`), whose backward recomputes the columns and returns `dW = dy^T cols`,
+//! `db = sum dy` and `dx` (a convolution of `dy` for stride 1, `col2im(dy W)` otherwise): only
+//! image-sized gradients pass through candle's gradient store. A per-image shift of the output
+//! (`[B, out]`, e.g. a time embedding) can ride on the bias ([`Conv2d::forward_nhwc_shifted`]). [`Im2Col`] and its adjoint [`Col2Im`] are also custom ops with each
 //! other as backward. 1x1 convolutions are the fused linear op of [`crate::nn::fused`]. Other
 //! devices fall back to candle's `conv2d` (NCHW).
 //!
