@@ -380,6 +380,13 @@ pub fn init_global_threadpool() {
 }
 
 fn default_num_threads() -> usize {
+    // elbo patch: the physical core count is looked up once; `num_cpus::get_physical` parses
+    // /proc/cpuinfo, and every CPU matmul asks (6% of a U-Net training step).
+    static PHYSICAL: OnceLock<usize> = OnceLock::new();
+    *PHYSICAL.get_or_init(physical_cores)
+}
+
+fn physical_cores() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {

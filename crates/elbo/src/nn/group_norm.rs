@@ -118,6 +118,7 @@ pub struct GroupNormOp {
     pub silu: bool,
 }
 
+#[inline(always)]
 fn sigmoid(y: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-y))
 }
@@ -125,6 +126,7 @@ fn sigmoid(y: f32) -> f32 {
 /// Per-group mean and `1 / sqrt(var + eps)` of one example `x: [S, C]`: per-channel sums in
 /// f32 (vectorised over the channels of a row), combined per group in f64; the variance is
 /// taken around the mean (two passes) so it does not cancel.
+#[inline(always)]
 fn group_stats(x: &[f32], c: usize, groups: usize, eps: f32) -> Vec<(f32, f32)> {
     let cg = c / groups;
     let n = (x.len() / c * cg) as f64;
@@ -155,6 +157,167 @@ fn group_stats(x: &[f32], c: usize, groups: usize, eps: f32) -> Vec<(f32, f32)> 
         .collect()
 }
 
+/// Group norm (+ SiLU) of one example `x: [S, C]` into `y` (the per-example kernel of
+/// [`GroupNormOp`], built for AVX2 + FMA when the CPU has them).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn forward_example_base(
+    x: &[f32],
+    y: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    g: usize,
+    eps: f32,
+    silu: bool,
+) {
+    let c = gamma.len();
+    let cg = c / g;
+    let st = group_stats(x, c, g, eps);
+    // y = x a_c + b_c with a_c = rstd gamma_c, b_c = beta_c - mean a_c
+    let a: Vec<f32> = (0..c).map(|j| st[j / cg].1 * gamma[j]).collect();
+    let sh: Vec<f32> = (0..c).map(|j| beta[j] - st[j / cg].0 * a[j]).collect();
+    let (a, sh) = (&a[..c], &sh[..c]);
+    for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        let (yr, xr) = (&mut yr[..c], &xr[..c]);
+        if silu {
+            for j in 0..c {
+                let v = xr[j] * a[j] + sh[j];
+                yr[j] = v * sigmoid(v);
+            }
+        } else {
+            for j in 0..c {
+                yr[j] = xr[j] * a[j] + sh[j];
+            }
+        }
+    }
+}
+
+/// The backward pass of [`GroupNormOp`] on one example: `dx` from `x`, `dL/dout` (`go`), and
+/// the per-channel sums `(sum dy xhat, sum dy)` for the parameter gradients.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_example_base(
+    x: &[f32],
+    go: &[f32],
+    dx: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    g: usize,
+    eps: f32,
+    silu: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let c = gamma.len();
+    let cg = c / g;
+    let n = (x.len() / c.max(1) * cg) as f32;
+    let st = group_stats(x, c, g, eps);
+    let mc: Vec<f32> = (0..c).map(|j| st[j / cg].0).collect();
+    let rc: Vec<f32> = (0..c).map(|j| st[j / cg].1).collect();
+    let (mut sdy, mut sdyx) = (vec![0f32; c], vec![0f32; c]);
+    // pass 1: dy (after SiLU'), stored in dx, and per-channel sums of dy, dy xhat;
+    // y = x a + b and xhat = x r + o per channel
+    let a: Vec<f32> = (0..c).map(|j| rc[j] * gamma[j]).collect();
+    let bsh: Vec<f32> = (0..c).map(|j| beta[j] - mc[j] * a[j]).collect();
+    let o: Vec<f32> = (0..c).map(|j| -mc[j] * rc[j]).collect();
+    let (a, bsh, o, rc_) = (&a[..c], &bsh[..c], &o[..c], &rc[..c]);
+    let (s1, s2) = (&mut sdy[..c], &mut sdyx[..c]);
+    for ((dr, xr), gr) in dx
+        .chunks_exact_mut(c)
+        .zip(x.chunks_exact(c))
+        .zip(go.chunks_exact(c))
+    {
+        let (dr, xr, gr) = (&mut dr[..c], &xr[..c], &gr[..c]);
+        if silu {
+            for j in 0..c {
+                let y = xr[j] * a[j] + bsh[j];
+                let sg = sigmoid(y);
+                let dy = gr[j] * sg * (1.0 + y * (1.0 - sg));
+                dr[j] = dy;
+                s1[j] += dy;
+                s2[j] += dy * (xr[j] * rc_[j] + o[j]);
+            }
+        } else {
+            for j in 0..c {
+                let dy = gr[j];
+                dr[j] = dy;
+                s1[j] += dy;
+                s2[j] += dy * (xr[j] * rc_[j] + o[j]);
+            }
+        }
+    }
+    // group means of g = dy gamma and g xhat
+    let mut m1 = vec![0f32; g];
+    let mut m2 = vec![0f32; g];
+    for j in 0..c {
+        m1[j / cg] += sdy[j] * gamma[j] / n;
+        m2[j / cg] += sdyx[j] * gamma[j] / n;
+    }
+    // pass 2: dx = r (dy gamma - m1 - xhat m2)
+    let m1c: Vec<f32> = (0..c).map(|j| m1[j / cg]).collect();
+    let m2c: Vec<f32> = (0..c).map(|j| m2[j / cg]).collect();
+    // dx = r dy gamma - r m1 - (x r + o) r m2 = x p + dy q + u per channel
+    let p: Vec<f32> = (0..c).map(|j| -rc[j] * rc[j] * m2c[j]).collect();
+    let q: Vec<f32> = (0..c).map(|j| rc[j] * gamma[j]).collect();
+    let u: Vec<f32> = (0..c)
+        .map(|j| -rc[j] * m1c[j] - o[j] * rc[j] * m2c[j])
+        .collect();
+    let (p, q, u) = (&p[..c], &q[..c], &u[..c]);
+    for (dr, xr) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        let (dr, xr) = (&mut dr[..c], &xr[..c]);
+        for j in 0..c {
+            dr[j] = xr[j] * p[j] + dr[j] * q[j] + u[j];
+        }
+    }
+    (sdyx, sdy)
+}
+
+/// Defines `$public`, which runs `$base` compiled for AVX-512 (as `$avx512`) or AVX2 + FMA (as
+/// `$avx2`) when the CPU has them and as built otherwise (wider vectors for the same
+/// straight-line loops, which are vectorised across channels; Rust does not contract
+/// `a * b + c` into an FMA, so every build gives identical results).
+macro_rules! dispatch {
+    ($public:ident / $avx512:ident / $avx2:ident => $base:ident ($($p:ident : $t:ty),*) $(-> $ret:ty)?) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx512($($p: $t),*) $(-> $ret)? {
+            $base($($p),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx2($($p: $t),*) $(-> $ret)? {
+            $base($($p),*)
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn $public($($p: $t),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `$avx512` is built for; no other
+                    // precondition.
+                    return unsafe { $avx512($($p),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `$avx2` is built for; no other
+                    // precondition.
+                    return unsafe { $avx2($($p),*) };
+                }
+            }
+            $base($($p),*)
+        }
+    };
+}
+
+dispatch!(forward_example / forward_example_avx512 / forward_example_avx2 => forward_example_base(
+    x: &[f32], y: &mut [f32], gamma: &[f32], beta: &[f32], g: usize, eps: f32, silu: bool
+));
+dispatch!(backward_example / backward_example_avx512 / backward_example_avx2 => backward_example_base(
+    x: &[f32], go: &[f32], dx: &mut [f32], gamma: &[f32], beta: &[f32], g: usize, eps: f32,
+    silu: bool
+) -> (Vec<f32>, Vec<f32>));
+
 impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         "elbo-group-norm"
@@ -175,7 +338,7 @@ impl CustomOp3 for GroupNormOp {
             f32_contiguous(ws, wl, self.name())?,
             f32_contiguous(bs, bl, self.name())?,
         );
-        let (g, cg) = (self.groups, c / self.groups.max(1));
+        let g = self.groups;
         if g == 0 || c % g != 0 || gamma.len() != c || beta.len() != c {
             bail!("group norm: bad shapes x {:?}, {} groups", xl.dims(), g)
         }
@@ -185,26 +348,7 @@ impl CustomOp3 for GroupNormOp {
         }
         out.par_chunks_mut(s * c)
             .zip(x.par_chunks(s * c))
-            .for_each(|(y, x)| {
-                let st = group_stats(x, c, g, self.eps);
-                // y = x a_c + b_c with a_c = rstd gamma_c, b_c = beta_c - mean a_c
-                let a: Vec<f32> = (0..c).map(|j| st[j / cg].1 * gamma[j]).collect();
-                let sh: Vec<f32> = (0..c).map(|j| beta[j] - st[j / cg].0 * a[j]).collect();
-                let (a, sh) = (&a[..c], &sh[..c]);
-                for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                    let (yr, xr) = (&mut yr[..c], &xr[..c]);
-                    if self.silu {
-                        for j in 0..c {
-                            let v = xr[j] * a[j] + sh[j];
-                            yr[j] = v * sigmoid(v);
-                        }
-                    } else {
-                        for j in 0..c {
-                            yr[j] = xr[j] * a[j] + sh[j];
-                        }
-                    }
-                }
-            });
+            .for_each(|(y, x)| forward_example(x, y, gamma, beta, g, self.eps, self.silu));
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
@@ -270,80 +414,14 @@ impl CustomOp3 for GroupNormBackward {
                 xl.dims()
             )
         }
-        let (g, cg, eps, silu) = (
-            self.fwd.groups,
-            c / self.fwd.groups,
-            self.fwd.eps,
-            self.fwd.silu,
-        );
+        let (g, eps, silu) = (self.fwd.groups, self.fwd.eps, self.fwd.silu);
         let beta = &self.beta;
-        let n = (s * cg) as f32;
         let mut dx = vec![0f32; b * s * c];
         let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
             .par_chunks_mut(s * c)
             .zip(x.par_chunks(s * c))
             .zip(gout.par_chunks(s * c))
-            .map(|((dx, x), go)| {
-                let st = group_stats(x, c, g, eps);
-                let mc: Vec<f32> = (0..c).map(|j| st[j / cg].0).collect();
-                let rc: Vec<f32> = (0..c).map(|j| st[j / cg].1).collect();
-                let (mut sdy, mut sdyx) = (vec![0f32; c], vec![0f32; c]);
-                // pass 1: dy (after SiLU'), stored in dx, and per-channel sums of dy, dy xhat;
-                // y = x a + b and xhat = x r + o per channel
-                let a: Vec<f32> = (0..c).map(|j| rc[j] * gamma[j]).collect();
-                let bsh: Vec<f32> = (0..c).map(|j| beta[j] - mc[j] * a[j]).collect();
-                let o: Vec<f32> = (0..c).map(|j| -mc[j] * rc[j]).collect();
-                let (a, bsh, o, rc_) = (&a[..c], &bsh[..c], &o[..c], &rc[..c]);
-                let (s1, s2) = (&mut sdy[..c], &mut sdyx[..c]);
-                for ((dr, xr), gr) in dx
-                    .chunks_exact_mut(c)
-                    .zip(x.chunks_exact(c))
-                    .zip(go.chunks_exact(c))
-                {
-                    let (dr, xr, gr) = (&mut dr[..c], &xr[..c], &gr[..c]);
-                    if silu {
-                        for j in 0..c {
-                            let y = xr[j] * a[j] + bsh[j];
-                            let sg = sigmoid(y);
-                            let dy = gr[j] * sg * (1.0 + y * (1.0 - sg));
-                            dr[j] = dy;
-                            s1[j] += dy;
-                            s2[j] += dy * (xr[j] * rc_[j] + o[j]);
-                        }
-                    } else {
-                        for j in 0..c {
-                            let dy = gr[j];
-                            dr[j] = dy;
-                            s1[j] += dy;
-                            s2[j] += dy * (xr[j] * rc_[j] + o[j]);
-                        }
-                    }
-                }
-                // group means of g = dy gamma and g xhat
-                let mut m1 = vec![0f32; g];
-                let mut m2 = vec![0f32; g];
-                for j in 0..c {
-                    m1[j / cg] += sdy[j] * gamma[j] / n;
-                    m2[j / cg] += sdyx[j] * gamma[j] / n;
-                }
-                // pass 2: dx = r (dy gamma - m1 - xhat m2)
-                let m1c: Vec<f32> = (0..c).map(|j| m1[j / cg]).collect();
-                let m2c: Vec<f32> = (0..c).map(|j| m2[j / cg]).collect();
-                // dx = r dy gamma - r m1 - (x r + o) r m2 = x p + dy q + u per channel
-                let p: Vec<f32> = (0..c).map(|j| -rc[j] * rc[j] * m2c[j]).collect();
-                let q: Vec<f32> = (0..c).map(|j| rc[j] * gamma[j]).collect();
-                let u: Vec<f32> = (0..c)
-                    .map(|j| -rc[j] * m1c[j] - o[j] * rc[j] * m2c[j])
-                    .collect();
-                let (p, q, u) = (&p[..c], &q[..c], &u[..c]);
-                for (dr, xr) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                    let (dr, xr) = (&mut dr[..c], &xr[..c]);
-                    for j in 0..c {
-                        dr[j] = xr[j] * p[j] + dr[j] * q[j] + u[j];
-                    }
-                }
-                (sdyx, sdy)
-            })
+            .map(|((dx, x), go)| backward_example(x, go, dx, gamma, beta, g, eps, silu))
             .collect();
         let mut dgamma = vec![0f32; c];
         let mut dbeta = vec![0f32; c];

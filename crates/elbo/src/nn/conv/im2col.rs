@@ -64,6 +64,15 @@ impl Geometry {
         self.ho * self.wo
     }
 
+    /// True when the window of output pixel `p` lies inside the image (no padding read), so
+    /// its runs cover its whole row of the column matrix.
+    fn interior(&self, p: usize) -> bool {
+        let (oy, ox) = (p / self.wo, p % self.wo);
+        let Window { k, stride, padding } = self.win;
+        let inside = |o: usize, n: usize| o * stride >= padding && o * stride + k <= n + padding;
+        inside(oy, self.h) && inside(ox, self.w)
+    }
+
     /// Visit the in-image runs of output pixel `p` of an image: `(column offset in the row,
     /// image offset, length)`.
     fn runs(&self, p: usize, mut f: impl FnMut(usize, usize, usize)) {
@@ -88,9 +97,11 @@ impl Geometry {
     /// Gather output pixels `p0..p1` of one image `img: [H, W, C]` into `out`
     /// (`(p1 - p0) k k C` floats, fully overwritten).
     pub fn gather(&self, img: &[f32], p0: usize, p1: usize, out: &mut [f32]) {
-        out.fill(0.0);
         let row = self.row();
         for (r, p) in out.chunks_exact_mut(row).zip(p0..p1) {
+            if !self.interior(p) {
+                r.fill(0.0); // the window overhangs the image: zero padding
+            }
             self.runs(p, |d, s, len| {
                 r[d..d + len].copy_from_slice(&img[s..s + len])
             });

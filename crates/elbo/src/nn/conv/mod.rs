@@ -5,9 +5,11 @@
 //! `cols(x): [B H' W', k k C]` gathers each output pixel's receptive field and
 //! `W: [out, k k C]`. In the channels-last layout the `k` pixels of one kernel row are adjacent,
 //! so the gather is one `memcpy` of `k C` floats per kernel row. On CPU `f32` the whole
-//! convolution is one custom op, [`Conv2dOp`], whose backward recomputes the columns and returns
-//! `dx = col2im(dy W)`, `dW = dy^T cols`, `db = sum dy`: only image-sized gradients pass through
-//! candle's gradient store. [`Im2Col`] and its adjoint [`Col2Im`] are also custom ops with each
+//! convolution is one custom op, [`Conv2dOp`] (threaded tiles, never the whole column matrix:
+//! `tiled.rs`), whose backward recomputes the columns and returns `dW = dy^T cols`,
+//! `db = sum dy` and `dx` (a convolution of `dy` for stride 1, `col2im(dy W)` otherwise): only
+//! image-sized gradients pass through candle's gradient store. A per-image shift of the output
+//! (`[B, out]`, e.g. a time embedding) can ride on the bias ([`Conv2d::forward_nhwc_shifted`]). [`Im2Col`] and its adjoint [`Col2Im`] are also custom ops with each
 //! other as backward. 1x1 convolutions are the fused linear op of [`crate::nn::fused`]. Other
 //! devices fall back to candle's `conv2d` (NCHW).
 //!
@@ -18,9 +20,11 @@
 
 mod im2col;
 mod op;
+mod tiled;
 
 pub use im2col::{Col2Im, Im2Col};
-pub use op::{Conv2dOp, TILE_FLOATS};
+pub use op::Conv2dOp;
+pub use tiled::TILE_FLOATS;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Tensor, Var};
@@ -136,6 +140,16 @@ impl Conv2d {
     /// `x: [B, H, W, in]` (channels last) -> `[B, H', W', out]`,
     /// `H' = (H + 2 p - k) / s + 1`; `silu` applies SiLU to the result (fused).
     pub fn forward_nhwc(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        self.run_nhwc(x, silu, None)
+    }
+
+    /// [`Conv2d::forward_nhwc`] plus a per-image shift `[B, out]` of every output pixel (e.g. a
+    /// projected time embedding), added inside the convolution on CPU `f32`.
+    pub fn forward_nhwc_shifted(&self, x: &Tensor, shift: &Tensor) -> Result<Tensor> {
+        self.run_nhwc(x, false, Some(shift))
+    }
+
+    fn run_nhwc(&self, x: &Tensor, silu: bool, shift: Option<&Tensor>) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4().map_err(|_| {
             Error::Shape(format!(
                 "conv2d: expected channels-last input [B, H, W, C], got {:?}",
@@ -154,6 +168,22 @@ impl Conv2d {
                 k = self.win.k
             )));
         };
+        let c_out = self.weight.dim(0)?;
+        if let Some(sh) = shift {
+            if sh.dims() != [b, c_out] {
+                return Err(Error::Shape(format!(
+                    "conv2d: shift {:?} must be [B, out] = [{b}, {c_out}]",
+                    sh.dims()
+                )));
+            }
+        }
+        // the shift broadcast over the pixels of its image, for the composed paths
+        let add_shift = |y: Tensor| -> Result<Tensor> {
+            Ok(match shift {
+                Some(sh) => y.broadcast_add(&sh.reshape((b, 1, 1, c_out))?)?, // [B, H', W', out]
+                None => y,
+            })
+        };
         let act = if silu {
             FusedAct::Silu
         } else {
@@ -166,10 +196,16 @@ impl Conv2d {
                 padding: 0,
             }) {
             x.reshape((b * h * w, c))? // [B H W, C]: a 1x1 convolution is a linear map
-        } else if fused::cpu_f32(&[x, self.weight.as_tensor(), self.bias.as_tensor()]) {
+        } else if fused::cpu_f32(&[x, self.weight.as_tensor(), self.bias.as_tensor()])
+            && shift.is_none_or(|sh| fused::cpu_f32(&[sh]))
+        {
+            let bias = match shift {
+                Some(sh) => sh.broadcast_add(self.bias.as_tensor())?.contiguous()?, // [B, out]
+                None => self.bias.as_tensor().clone(),
+            };
             let y = x.contiguous()?.apply_op3(
                 self.weight.as_tensor(),
-                self.bias.as_tensor(),
+                &bias,
                 Conv2dOp { win: self.win },
             )?; // [B H' W', out]
             let y = y.reshape((b, ho, wo, ()))?;
@@ -187,8 +223,19 @@ impl Conv2d {
                 )?
                 .permute((0, 2, 3, 1))?
                 .broadcast_add(self.bias.as_tensor())?; // [B, H', W', out]
+            let y = add_shift(y)?;
             return Ok(if silu { y.silu()? } else { y });
         };
+        if shift.is_some() {
+            let y = fused::linear_act(
+                &cols,
+                self.weight.as_tensor(),
+                self.bias.as_tensor(),
+                FusedAct::Identity,
+            )?;
+            let y = add_shift(y.reshape((b, ho, wo, ()))?)?;
+            return Ok(if silu { y.silu()? } else { y });
+        }
         let y = fused::linear_act(&cols, self.weight.as_tensor(), self.bias.as_tensor(), act)?;
         Ok(y.reshape((b, ho, wo, ()))?) // [B, H', W', out]
     }
@@ -204,5 +251,82 @@ impl Conv2d {
         }
         let y = self.forward_nhwc(&x.permute((0, 2, 3, 1))?.contiguous()?, false)?;
         Ok(y.permute((0, 3, 1, 2))?.contiguous()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    /// The per-image shift inside the op matches a broadcast add after the convolution, values
+    /// and the gradients of the input, the kernel, the bias and the shift (3x3 and stride 2,
+    /// and the 1x1 path).
+    #[test]
+    fn shifted_matches_a_broadcast_add() {
+        let dev = Device::Cpu;
+        let mut rng = crate::Rng::new(11);
+        for (win, ci, co) in [
+            (
+                Window {
+                    k: 3,
+                    stride: 1,
+                    padding: 1,
+                },
+                5,
+                7,
+            ),
+            (
+                Window {
+                    k: 3,
+                    stride: 2,
+                    padding: 1,
+                },
+                3,
+                4,
+            ),
+            (
+                Window {
+                    k: 1,
+                    stride: 1,
+                    padding: 0,
+                },
+                6,
+                3,
+            ),
+        ] {
+            let vm = VarMap::new();
+            let mut prng = crate::Rng::new(12);
+            let conv = Conv2d::new(&mut ParamInit::new(&vm, &mut prng, &dev), ci, co, win).unwrap();
+            let x = Var::from_tensor(&rng.normal_tensor(&[3, 7, 6, ci], &dev).unwrap()).unwrap();
+            let e = Var::from_tensor(&rng.normal_tensor(&[3, co], &dev).unwrap()).unwrap();
+            let fused = conv
+                .forward_nhwc_shifted(x.as_tensor(), e.as_tensor())
+                .unwrap();
+            let composed = conv
+                .forward_nhwc(x.as_tensor(), false)
+                .unwrap()
+                .broadcast_add(&e.as_tensor().reshape((3, 1, 1, co)).unwrap())
+                .unwrap();
+            let r = rng.normal_tensor(fused.dims(), &dev).unwrap();
+            let grads = |y: &Tensor| {
+                let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                [x.as_tensor(), conv.weight(), conv.bias(), e.as_tensor()]
+                    .map(|t| g.get(t).unwrap().flatten_all().unwrap())
+            };
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let pairs = [(fused.clone(), composed.clone())]
+                .into_iter()
+                .chain(grads(&fused).into_iter().zip(grads(&composed)));
+            for (i, (a, b)) in pairs.enumerate() {
+                for (u, v) in flat(&a).iter().zip(flat(&b)) {
+                    assert!(
+                        (u - v).abs() <= 1e-4 * (1.0 + v.abs()),
+                        "{win:?} #{i}: {u} vs {v}"
+                    );
+                }
+            }
+        }
     }
 }

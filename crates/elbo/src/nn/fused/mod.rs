@@ -12,6 +12,7 @@
 //!   paths, each one custom op whose backward pass saves and materialises as little as possible
 //!   (no `L x L` attention matrix, no `[N, V]` probabilities); called by
 //!   [`crate::nn::transformer`]'s free functions, which also hold the composed references;
+//! - [`add`]: a residual sum on rayon's pool (candle's own spreads it over a second pool);
 //! - in-place AdamW and EMA updates (crate-internal; used by [`crate::train::optim::AdamW`] and
 //!   [`crate::train::ema::Ema`]).
 //!
@@ -21,6 +22,7 @@
 //! [`attention`], ...) have only a CPU forward pass: callers dispatch first.
 //! SiLU uses [`exp_f32`], a branch-free `exp` with relative error below 3e-7, in place of libm.
 
+mod add;
 mod attention;
 mod attention_op;
 mod cross_entropy;
@@ -36,6 +38,7 @@ mod tile;
 
 use candle_core::{bail, DType, DeviceLocation, Storage, Tensor};
 
+pub use add::add;
 pub use cross_entropy::IGNORE_INDEX;
 pub(crate) use inplace::{adamw_inplace, ema_inplace};
 pub(crate) use kernels::AdamWScalars;

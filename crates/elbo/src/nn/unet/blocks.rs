@@ -5,10 +5,11 @@
 
 use candle_core::Tensor;
 
+use super::upsample::upsample_nearest2_nhwc;
 use crate::nn::conv::{Conv2d, Window};
 use crate::nn::group_norm::GroupNorm;
 use crate::nn::transformer::softmax_last_dim;
-use crate::nn::{Linear, ParamInit};
+use crate::nn::{fused, Linear, ParamInit};
 use crate::{Error, Result, Rng};
 
 /// A 3x3 convolution keeping the size.
@@ -94,12 +95,12 @@ impl ResBlock {
         temb: &Tensor,
         drop: Option<(f64, &mut Rng)>,
     ) -> Result<Tensor> {
+        let e = self.temb.forward(temb)?; // [B, c_out]
+                                          // conv1(silu(gn1(x))) + e, the time embedding added inside the convolution
         let h = self
             .conv1
-            .forward_nhwc(&self.gn1.forward_nhwc(x, true)?, false)?; // [B, H, W, c_out]
-        let (b, c) = (h.dim(0)?, h.dim(3)?);
-        let e = self.temb.forward(temb)?.reshape((b, 1, 1, c))?; // [B, 1, 1, c_out]
-        let h = self.gn2.forward_nhwc(&h.broadcast_add(&e)?, true)?;
+            .forward_nhwc_shifted(&self.gn1.forward_nhwc(x, true)?, &e)?; // [B, H, W, c_out]
+        let h = self.gn2.forward_nhwc(&h, true)?;
         let h = match drop {
             Some((p, rng)) => dropout(&h, p, rng)?,
             None => h,
@@ -109,7 +110,7 @@ impl ResBlock {
             Some(s) => s.forward_nhwc(x, false)?,
             None => x.clone(),
         };
-        Ok((s + h)?)
+        fused::add(&s, &h)
     }
 }
 
@@ -169,7 +170,7 @@ impl AttnBlock {
             .affine(1.0 / (dh as f64).sqrt(), 0.0)?;
         let y = softmax_last_dim(&scores)?.matmul(&v)?; // [B, nh, L, dh]
         let y = y.transpose(1, 2)?.reshape((b, h, w, c))?; // [B, H, W, C]
-        Ok((x + self.proj.forward_nhwc(&y, false)?)?)
+        fused::add(x, &self.proj.forward_nhwc(&y, false)?)
     }
 }
 
@@ -200,23 +201,6 @@ impl Downsample {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.conv.forward_nhwc(x, false)
     }
-}
-
-/// Nearest-neighbour upsampling by 2 as a reshape of a broadcast (so its gradient is the sum
-/// over each 2x2 block): `[B, C, H, W]` -> `[B, C, 2H, 2W]`.
-pub fn upsample_nearest2(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    Ok(x.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, 2, w, 2))?
-        .reshape((b, c, 2 * h, 2 * w))?)
-}
-
-/// [`upsample_nearest2`] on channels-last maps: `[B, H, W, C]` -> `[B, 2H, 2W, C]`.
-pub fn upsample_nearest2_nhwc(x: &Tensor) -> Result<Tensor> {
-    let (b, h, w, c) = x.dims4()?;
-    Ok(x.reshape((b, h, 1, w, 1, c))?
-        .broadcast_as((b, h, 2, w, 2, c))?
-        .reshape((b, 2 * h, 2 * w, c))?)
 }
 
 /// Double the resolution: nearest-neighbour upsampling, then a 3x3 convolution.

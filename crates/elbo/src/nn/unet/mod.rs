@@ -9,7 +9,8 @@
 //! The time `t: [B]` is embedded as `MLP(sinusoidal(time_scale * t))` (Vaswani et al. 2017,
 //! sec. 3.5). Every op records gradients: convolutions and group norm are custom ops with their
 //! own backward (checked against candle's `conv2d` and a composition of candle ops), softmax is
-//! the differentiable composition of `nn::transformer`, upsampling is a reshape of a broadcast. Inputs whose
+//! the differentiable composition of `nn::transformer`, upsampling a copy op whose backward sums
+//! each 2x2 block. Inputs whose
 //! height or width is not a multiple of `2^(levels - 1)` are zero-padded at the bottom and right,
 //! and the output is cropped back.
 //!
@@ -20,10 +21,10 @@
 //! channel the two layouts coincide and no copy is made).
 
 mod blocks;
+mod upsample;
 
-pub use blocks::{
-    dropout, upsample_nearest2, upsample_nearest2_nhwc, AttnBlock, Downsample, ResBlock, Upsample,
-};
+pub use blocks::{dropout, AttnBlock, Downsample, ResBlock, Upsample};
+pub use upsample::{upsample_nearest2, upsample_nearest2_nhwc, Upsample2Nhwc};
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
