@@ -71,19 +71,8 @@ impl Mlp {
         d_out: usize,
         act: Activation,
     ) -> Result<Self> {
-        let mut hidden = Vec::with_capacity(n_hidden);
-        let mut d = d_in;
-        for i in 0..n_hidden {
-            hidden.push(Linear::new(
-                &mut p.push(&format!("hidden.{i}")),
-                d,
-                width,
-                true,
-            )?);
-            d = width;
-        }
-        let out = Linear::new(&mut p.push("out"), d, d_out, true)?;
-        Ok(Self { hidden, out, act })
+        // PyTorch's read-out bound 1/sqrt(width), the same draws in the same order
+        Self::with_output_scale(p, d_in, width, n_hidden, d_out, act, 1.0)
     }
 
     /// As [`Mlp::new`], with the read-out's initial weights scaled by `out_scale` (PyTorch's
