@@ -171,6 +171,21 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
+        let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
+        self.backward_impl(do_not_detach)
+    }
+
+    /// Like [`Tensor::backward`], but the returned gradients keep their computation graph, so
+    /// they can themselves be differentiated (a gradient penalty, a score `-grad E(x)` that
+    /// enters a loss). Equivalent to `backward` with `CANDLE_GRAD_DO_NOT_DETACH=1`, without the
+    /// process-wide environment switch (elbo patch). Second-order terms are exact only through
+    /// ops whose backward is itself built from differentiable tensor ops: custom ops with a
+    /// hand-written backward contribute constants.
+    pub fn backward_create_graph(&self) -> Result<GradStore> {
+        self.backward_impl(true)
+    }
+
+    fn backward_impl(&self, do_not_detach: bool) -> Result<GradStore> {
         let (sorted_nodes, track_grad) = self.sorted_nodes_and_tracking();
         // Whether a gradient flows into `t` at all: false for constants (and anything computed
         // from constants only), whose gradients nobody reads (elbo patch).
@@ -189,7 +204,6 @@ impl Tensor {
             // do not have to allocate too often. Here we just call `.detach` to avoid computing
             // the backprop graph of the backprop itself. This would be an issue for second order
             // derivatives but these are out of scope at the moment.
-            let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
             let grad = if do_not_detach { grad } else { grad.detach() };
             if let Some(op) = node.op() {
                 match op {
