@@ -7,8 +7,10 @@
 //! `L_1 = ELBO <= L_k <= L_{k+1} <= log p(x)` in expectation and `L_k -> log p(x)` as
 //! `k -> ∞` (Burda et al. 2016, theorem 1).
 
+pub mod decoder;
 pub mod observation;
 
+pub use decoder::LatentDecoder;
 pub use observation::{Observation, ObservationModel};
 
 use candle_core::Tensor;
