@@ -2,6 +2,8 @@
 //! of [`crate::discrete::block_diffusion`] trained in one pass over `[x_t ; x_0]` under the
 //! two-copy attention mask (sec. 3.2), and block-by-block sampling with a KV cache (Alg. 2).
 
+use std::cell::RefCell;
+
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -208,7 +210,7 @@ impl Bd3lm {
             .collect();
         let mut dec = CachedDecoder {
             net: &self.net,
-            cache: self.net.new_cache(),
+            cache: RefCell::new(self.net.new_cache()),
             vocab: self.vocab,
             device: &self.device,
             history: vec![Vec::new(); n],
@@ -241,7 +243,9 @@ impl BlockDenoiser for Bd3lm {
 /// once the cache and the next block would exceed `window` positions.
 struct CachedDecoder<'a> {
     net: &'a Transformer,
-    cache: KvCache,
+    /// Written by every call (a noisy block's keys go past the committed positions), hence a
+    /// cell: [`BlockDecoder::block_log_probs`] takes `&self`.
+    cache: RefCell<KvCache>,
     vocab: usize,
     device: &'a Device,
     /// Every row's committed tokens.
@@ -257,7 +261,8 @@ impl CachedDecoder<'_> {
     /// `0..window - block`.
     fn slide(&mut self) -> Result<()> {
         let keep = self.window - self.block;
-        self.cache = self.net.new_cache();
+        let cache = self.cache.get_mut();
+        *cache = self.net.new_cache();
         let total = self.history.first().map_or(0, Vec::len);
         let start = total - keep;
         for b in (0..keep).step_by(self.block) {
@@ -268,7 +273,7 @@ impl CachedDecoder<'_> {
                 .map(|h| h[start + b..start + end].to_vec())
                 .collect();
             let ids = crate::discrete::ids_tensor(&rows, self.device)?; // [n, block]
-            self.net.commit_block(&ids, &mut self.cache)?;
+            self.net.commit_block(&ids, cache)?;
         }
         Ok(())
     }
@@ -282,7 +287,7 @@ impl BlockDecoder for CachedDecoder<'_> {
     fn block_log_probs(&self, xt: &Tensor) -> Result<Tensor> {
         let logits = self
             .net
-            .forward_block_cached(&xt.to_device(self.device)?, &self.cache)?; // [n, T, V]
+            .forward_block_cached(&xt.to_device(self.device)?, &mut self.cache.borrow_mut())?; // [n, T, V]
         log_softmax_last_dim(&logits)
     }
 
@@ -291,11 +296,11 @@ impl BlockDecoder for CachedDecoder<'_> {
         for (h, r) in self.history.iter_mut().zip(rows) {
             h.extend(r);
         }
-        if self.cache.len() + x0.dim(1)? <= self.window {
-            self.net
-                .commit_block(&x0.to_device(self.device)?, &mut self.cache)?;
+        let cache = self.cache.get_mut();
+        if cache.len() + x0.dim(1)? <= self.window {
+            self.net.commit_block(&x0.to_device(self.device)?, cache)?;
         }
-        if self.cache.len() + self.block > self.window {
+        if cache.len() + self.block > self.window {
             self.slide()?;
         }
         Ok(())

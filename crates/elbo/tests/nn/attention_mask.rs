@@ -232,7 +232,7 @@ fn two_copy_pass_equals_blocks_run_separately_and_cached() {
                 "{positions:?} block at {s}: two-copy vs separate {e:e}"
             );
             // cached: the noisy block against the cache of the clean blocks before it
-            let cached = net.forward_block_cached(&cur, &cache).unwrap();
+            let cached = net.forward_block_cached(&cur, &mut cache).unwrap();
             let e = scaled_err(&vals(&cached), &want);
             assert!(
                 e < 1e-4,

@@ -12,9 +12,10 @@ use elbo::model::{DataInfo, GenerativeModel};
 use elbo::models::flow_matching::{self, FlowMatching};
 use elbo::nn::fused::{gelu_erf_f32, linear_gelu_erf, IGNORE_INDEX};
 use elbo::nn::transformer::{
-    attention, attention_composed, attention_qkv, cross_entropy_rows, cross_entropy_weighted,
-    cross_entropy_weighted_composed, layer_norm, layer_norm_composed, log_softmax_last_dim,
-    log_softmax_last_dim_composed, softmax_last_dim, softmax_last_dim_composed,
+    attention, attention_cached, attention_composed, attention_qkv, cross_entropy_rows,
+    cross_entropy_weighted, cross_entropy_weighted_composed, layer_norm, layer_norm_composed,
+    log_softmax_last_dim, log_softmax_last_dim_composed, softmax_last_dim,
+    softmax_last_dim_composed,
 };
 use elbo::Rng;
 
@@ -271,6 +272,53 @@ fn flash_attention_matches_composed() {
             );
         }
     }
+}
+
+/// Attention against a preallocated KV cache (incremental decoding): `q` against the first
+/// `lk` rows of `[B, H, cap, dh]` buffers whose later rows hold garbage, against the composed
+/// reference on the narrowed keys, for every mask kind, on the serial and parallel paths, and
+/// with one query (autoregressive decoding) and a block of queries (block diffusion).
+#[test]
+fn cached_attention_matches_composed() {
+    use elbo::nn::attention_mask::AttentionMask;
+    let masks = [
+        AttentionMask::Full,
+        AttentionMask::Causal,
+        AttentionMask::BlockCausal { block: 3 },
+    ];
+    let shapes = [
+        (2, 3, 1, 1, 9, 5),
+        (2, 3, 1, 7, 9, 16),
+        (1, 2, 4, 12, 20, 8),
+        (4, 4, 4, 200, 256, 64),
+    ];
+    for (n, &(b, h, lq, lk, cap, dh)) in shapes.iter().enumerate() {
+        let mut rng = Rng::new(300 + n as u64);
+        let q = rng.normal_tensor(&[b, h, lq, dh], &CPU).unwrap();
+        // the rows past `lk` are garbage that must not be read
+        let kb = (rng.normal_tensor(&[b, h, cap, dh], &CPU).unwrap() * 3.0).unwrap();
+        let vb = (rng.normal_tensor(&[b, h, cap, dh], &CPU).unwrap() * 3.0).unwrap();
+        let (k, v) = (kb.narrow(2, 0, lk).unwrap(), vb.narrow(2, 0, lk).unwrap());
+        for mask in masks {
+            if mask.check(lq, lk).is_err() {
+                continue;
+            }
+            let got = vals(&attention_cached(&q, &kb, &vb, lk, mask).unwrap());
+            let want = vals(&attention_composed(&q, &k, &v, mask).unwrap());
+            let err = scaled_err(&got, &want);
+            assert!(
+                err < 1e-5,
+                "cached attention {:?} {mask:?}: error {err}",
+                (b, h, lq, lk, cap, dh)
+            );
+        }
+    }
+    let q = Tensor::zeros((1, 1, 1, 4), DType::F32, &CPU).unwrap();
+    let kb = Tensor::zeros((1, 1, 3, 4), DType::F32, &CPU).unwrap();
+    assert!(
+        attention_cached(&q, &kb, &kb, 4, AttentionMask::Full).is_err(),
+        "more keys than the buffer holds"
+    );
 }
 
 /// The composed reference of [`attention_qkv`]: split the heads, attend, merge the heads.

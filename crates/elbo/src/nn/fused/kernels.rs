@@ -128,6 +128,41 @@ multiversion!(
     pub(crate) fn exp_shift_sum / exp_shift_sum_avx2 => exp_shift_sum_base(x: &mut [f32], shift: f32) -> f32
 );
 
+/// `a . b` over the common length, accumulated in [`LANES`] interleaved partial sums (a fixed
+/// order, so the result depends on the inputs alone).
+#[inline(always)]
+fn dot_base(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((s, p), q) in acc.iter_mut().zip(x).zip(y) {
+            *s += p * q;
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(p, q)| p * q).sum::<f32>()
+}
+
+multiversion!(
+    /// [`dot_base`], vectorised for the running CPU.
+    pub(crate) fn dot / dot_avx2 => dot_base(a: &[f32], b: &[f32]) -> f32
+);
+
+/// `y <- y + alpha x` over the common length.
+#[inline(always)]
+fn axpy_base(y: &mut [f32], alpha: f32, x: &[f32]) {
+    for (v, u) in y.iter_mut().zip(x) {
+        *v += alpha * u;
+    }
+}
+
+multiversion!(
+    /// [`axpy_base`], vectorised for the running CPU.
+    pub(crate) fn axpy / axpy_avx2 => axpy_base(y: &mut [f32], alpha: f32, x: &[f32])
+);
+
 /// The largest element of `x` (`-inf` when empty; NaNs are skipped unless all are NaN), over
 /// [`LANES`] interleaved running maxima.
 #[inline(always)]

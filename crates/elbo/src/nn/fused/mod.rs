@@ -24,6 +24,7 @@
 
 mod add;
 mod attention;
+mod attention_decode;
 mod attention_op;
 mod cross_entropy;
 mod inplace;
@@ -189,6 +190,25 @@ pub fn attention(
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let op = attention_op::FlashAttention::new(mask.into(), tracks(&[&q, &k, &v]));
     Ok(q.apply_op3(&k, &v, op)?)
+}
+
+/// [`attention`] of a few new queries `q: [B, H, Lq, dh]` against the first `lk` rows of a
+/// preallocated KV cache `k_buf, v_buf: [B, H, cap, dh]` (contiguous, `cap >= lk`), for
+/// incremental decoding (CPU `f32` only; inference: no gradient is recorded). Equal to
+/// [`attention`] on `k_buf.narrow(2, 0, lk)` and `v_buf.narrow(2, 0, lk)` up to rounding.
+pub fn attention_cached(
+    q: &Tensor,
+    k_buf: &Tensor,
+    v_buf: &Tensor,
+    lk: usize,
+    mask: impl Into<crate::nn::attention_mask::AttentionMask>,
+) -> Result<Tensor> {
+    let q = q.contiguous()?;
+    let op = attention_decode::CachedAttention {
+        lk,
+        mask: mask.into(),
+    };
+    Ok(q.apply_op3_no_bwd(k_buf, v_buf, &op)?)
 }
 
 /// [`attention`] on a packed `qkv: [B, L, 3 D]` (the output of one `D -> 3 D` projection: `q`,

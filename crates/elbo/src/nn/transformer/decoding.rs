@@ -7,13 +7,18 @@ use candle_core::{DType, Tensor};
 
 use super::*;
 
-/// Keys and values of every block for the positions decoded so far (causal models only).
-#[derive(Clone, Debug, Default)]
+/// Keys and values of every block for the positions decoded so far (causal models only), in
+/// buffers preallocated for the model's `max_len` positions on the first call and filled in
+/// place: decoding `L` tokens one at a time copies each key once instead of re-concatenating
+/// the whole cache at every step.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    /// Per block: keys and values `[B, H, T, dh]`.
+    /// Per block: key and value buffers `[B, H, cap, dh]`, allocated on first use.
     layers: Vec<Option<(Tensor, Tensor)>>,
     /// Positions already in the cache.
     len: usize,
+    /// Rows allocated per head (the model's `max_len`).
+    cap: usize,
 }
 
 impl KvCache {
@@ -27,10 +32,35 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Replaces every block's keys and values by `layers`, which hold `added` more positions.
-    fn push(&mut self, layers: Vec<(Tensor, Tensor)>, added: usize) {
-        self.layers = layers.into_iter().map(Some).collect();
-        self.len += added;
+    /// Block `i`'s buffers for `[B, H, *, dh]` keys, allocated on first use; an error when the
+    /// cache was filled for another batch.
+    fn buffers(
+        &mut self,
+        i: usize,
+        like: &Tensor,
+        (b, h, dh): (usize, usize, usize),
+    ) -> Result<(Tensor, Tensor)> {
+        let cap = self.cap;
+        let slot = self
+            .layers
+            .get_mut(i)
+            .ok_or_else(|| Error::Shape("KV cache made for another model".into()))?;
+        if let Some((k, v)) = slot.as_ref() {
+            if k.dims() != [b, h, cap, dh] || k.dtype() != like.dtype() {
+                return Err(Error::Shape(format!(
+                    "KV cache holds keys {:?} ({:?}), the new tokens need [{b}, {h}, {cap}, {dh}] \
+                     ({:?}): use one cache per batch",
+                    k.dims(),
+                    k.dtype(),
+                    like.dtype()
+                )));
+            }
+            return Ok((k.clone(), v.clone()));
+        }
+        let zeros = || Tensor::zeros((b, h, cap, dh), like.dtype(), like.device());
+        let (k, v) = (zeros()?, zeros()?);
+        *slot = Some((k.clone(), v.clone()));
+        Ok((k, v))
     }
 }
 
@@ -158,6 +188,7 @@ impl Transformer {
         KvCache {
             layers: vec![None; self.blocks.len()],
             len: 0,
+            cap: self.cfg.max_len,
         }
     }
 
@@ -188,51 +219,56 @@ impl Transformer {
                 "a KV cache for incremental decoding needs a causal transformer".into(),
             ));
         }
-        let (logits, layers) = self.cached_step(ids, extra, at, cache, AttentionMask::Causal)?;
-        cache.push(layers, ids.dim(1)?);
+        let logits = self.cached_step(ids, extra, at, cache, AttentionMask::Causal)?;
+        cache.len += ids.dim(1)?;
         Ok(logits)
     }
 
     /// Block decoding (Arriola et al. 2025, Alg. 2): logits `[B, T, V_out]` of one block
     /// `ids: [B, T]` at positions `cache.len()..cache.len() + T`, each token attending to every
     /// cached key and to every token of the block (bidirectionally); `cache` is left as it was
-    /// (a noisy block being denoised). Equal to the `x_t` rows of the block under
+    /// (a noisy block being denoised: its keys are written past the cached positions and
+    /// overwritten by the next call). Equal to the `x_t` rows of the block under
     /// [`AttentionMask::BlockDiffusion`] in [`Transformer::forward_masked`].
-    pub fn forward_block_cached(&self, ids: &Tensor, cache: &KvCache) -> Result<Tensor> {
-        Ok(self
-            .cached_step(ids, None, None, cache, AttentionMask::Full)?
-            .0)
+    pub fn forward_block_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.cached_step(ids, None, None, cache, AttentionMask::Full)
     }
 
     /// [`Transformer::forward_block_cached`] for a finished (clean) block, appending its keys
     /// and values to `cache`; its logits equal the `x_0` rows of the block under
     /// [`AttentionMask::BlockDiffusion`].
     pub fn commit_block(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (logits, layers) = self.cached_step(ids, None, None, cache, AttentionMask::Full)?;
-        cache.push(layers, ids.dim(1)?);
+        let logits = self.cached_step(ids, None, None, cache, AttentionMask::Full)?;
+        cache.len += ids.dim(1)?;
         Ok(logits)
     }
 
     /// The logits of the new tokens `ids` after the cached ones, under `mask` over
-    /// `[cache ; new]` (aligned bottom-right), and every block's keys and values of
-    /// `[cache ; new]`.
+    /// `[cache ; new]` (aligned bottom-right); the new tokens' keys and values are written into
+    /// the cache buffers after the cached positions (the caller decides whether they count).
     fn cached_step(
         &self,
         ids: &Tensor,
         extra: Option<&Tensor>,
         at: Option<RotaryAt>,
-        cache: &KvCache,
+        cache: &mut KvCache,
         mask: AttentionMask,
-    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+    ) -> Result<Tensor> {
         if cache.layers.len() != self.blocks.len() {
             return Err(Error::Shape("KV cache made for another model".into()));
         }
         let start = cache.len;
         let mut x = self.embed_at(ids, start, extra)?; // [B, T, D]
         let (b, t, d) = x.dims3()?;
+        if start + t > cache.cap {
+            return Err(Error::Shape(format!(
+                "KV cache: positions up to {} exceed its {} (the model's max_len)",
+                start + t,
+                cache.cap
+            )));
+        }
         let rope = self.rope(at, start)?;
-        let mut layers = Vec::with_capacity(self.blocks.len());
-        for (blk, slot) in self.blocks.iter().zip(&cache.layers) {
+        for (i, blk) in self.blocks.iter().enumerate() {
             let (h, dh) = (blk.n_heads, d / blk.n_heads);
             let qkv = blk.qkv.forward(&blk.ln1.forward(&x)?)?; // [B, T, 3D]
             let qkv = match rope {
@@ -244,18 +280,15 @@ impl Transformer {
                 .permute((2, 0, 3, 1, 4))?
                 .contiguous()?; // [3, B, H, T, dh]
             let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?); // [B, H, T, dh]
-            let (k, v) = match slot.as_ref() {
-                Some((kc, vc)) => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
-                None => (k, v),
-            }; // [B, H, T_total, dh]
-            let y = attention(&q, &k, &v, mask)?; // [B, H, T, dh]
+            let (kb, vb) = cache.buffers(i, &k, (b, h, dh))?; // [B, H, cap, dh]
+            kb.slice_set(&k.contiguous()?, 2, start)?;
+            vb.slice_set(&v.contiguous()?, 2, start)?;
+            let y = attention_cached(&q, &kb, &vb, start + t, mask)?; // [B, H, T, dh]
             let y = y.transpose(1, 2)?.reshape((b, t, d))?; // [B, T, D]
             x = (x + blk.proj.forward(&y)?)?;
             let m = blk.fc1.forward(&blk.ln2.forward(&x)?)?.gelu_erf()?; // [B, T, 4D]
             x = (x + blk.fc2.forward(&m)?)?;
-            layers.push((k, v));
         }
-        let logits = self.head.forward(&self.lnf.forward(&x)?)?; // [B, T, V_out]
-        Ok((logits, layers))
+        self.head.forward(&self.lnf.forward(&x)?) // [B, T, V_out]
     }
 }

@@ -210,6 +210,25 @@ pub fn attention(
     attention_composed(q, k, v, mask)
 }
 
+/// [`attention`] of `q: [B, H, Lq, dh]` against the first `lk` positions of preallocated
+/// cache buffers `k_buf, v_buf: [B, H, cap, dh]` (incremental decoding; no gradient). On CPU
+/// `f32` a direct kernel streaming the cached rows ([`fused::attention_cached`]); elsewhere
+/// [`attention_composed`] on the narrowed buffers.
+pub fn attention_cached(
+    q: &Tensor,
+    k_buf: &Tensor,
+    v_buf: &Tensor,
+    lk: usize,
+    mask: impl Into<AttentionMask>,
+) -> Result<Tensor> {
+    let mask = mask.into();
+    if fused::cpu_f32(&[q, k_buf, v_buf]) {
+        return fused::attention_cached(q, k_buf, v_buf, lk, mask);
+    }
+    let (k, v) = (k_buf.narrow(2, 0, lk)?, v_buf.narrow(2, 0, lk)?);
+    attention_composed(q, &k, &v, mask)
+}
+
 /// Checks `qkv: [B, L, 3D]` with `D` a multiple of `heads`.
 fn qkv_check(qkv: &Tensor, heads: usize) -> Result<(usize, usize, usize)> {
     match qkv.dims() {
