@@ -286,7 +286,7 @@ impl Transformer {
             let y = attention_cached(&q, &kb, &vb, start + t, mask)?; // [B, H, T, dh]
             let y = y.transpose(1, 2)?.reshape((b, t, d))?; // [B, T, D]
             x = (x + blk.proj.forward(&y)?)?;
-            let m = blk.fc1.forward(&blk.ln2.forward(&x)?)?.gelu_erf()?; // [B, T, 4D]
+            let m = blk.fc1.forward_gelu(&blk.ln2.forward(&x)?)?; // [B, T, 4D]
             x = (x + blk.fc2.forward(&m)?)?;
         }
         self.head.forward(&self.lnf.forward(&x)?) // [B, T, V_out]
