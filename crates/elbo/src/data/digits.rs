@@ -206,7 +206,11 @@ impl DataSource for DigitsSource {
 
     fn train_set(&self, device: &Device) -> Result<Option<Tensor>> {
         let n = self.train.len() / PIXELS;
-        Ok(Some(Tensor::from_vec(self.train.clone(), (n, PIXELS), device)?))
+        Ok(Some(Tensor::from_vec(
+            self.train.clone(),
+            (n, PIXELS),
+            device,
+        )?))
     }
 
     fn val_set(&self, device: &Device) -> Result<Tensor> {

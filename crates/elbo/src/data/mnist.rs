@@ -223,7 +223,11 @@ impl DataSource for MnistSource {
 
     fn train_set(&self, device: &Device) -> Result<Option<Tensor>> {
         let n = self.train.len() / PIXELS;
-        Ok(Some(Tensor::from_vec(self.train.clone(), (n, PIXELS), device)?))
+        Ok(Some(Tensor::from_vec(
+            self.train.clone(),
+            (n, PIXELS),
+            device,
+        )?))
     }
 
     fn val_set(&self, device: &Device) -> Result<Tensor> {

@@ -323,7 +323,11 @@ impl DataSource for ArraySource {
 
     fn train_set(&self, device: &Device) -> Result<Option<Tensor>> {
         let n = self.train.len() / self.dim;
-        Ok(Some(Tensor::from_vec(self.train.clone(), (n, self.dim), device)?))
+        Ok(Some(Tensor::from_vec(
+            self.train.clone(),
+            (n, self.dim),
+            device,
+        )?))
     }
 
     fn val_set(&self, device: &Device) -> Result<Tensor> {

@@ -31,8 +31,8 @@ use crate::latent::codebook::{usage, Codebook, CodebookUpdate};
 use crate::latent::two_stage::CodeAutoencoder;
 use crate::latent::{Observation, ObservationModel};
 use crate::model::{
-    likelihood_choice, DataInfo, GenerativeModel, GroupSettings, ModelCore, ParamGroup, StepContext,
-    StepOutput, DEFAULT_GROUP,
+    likelihood_choice, DataInfo, GenerativeModel, GroupSettings, ModelCore, ParamGroup,
+    StepContext, StepOutput, DEFAULT_GROUP,
 };
 use crate::models::FamilyConfig;
 use crate::nn::conv_net::{ConvDecoder, ConvEncoder, ConvNetShape};
@@ -405,9 +405,9 @@ impl GenerativeModel for VqVae {
             CodebookUpdate::Ema => self.codebook.ema_update(&z, &codes, self.cfg.ema_decay)?,
             CodebookUpdate::Loss => self.codebook.pull_param()?,
         }
-        let restarted =
-            self.codebook
-                .restart_dead(&z, &codes, self.cfg.dead_after, ctx.rng())?;
+        let restarted = self
+            .codebook
+            .restart_dead(&z, &codes, self.cfg.dead_after, ctx.rng())?;
         let u = usage(&codes, self.cfg.codebook_size);
         out.extra.extend([
             ("reconstruction".to_string(), rec.to_scalar::<f32>()? as f64),
@@ -463,9 +463,7 @@ impl GenerativeModel for VqVae {
 
     fn sample(&self, n: usize, _opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
         let k = self.cfg.codebook_size;
-        let codes: Vec<f32> = (0..n * self.cells())
-            .map(|_| rng.below(k) as f32)
-            .collect();
+        let codes: Vec<f32> = (0..n * self.cells()).map(|_| rng.below(k) as f32).collect();
         let codes = Tensor::from_vec(codes, (n, self.cells()), &self.core.device)?;
         self.decode_sample(&codes, rng)
     }

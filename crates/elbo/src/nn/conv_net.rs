@@ -178,7 +178,10 @@ impl ConvDecoder {
             .into_iter()
             .enumerate()
             .map(|(i, (ci, co, w, up))| {
-                Ok((Conv2d::new(&mut p.push(&format!("conv{i}")), ci, co, w)?, up))
+                Ok((
+                    Conv2d::new(&mut p.push(&format!("conv{i}")), ci, co, w)?,
+                    up,
+                ))
             })
             .collect::<Result<_>>()?;
         Ok(Self { layers })

@@ -75,7 +75,12 @@ fn straight_through_hands_the_encoder_the_decoders_gradient_at_z_q() {
         rec_q.to_scalar::<f32>().unwrap(),
         "the forward value is the decoder's at z_q"
     );
-    let g_zq = rec_q.backward().unwrap().get(z_q.as_tensor()).unwrap().clone();
+    let g_zq = rec_q
+        .backward()
+        .unwrap()
+        .get(z_q.as_tensor())
+        .unwrap()
+        .clone();
     let pulled = (model.encode(&batch).unwrap() * g_zq)
         .unwrap()
         .sum_all()
@@ -87,7 +92,10 @@ fn straight_through_hands_the_encoder_the_decoders_gradient_at_z_q() {
         let a = flat(g_st.get(v.as_tensor()).unwrap());
         let b = flat(pulled.get(v.as_tensor()).unwrap());
         for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{name}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                "{name}: {x} vs {y}"
+            );
             total += y.abs();
         }
     }
@@ -122,7 +130,10 @@ fn nearest_code_and_the_ema_update_match_their_closed_forms() {
     assert_eq!(&cb.vectors()[2..4], &[4.0, 0.0]);
     let u = usage(&codes, 3);
     assert!((u.used - 2.0 / 3.0).abs() < 1e-12);
-    assert!((u.perplexity - 2.0).abs() < 1e-12, "two codes, equally used");
+    assert!(
+        (u.perplexity - 2.0).abs() < 1e-12,
+        "two codes, equally used"
+    );
 }
 
 #[test]
@@ -383,7 +394,10 @@ fn the_two_stage_bound_exceeds_the_exact_nll_by_the_codes_posterior() {
             "{x:?}: the gap is -log p(z_q | x)"
         );
     }
-    assert!((total_px - 1.0).abs() < 1e-12, "the oracle's p(x) sums to 1");
+    assert!(
+        (total_px - 1.0).abs() < 1e-12,
+        "the oracle's p(x) sums to 1"
+    );
 }
 
 #[test]
@@ -426,11 +440,18 @@ fn a_prior_trained_on_codes_loads_as_the_two_stage_model_of_the_images() {
         .run(false)
         .unwrap();
     let run = LoadedRun::open(prior.path(), CheckpointChoice::Latest, true, &CPU).unwrap();
-    assert_eq!(run.data.dim(), 64, "the two-stage model is a model of the images");
+    assert_eq!(
+        run.data.dim(),
+        64,
+        "the two-stage model is a model of the images"
+    );
     assert!(run.label.contains("two-stage"), "{}", run.label);
     let test = run.data.test_set(&CPU).unwrap().narrow(0, 0, 10).unwrap();
     let opts = run.config.eval.clone();
-    let two = run.model.log_likelihood(&test, &opts, &mut Rng::new(1)).unwrap();
+    let two = run
+        .model
+        .log_likelihood(&test, &opts, &mut Rng::new(1))
+        .unwrap();
     assert_eq!(two.kind, NllKind::Bound);
     assert_eq!(two.dims, 64);
     // the bound is the decoder's NLL plus the prior's (positive) NLL of the codes
