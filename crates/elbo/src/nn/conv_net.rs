@@ -52,7 +52,7 @@ impl ConvNetShape {
     /// least 2.
     pub fn validate(&self) -> Result<()> {
         let f = 1usize << self.downsample.min(16);
-        if self.downsample > 6 || self.height % f != 0 || self.width % f != 0 {
+        if self.downsample > 6 || !self.height.is_multiple_of(f) || !self.width.is_multiple_of(f) {
             return Err(Error::Config(format!(
                 "model.downsample = {}: a {}x{} image cannot be halved that many times (its \
                  sides must be divisible by 2^downsample); lower model.downsample",
