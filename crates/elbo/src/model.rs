@@ -155,6 +155,11 @@ pub trait GenerativeModel {
     fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll>;
     /// One line saying how `log_likelihood` computes its number (for reports).
     fn likelihood_method(&self, opts: &EvalOptions) -> String;
+    /// The discrete autoencoder a two-stage model encodes and decodes images with (the
+    /// VQ-VAE); `None` for every other family.
+    fn code_autoencoder(&self) -> Option<&dyn crate::latent::two_stage::CodeAutoencoder> {
+        None
+    }
     /// `n` samples `[n, D]` with some positions fixed: `template[i]` is `Some(level)` for a
     /// given position and `None` for one to generate (a prefix prompt, or blanks to fill in).
     /// Families that cannot condition return an error.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use elbo::compare::{CompareReport, EntryReport, Suite};
+use elbo::compare::{CompareReport, EntryReport, EntryStatus, Suite};
 
 use super::{outcome, run_entry, Wanted};
 use crate::CompareArgs;
@@ -89,10 +89,28 @@ pub fn run_parallel(a: &CompareArgs, suite: &Suite, out: &Path) -> Result<Vec<En
     let mut done = 0;
     while !queue.is_empty() || !running.is_empty() {
         while running.len() < a.jobs {
-            let Some(i) = queue.pop_front() else { break };
+            // the first queued entry whose codes:ENTRY run (if any) has finished
+            let Some(pos) = queue
+                .iter()
+                .position(|&i| suite.dependency(i).is_none_or(|d| results[d].is_some()))
+                // a cycle of codes: entries (nothing running could unblock it): run in order
+                .or_else(|| running.is_empty().then_some(0))
+            else {
+                break;
+            };
+            let Some(i) = queue.remove(pos) else { break };
             let e = &suite.entries[i];
             let dir = out.join("runs").join(&e.name);
-            if let Err(msg) = &e.config {
+            let dep_failed = suite.dependency(i).and_then(|d| {
+                let r = results[d].as_ref()?;
+                (r.status != EntryStatus::Ok).then(|| {
+                    format!(
+                        "entry '{}', whose codes it trains on, failed",
+                        suite.entries[d].name
+                    )
+                })
+            });
+            if let Some(msg) = dep_failed.or_else(|| e.config.as_ref().err().cloned()) {
                 results[i] = Some(EntryReport::failed(&e.name, &dir, msg.clone()));
                 done += 1;
                 eprintln!("[{done}/{n}] {}: FAILED: {msg}", e.name);

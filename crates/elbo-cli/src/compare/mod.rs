@@ -30,6 +30,8 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     if a.quick {
         suite.make_quick();
     }
+    // a prior over a VQ-VAE entry's codes reads that entry's run (ordered after it)
+    suite.bind_codes(&a.out.join("runs"))?;
     let examples = a.quick.then_some(suite.header.quick_examples);
     if let Some(name) = &a.entry {
         return jobs::run_child(&suite, name, &a.out, examples, &dev);

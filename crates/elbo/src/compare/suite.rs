@@ -40,6 +40,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "shakespeare",
         include_str!("../../../../configs/suites/shakespeare.toml"),
     ),
+    (
+        "mnist",
+        include_str!("../../../../configs/suites/mnist.toml"),
+    ),
 ];
 
 /// The config files the built-in suites name, embedded for the same reason (path relative to
@@ -120,6 +124,18 @@ const BUILTIN_CONFIGS: &[(&str, &str)] = &[
     (
         "../digits-vae.toml",
         include_str!("../../../../configs/digits-vae.toml"),
+    ),
+    (
+        "../mnist-binary-vae.toml",
+        include_str!("../../../../configs/mnist-binary-vae.toml"),
+    ),
+    (
+        "../mnist-vqvae.toml",
+        include_str!("../../../../configs/mnist-vqvae.toml"),
+    ),
+    (
+        "../mnist-vqvae-ar.toml",
+        include_str!("../../../../configs/mnist-vqvae-ar.toml"),
     ),
 ];
 
@@ -209,7 +225,7 @@ pub struct Suite {
 
 impl Suite {
     /// A suite by file path, or by the name of a built-in suite (`toy2d`, `digits`,
-    /// `shakespeare`): `configs/suites/NAME.toml` under the working directory when there is
+    /// `shakespeare`, `mnist`): `configs/suites/NAME.toml` under the working directory when there is
     /// one (a checkout of the repository, edits included), else the copy built into elbo. A
     /// path that exists wins over a name.
     pub fn resolve(file_or_name: &str) -> Result<Self> {
@@ -282,9 +298,35 @@ impl Suite {
         }
         Ok(Suite {
             header: file.suite,
-            entries,
+            entries: order_by_codes(entries),
             source: source.to_string(),
         })
+    }
+
+    /// The entry whose run the entry `i` reads through `codes:ENTRY` (a prior over a VQ-VAE
+    /// entry's codes), as an index into [`Suite::entries`].
+    pub fn dependency(&self, i: usize) -> Option<usize> {
+        let name = codes_entry(&self.entries[i])?;
+        self.entries.iter().position(|e| e.name == name)
+    }
+
+    /// Point every `codes:ENTRY` data set naming an entry of this suite at that entry's run
+    /// directory, `runs_dir/ENTRY` (made absolute, so the run reads the same codes from any
+    /// working directory).
+    pub fn bind_codes(&mut self, runs_dir: &Path) -> Result<()> {
+        let names: Vec<String> = self.entries.iter().map(|e| e.name.clone()).collect();
+        let abs = std::path::absolute(runs_dir).map_err(|e| Error::io(runs_dir, e))?;
+        for e in &mut self.entries {
+            let Some(dep) = codes_entry(e) else { continue };
+            if !names.contains(&dep) {
+                continue;
+            }
+            if let Ok(cfg) = &mut e.config {
+                cfg.data.name =
+                    format!("{}{}", crate::data::codes::PREFIX, abs.join(&dep).display());
+            }
+        }
+        Ok(())
     }
 
     /// Scale every entry down for a smoke test: `train.steps` to at most `quick_steps`,
@@ -298,6 +340,34 @@ impl Suite {
             }
         }
     }
+}
+
+/// The `ENTRY` of an entry whose data set is `codes:ENTRY` (a bare name, not a path).
+fn codes_entry(e: &Entry) -> Option<String> {
+    let cfg = e.config.as_ref().ok()?;
+    let dep = cfg.data.name.strip_prefix(crate::data::codes::PREFIX)?;
+    check_entry_name(dep, "").ok()?;
+    Some(dep.to_string())
+}
+
+/// The entries in file order, except that an entry reading `codes:ENTRY` comes after ENTRY
+/// (it trains on that run's codes).
+fn order_by_codes(entries: Vec<Entry>) -> Vec<Entry> {
+    let mut left = entries;
+    let mut out: Vec<Entry> = Vec::with_capacity(left.len());
+    while !left.is_empty() {
+        let ready = left
+            .iter()
+            .position(|e| {
+                codes_entry(e).is_none_or(|dep| {
+                    out.iter().any(|o| o.name == dep) || !left.iter().any(|l| l.name == dep)
+                })
+            })
+            // a cycle: keep file order, the dependent entry fails on its missing run
+            .unwrap_or(0);
+        out.push(left.remove(ready));
+    }
+    out
 }
 
 /// [`Suite::make_quick`] for one config.
@@ -414,6 +484,30 @@ mod tests {
             let file = std::fs::read_to_string(root.join(format!("{name}.toml"))).unwrap();
             assert_eq!(&file, text, "{name}");
         }
+    }
+
+    #[test]
+    fn a_prior_over_codes_trains_after_its_vq_entry_and_reads_its_run() {
+        let text = "[suite]\nname = \"s\"\n\
+                    [[entry]]\nname = \"prior\"\n[entry.config.model]\nname = \"ar\"\n\
+                    [entry.config.data]\nname = \"codes:vq\"\n\
+                    [[entry]]\nname = \"other\"\n\
+                    [[entry]]\nname = \"vq\"\n[entry.config.model]\nname = \"vq-vae\"\n\
+                    [entry.config.data]\nname = \"digits\"\n";
+        let mut s = Suite::parse(text, "t", None).unwrap();
+        let names: Vec<&str> = s.entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["other", "vq", "prior"]);
+        assert_eq!(s.dependency(2), Some(1));
+        assert_eq!(s.dependency(0), None);
+        s.bind_codes(Path::new("/tmp/out/runs")).unwrap();
+        let cfg = s.entries[2].config.as_ref().unwrap();
+        assert_eq!(cfg.data.name, "codes:/tmp/out/runs/vq");
+        // a dependency that is not an entry stays a path
+        let text = text.replace("codes:vq", "codes:elsewhere");
+        let mut s = Suite::parse(&text, "t", None).unwrap();
+        s.bind_codes(Path::new("/tmp/out/runs")).unwrap();
+        let prior = s.entries.iter().find(|e| e.name == "prior").unwrap();
+        assert_eq!(prior.config.as_ref().unwrap().data.name, "codes:elsewhere");
     }
 
     #[test]

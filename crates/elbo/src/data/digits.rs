@@ -204,6 +204,15 @@ impl DataSource for DigitsSource {
         Ok(Tensor::from_vec(v, (batch_size, PIXELS), device)?)
     }
 
+    fn train_set(&self, device: &Device) -> Result<Option<Tensor>> {
+        let n = self.train.len() / PIXELS;
+        Ok(Some(Tensor::from_vec(
+            self.train.clone(),
+            (n, PIXELS),
+            device,
+        )?))
+    }
+
     fn val_set(&self, device: &Device) -> Result<Tensor> {
         Ok(Tensor::from_vec(
             self.val.clone(),

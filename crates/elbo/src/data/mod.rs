@@ -31,6 +31,7 @@ use candle_core::{Device, Tensor};
 
 use crate::{Error, Result, Rng};
 
+pub mod codes;
 pub mod csv;
 pub mod digits;
 pub mod mnist;
@@ -127,6 +128,12 @@ pub trait DataSource: Send {
     /// The fixed test set, `[n_test, dim]` f32, the same for every run seed; only the final
     /// evaluation (`elbo eval`) reads it.
     fn test_set(&self, device: &Device) -> Result<Tensor>;
+    /// Every training row, `[n_train, dim]` f32, for a finite data set (`None` for generated
+    /// data and text windows): what a derived data set such as `codes:RUN` transforms.
+    fn train_set(&self, device: &Device) -> Result<Option<Tensor>> {
+        let _ = device;
+        Ok(None)
+    }
     /// Levels per dimension of discrete data (`None` when continuous), from [`DataSource::kind`].
     fn levels(&self) -> Option<usize> {
         match self.kind() {

@@ -36,6 +36,7 @@ pub const KNOWN_DATASETS: &[&str] = &[
     "PATH.npy",
     "PATH.csv",
     "PATH.txt (or text:PATH)",
+    "codes:RUN (the codes of a vq-vae run)",
 ];
 
 /// Seed of the fixed permutation that splits a user array into training and test rows.
@@ -116,6 +117,9 @@ pub fn open(name: &str, cfg: &DataConfig) -> Result<Box<dyn DataSource>> {
             cfg.test_size,
             cfg.val_size,
         )?));
+    }
+    if let Some(dir) = super::codes::run_dir(name) {
+        return Ok(Box::new(super::codes::CodesSource::open(name, &dir)?));
     }
     if name == "digits" {
         return Ok(Box::new(DigitsSource::with_val_fraction(cfg.val_fraction)?));
@@ -317,6 +321,15 @@ impl DataSource for ArraySource {
         Ok(Tensor::from_vec(v, (batch_size, self.dim), device)?)
     }
 
+    fn train_set(&self, device: &Device) -> Result<Option<Tensor>> {
+        let n = self.train.len() / self.dim;
+        Ok(Some(Tensor::from_vec(
+            self.train.clone(),
+            (n, self.dim),
+            device,
+        )?))
+    }
+
     fn val_set(&self, device: &Device) -> Result<Tensor> {
         Ok(Tensor::from_vec(
             self.val.clone(),
@@ -362,6 +375,7 @@ pub(crate) fn sample_rows(
 pub fn user_file(name: &str) -> Option<std::path::PathBuf> {
     if Toy2d::from_name(name).is_some()
         || matches!(name, "digits" | "shakespeare" | "mnist" | "mnist-binary")
+        || name.starts_with(super::codes::PREFIX)
     {
         return None;
     }

@@ -1,14 +1,17 @@
-//! Latent-variable machinery shared by the VAE family (and, later, the two-stage models):
-//! observation models `p(x | z)` ([`observation`]), the diagonal-Gaussian posterior's
-//! reparameterised draw and its closed-form KL to the standard normal prior (Kingma & Welling
+//! Latent-variable machinery shared by the VAE and VQ-VAE families and the two-stage models:
+//! observation models `p(x | z)` ([`observation`]), the VQ-VAE's codebook ([`codebook`]), the
+//! composition of a prior over codes with its autoencoder ([`two_stage`]), the
+//! diagonal-Gaussian posterior's reparameterised draw and its closed-form KL to the standard normal prior (Kingma & Welling
 //! 2014, appendix B), and the importance-weighted bound of Burda et al. (2016, eq. 8).
 //!
 //! The IWAE bound `L_k = E[log (1/k) Σ_i p(x, z_i) / q(z_i | x)]`, `z_i ~ q(z | x)`, satisfies
 //! `L_1 = ELBO <= L_k <= L_{k+1} <= log p(x)` in expectation and `L_k -> log p(x)` as
 //! `k -> ∞` (Burda et al. 2016, theorem 1).
 
+pub mod codebook;
 pub mod decoder;
 pub mod observation;
+pub mod two_stage;
 
 pub use decoder::LatentDecoder;
 pub use observation::{Observation, ObservationModel};

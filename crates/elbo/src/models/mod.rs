@@ -165,6 +165,8 @@ families! {
     normalizing_flow => NormalizingFlow = "normalizing-flow" | "nf" | "normalizing_flow";
     /// Variational autoencoder with the ELBO and IWAE bounds.
     vae => Vae = "vae";
+    /// VQ-VAE: a codebook autoencoder, the first stage of a two-stage model.
+    vq_vae => VqVae = "vq-vae" | "vqvae" | "vq_vae";
     gaussian => Gaussian = "gaussian";
 }
 

@@ -10,16 +10,19 @@
 //! (`elbo`, a bound) or the importance-weighted bound with `k = eval.importance_samples` draws
 //! (`iwae`, Burda et al. 2016, eq. 8), both upper bounds on the NLL of the data as stored.
 //!
-//! Encoder and decoder are MLPs on the flat example; a decoder with `depth = 0` is linear, which
-//! with the Gaussian observation model is factor analysis (probabilistic PCA with a shared
-//! scale), whose marginal likelihood is known in closed form (the tests check the bounds
-//! against it).
+//! Encoder and decoder are MLPs on the flat example (`net = "mlp"`; a decoder with `depth = 0`
+//! is linear, which with the Gaussian observation model is factor analysis, probabilistic PCA
+//! with a shared scale, whose marginal likelihood is known in closed form: the tests check the
+//! bounds against it), or, on images, the VQ-VAE's strided convolutional networks
+//! ([`crate::nn::conv_net`]) with a linear map between the latent vector and the feature grid
+//! (`net = "conv"`, `channels`, `downsample`).
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalOptions, SampleOptions};
 use crate::continuous::diffusion::net::{check_batch, DataScale};
+use crate::data::Layout;
 use crate::latent::observation::log_mean_exp_rows;
 use crate::latent::{
     diag_normal_log_density, kl_std_normal, reparameterise, std_normal_log_density, Observation,
@@ -29,7 +32,8 @@ use crate::model::{
     likelihood_choice, DataInfo, GenerativeModel, ModelCore, StepContext, StepOutput, DEFAULT_GROUP,
 };
 use crate::models::FamilyConfig;
-use crate::nn::{Activation, Mlp, ParamInit};
+use crate::nn::conv_net::{ConvDecoder, ConvEncoder, ConvNetShape};
+use crate::nn::{Activation, Linear, Mlp, ParamInit};
 use crate::resources::{estimate, MemoryEstimate};
 use crate::{Error, Nll, NllKind, Result, Rng};
 
@@ -54,6 +58,22 @@ pub struct Config {
     pub free_bits: f64,
     /// Samples show the decoder's most likely value instead of a draw from `p(x | z)`.
     pub sample_mean: bool,
+    /// The networks: "mlp" on the flat example, or "conv" on images.
+    pub net: VaeNet,
+    /// Conv networks: channels at the reduced resolutions (half at full resolution).
+    pub channels: usize,
+    /// Conv networks: stride-2 reductions of the image (28x28 -> 7x7 with 2).
+    pub downsample: usize,
+}
+
+/// The VAE's encoder and decoder networks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VaeNet {
+    /// MLPs of `depth` hidden layers of `hidden` units.
+    Mlp,
+    /// Strided convolutions to a grid, a linear map to the latent, and back.
+    Conv,
 }
 
 impl Default for Config {
@@ -67,6 +87,9 @@ impl Default for Config {
             kl_warmup_steps: 0,
             free_bits: 0.0,
             sample_mean: false,
+            net: VaeNet::Mlp,
+            channels: 32,
+            downsample: 2,
         }
     }
 }
@@ -80,10 +103,47 @@ impl Config {
         }
     }
 
-    fn param_count(&self, d: usize, per_dim: usize, gaussian: bool) -> usize {
-        self.mlp_params(d, 2 * self.latent)
-            + self.mlp_params(self.latent, d * per_dim)
-            + if gaussian { d } else { 0 }
+    fn param_count(&self, data: &DataInfo, per_dim: usize, gaussian: bool) -> usize {
+        let d = data.dim;
+        let nets = match (self.net, self.conv_shape(data)) {
+            (VaeNet::Conv, Ok(s)) => {
+                let (h, w) = s.grid();
+                let cells = h * w * s.channels;
+                s.encoder_params(s.channels)
+                    + cells * 2 * self.latent
+                    + 2 * self.latent
+                    + self.latent * cells
+                    + cells
+                    + s.decoder_params(s.channels, s.image_channels * per_dim)
+            }
+            _ => self.mlp_params(d, 2 * self.latent) + self.mlp_params(self.latent, d * per_dim),
+        };
+        nets + if gaussian { d } else { 0 }
+    }
+
+    /// The conv networks' shape on `data` (an error unless it is an image).
+    fn conv_shape(&self, data: &DataInfo) -> Result<ConvNetShape> {
+        let Layout::Image {
+            channels,
+            height,
+            width,
+        } = data.layout
+        else {
+            return Err(Error::Config(
+                "model.net = \"conv\" needs image data (digits, mnist, mnist-binary); use \
+                 net = \"mlp\" for flat data"
+                    .into(),
+            ));
+        };
+        let s = ConvNetShape {
+            image_channels: channels,
+            height,
+            width,
+            channels: self.channels,
+            downsample: self.downsample,
+        };
+        s.validate()?;
+        Ok(s)
     }
 }
 
@@ -125,12 +185,19 @@ impl FamilyConfig for Config {
             .resolve(data.kind)
             .map(|o| o.outputs_per_dim())
             .unwrap_or(1);
+        let conv = match (self.net, self.conv_shape(data)) {
+            (VaeNet::Conv, Ok(s)) => 4 * s.activation_floats(),
+            _ => 0,
+        };
         MemoryEstimate {
-            params: self.param_count(d, per_dim, data.kind == crate::data::DataKind::Continuous)
-                as u64,
+            params: self.param_count(
+                data,
+                per_dim,
+                data.kind == crate::data::DataKind::Continuous,
+            ) as u64,
             activations: estimate::prod(&[
                 batch,
-                2 * self.hidden * (self.depth + 1) + 3 * d * per_dim,
+                2 * self.hidden * (self.depth + 1) + 3 * d * per_dim + conv,
                 8,
             ]),
             fixed: 0,
@@ -164,8 +231,7 @@ pub struct Vae {
     cfg: Config,
     obs: ObservationModel,
     scale: DataScale,
-    encoder: Mlp,
-    decoder: Mlp,
+    nets: Nets,
     /// The Gaussian observation model's per-dimension log-scale, `[D]`.
     log_scale: Option<Tensor>,
 }
@@ -177,33 +243,57 @@ impl Vae {
         let obs = cfg.observation.resolve(data.kind)?;
         let d = data.dim;
         let core = ModelCore::new(d, device);
-        let (encoder, decoder, log_scale) = {
+        let (nets, log_scale) = {
             let mut p = ParamInit::new(&core.varmap, rng, device);
             let (h, n, act) = (cfg.hidden, cfg.depth, cfg.activation);
-            let enc = Mlp::new(&mut p.push("encoder"), d, h, n, 2 * cfg.latent, act)?;
-            let dec = Mlp::new(
-                &mut p.push("decoder"),
-                cfg.latent,
-                h,
-                n,
-                d * obs.outputs_per_dim(),
-                act,
-            )?;
+            let out = obs.outputs_per_dim();
+            let nets = match cfg.net {
+                VaeNet::Mlp => Nets::Mlp {
+                    encoder: Mlp::new(&mut p.push("encoder"), d, h, n, 2 * cfg.latent, act)?,
+                    decoder: Mlp::new(&mut p.push("decoder"), cfg.latent, h, n, d * out, act)?,
+                },
+                VaeNet::Conv => {
+                    let s = cfg.conv_shape(&data)?;
+                    let (gh, gw) = s.grid();
+                    let cells = gh * gw * s.channels;
+                    Nets::Conv {
+                        shape: s,
+                        encoder: ConvEncoder::new(&mut p.push("encoder"), s, s.channels)?,
+                        to_latent: Linear::new(
+                            &mut p.push("to_latent"),
+                            cells,
+                            2 * cfg.latent,
+                            true,
+                        )?,
+                        from_latent: Linear::new(
+                            &mut p.push("from_latent"),
+                            cfg.latent,
+                            cells,
+                            true,
+                        )?,
+                        decoder: ConvDecoder::new(
+                            &mut p.push("decoder"),
+                            s,
+                            s.channels,
+                            s.image_channels * out,
+                        )?,
+                    }
+                }
+            };
             let ls = match obs {
                 ObservationModel::Gaussian => {
                     Some(p.constant("log_scale", &[d], 0.0)?.as_tensor().clone())
                 }
                 _ => None,
             };
-            (enc, dec, ls)
+            (nets, ls)
         };
         Ok(Self {
             core,
             cfg: cfg.clone(),
             obs,
             scale: DataScale::new(data.kind)?,
-            encoder,
-            decoder,
+            nets,
             log_scale,
         })
     }
@@ -216,22 +306,14 @@ impl Vae {
     /// `(μ, logvar)` of `q(z | x)`, each `[N, Z]`.
     pub fn encode(&self, batch: &Tensor, graph: bool) -> Result<(Tensor, Tensor)> {
         let x = self.scale.to_grid(batch)?; // [N, D] in [-1, 1]
-        let h = if graph {
-            self.encoder.forward(&x)?
-        } else {
-            self.encoder.forward_inference(&x)?
-        }; // [N, 2Z]
+        let h = self.nets.encode(&x, graph)?; // [N, 2Z]
         let z = self.cfg.latent;
         Ok((h.narrow(1, 0, z)?, h.narrow(1, z, z)?.clamp(-30f32, 20f32)?))
     }
 
     /// `log p(x | z)` per row for latents `z: [N, Z]` and data `x: [N, D]`.
     pub fn log_likelihood_given(&self, z: &Tensor, x: &Tensor, graph: bool) -> Result<Tensor> {
-        let out = if graph {
-            self.decoder.forward(z)?
-        } else {
-            self.decoder.forward_inference(z)?
-        };
+        let out = self.nets.decode(z, self.obs.outputs_per_dim(), graph)?;
         self.obs.log_prob(&out, x, self.log_scale.as_ref())
     }
 
@@ -306,6 +388,78 @@ impl Vae {
     }
 }
 
+/// The encoder `x -> (μ, logvar)` and the decoder `z -> ` observation parameters.
+enum Nets {
+    Mlp {
+        encoder: Mlp,
+        decoder: Mlp,
+    },
+    Conv {
+        shape: ConvNetShape,
+        encoder: ConvEncoder,
+        to_latent: Linear,
+        from_latent: Linear,
+        decoder: ConvDecoder,
+    },
+}
+
+impl Nets {
+    /// `x: [N, D]` in [-1, 1] -> `[N, 2Z]`.
+    fn encode(&self, x: &Tensor, graph: bool) -> Result<Tensor> {
+        match self {
+            Nets::Mlp { encoder, .. } => match graph {
+                true => encoder.forward(x),
+                false => encoder.forward_inference(x),
+            },
+            Nets::Conv {
+                shape: s,
+                encoder,
+                to_latent,
+                ..
+            } => {
+                let n = x.dim(0)?;
+                let img = x
+                    .reshape((n, s.image_channels, s.height, s.width))?
+                    .permute((0, 2, 3, 1))?
+                    .contiguous()?; // [N, H, W, C]
+                let h = encoder.forward(&img)?; // [N, h, w, c]
+                to_latent.forward(&h.reshape((n, ()))?)
+            }
+        }
+    }
+
+    /// `z: [N, Z]` -> `[N, D * per_dim]` in the observation model's layout.
+    fn decode(&self, z: &Tensor, per_dim: usize, graph: bool) -> Result<Tensor> {
+        match self {
+            Nets::Mlp { decoder, .. } => match graph {
+                true => decoder.forward(z),
+                false => decoder.forward_inference(z),
+            },
+            Nets::Conv {
+                shape: s,
+                from_latent,
+                decoder,
+                ..
+            } => {
+                let n = z.dim(0)?;
+                let (h, w) = s.grid();
+                let g = from_latent
+                    .forward_silu(z)?
+                    .reshape((n, h, w, s.channels))?;
+                let out = decoder.forward(&g)?; // [N, H, W, C P]
+                let c = s.image_channels;
+                Ok(if c == 1 {
+                    out.reshape((n, ()))?
+                } else {
+                    out.reshape((n, s.height, s.width, c, per_dim))?
+                        .permute((0, 3, 1, 2, 4))?
+                        .reshape((n, ()))?
+                })
+            }
+        }
+    }
+}
+
 impl GenerativeModel for Vae {
     fn family(&self) -> &'static str {
         "vae"
@@ -345,7 +499,7 @@ impl GenerativeModel for Vae {
 
     fn sample(&self, n: usize, _opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
         let z = rng.normal_tensor(&[n, self.cfg.latent], &self.core.device)?; // [n, Z]
-        let out = self.decoder.forward_inference(&z)?;
+        let out = self.nets.decode(&z, self.obs.outputs_per_dim(), false)?;
         self.obs
             .sample(&out, self.log_scale.as_ref(), self.cfg.sample_mean, rng)
     }

@@ -5,6 +5,7 @@
 
 pub mod attention_mask;
 pub mod conv;
+pub mod conv_net;
 pub mod embedding;
 pub mod fused;
 pub mod group_norm;

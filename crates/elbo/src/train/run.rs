@@ -141,7 +141,19 @@ impl LoadedRun {
             .as_u64()
             .ok_or_else(|| Error::checkpoint(&ck, "state.json has no integer 'step'"))?
             as usize;
-        let label = format!("{name} weights, {} checkpoint, step {step}", which.label());
+        let mut label = format!("{name} weights, {} checkpoint, step {step}", which.label());
+        let mut data = data;
+        // a prior over a VQ-VAE's codes loads as the two-stage model of its images
+        if let Some(vq_dir) = crate::data::codes::run_dir(&config.data.name) {
+            let vq = crate::data::codes::open_autoencoder(&vq_dir, device)?;
+            model = Box::new(crate::latent::two_stage::TwoStage::new(vq.model, model)?);
+            data = vq.data;
+            label = format!(
+                "{label}; two-stage with the VQ-VAE of {} ({})",
+                vq_dir.display(),
+                vq.label
+            );
+        }
         Ok(Self {
             config,
             model,
