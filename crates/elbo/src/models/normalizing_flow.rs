@@ -7,7 +7,7 @@
 //! each of `levels` scales squeezes the image (2x2 pixels into 4x the channels), applies
 //! `layers` steps and factors half of the channels out to a Gaussian prior. A RealNVP step is
 //! an affine coupling (checkerboard masks in the first half of a scale's steps, channel masks
-//! in the second) and ActNorm; a Glow step is ActNorm, the invertible 1x1 convolution with the
+//! in the second and on a single pixel) and ActNorm; a Glow step is ActNorm, the invertible 1x1 convolution with the
 //! LU-decomposed weight ([`LuLinear`] over the channels) and an affine channel coupling; a NICE
 //! step is an additive coupling, with a per-channel scaling at the end of each scale.
 //!
@@ -415,8 +415,9 @@ fn build_multiscale(
         let shape = (h, w, c);
         for i in 0..cfg.layers {
             let mut s = q.push(&format!("step.{i}"));
-            // RealNVP: checkerboards in the first half of the steps, channel masks after
-            let mask = if i < cfg.layers.div_ceil(2) {
+            // RealNVP: checkerboards in the first half of the steps, channel masks after (only
+            // channel masks on a single pixel, where a checkerboard would keep all or nothing)
+            let mask = if i < cfg.layers.div_ceil(2) && h * w > 1 {
                 Mask::Parity(i % 2)
             } else {
                 Mask::Half(i % 2 == 1)
