@@ -23,7 +23,8 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalOptions, SampleOptions};
-use crate::continuous::diffusion::net::{check_batch, DataScale};
+use crate::continuous::dequantization::{DataScale, Dequantization, VariationalDequantizer};
+use crate::continuous::diffusion::net::check_batch;
 use crate::data::Layout;
 use crate::flows::{
     ActNorm, Bijector, Coupling, CouplingKind, Flow, LuLinear, Mask, MultiScale, Scaling, Split,
@@ -57,6 +58,9 @@ pub struct Config {
     /// The density of the channels factored out at each scale: `learned` (Glow's conditional
     /// Gaussian) or `standard` (RealNVP's N(0, I)).
     pub prior: SplitPrior,
+    /// How discrete data is dequantized: `uniform` or `variational` (a learned q(u | x) whose
+    /// MLP has `hidden` units and `depth` layers; Ho et al. 2019). Unused on continuous data.
+    pub dequantization: Dequantization,
     /// The conditioners' activation.
     pub activation: Activation,
     /// Sampling temperature `T`: `z ~ N(0, T² I)` (1 draws from the model itself).
@@ -73,6 +77,7 @@ impl Default for Config {
             conditioner: ConditionerChoice::Auto,
             levels: 2,
             prior: SplitPrior::Learned,
+            dequantization: Dequantization::Uniform,
             activation: Activation::Silu,
             temperature: 1.0,
         }
@@ -187,6 +192,15 @@ impl Config {
         total
     }
 
+    /// Parameters of the variational dequantizer on `data` (none for uniform dequantization
+    /// or continuous data).
+    fn dequantizer_params(&self, data: &DataInfo) -> usize {
+        match (self.dequantization, data.levels()) {
+            (Dequantization::Variational, Some(_)) => self.mlp_params(data.dim, 2 * data.dim),
+            _ => 0,
+        }
+    }
+
     /// The exact parameter count on `d` dimensions (flat architecture).
     fn param_count(&self, d: usize) -> usize {
         let n = self.layers;
@@ -242,7 +256,7 @@ impl FamilyConfig for Config {
             // the first squeeze) and a handful of image-sized tensors, with gradients
             let pixels = (shape.0 * shape.1 / 4).max(1);
             return MemoryEstimate {
-                params: self.image_param_count(shape) as u64,
+                params: (self.image_param_count(shape) + self.dequantizer_params(data)) as u64,
                 activations: estimate::prod(&[
                     batch,
                     self.layers * self.levels,
@@ -254,7 +268,7 @@ impl FamilyConfig for Config {
         }
         let width = self.hidden.max(2 * d);
         MemoryEstimate {
-            params: self.param_count(d) as u64,
+            params: (self.param_count(d) + self.dequantizer_params(data)) as u64,
             // per layer: the conditioner's hidden activations and a handful of [B, D] tensors,
             // each with its gradient
             activations: estimate::prod(&[batch, self.layers, width * (self.depth + 1) + 8 * d, 8]),
@@ -286,6 +300,8 @@ pub struct NormalizingFlow {
     cfg: Config,
     scale: DataScale,
     net: Net,
+    /// q(u | x) under variational dequantization.
+    dequantizer: Option<VariationalDequantizer>,
 }
 
 impl NormalizingFlow {
@@ -299,6 +315,18 @@ impl NormalizingFlow {
             )));
         }
         let core = ModelCore::new(d, device);
+        let scale = DataScale::new(data.kind)?;
+        let dequantizer = match (cfg.dequantization, scale.levels) {
+            (Dequantization::Variational, Some(_)) => Some(VariationalDequantizer::new(
+                &mut ParamInit::new(&core.varmap, rng, device).push("dequantizer"),
+                scale,
+                d,
+                cfg.hidden,
+                cfg.depth,
+                cfg.activation,
+            )?),
+            _ => None,
+        };
         if let Some(shape) = cfg.image_shape(&data)? {
             let ms = {
                 let mut p = ParamInit::new(&core.varmap, rng, device);
@@ -307,8 +335,9 @@ impl NormalizingFlow {
             return Ok(Self {
                 core,
                 cfg: cfg.clone(),
-                scale: DataScale::new(data.kind)?,
+                scale,
                 net: Net::Image(ms, shape),
+                dequantizer,
             });
         }
         let mut flow = Flow::new();
@@ -356,8 +385,32 @@ impl NormalizingFlow {
         Ok(Self {
             core,
             cfg: cfg.clone(),
-            scale: DataScale::new(data.kind)?,
+            scale,
             net: Net::Flat(flow),
+            dequantizer,
+        })
+    }
+
+    /// The batch of levels (or continuous values) in model space, dequantized, and under
+    /// variational dequantization `log q(u | x)` per example, `[B]`.
+    fn dequantize(&self, batch: &Tensor, rng: &mut Rng) -> Result<(Tensor, Option<Tensor>)> {
+        match &self.dequantizer {
+            Some(q) => {
+                let (x, log_q) = q.dequantize(batch, rng)?;
+                Ok((x, Some(log_q)))
+            }
+            None => Ok((self.scale.dequantize(batch, rng)?, None)),
+        }
+    }
+
+    /// `-log p(x) + log q(u | x)` per example of a dequantized batch (the bound's terms but
+    /// the bin width's Jacobian), `[B]`.
+    fn dequantized_nll(&self, batch: &Tensor, rng: &mut Rng) -> Result<Tensor> {
+        let (x, log_q) = self.dequantize(batch, rng)?;
+        let nll = self.nll(&x)?;
+        Ok(match log_q {
+            Some(lq) => (nll + lq)?,
+            None => nll,
         })
     }
 
@@ -494,14 +547,13 @@ impl GenerativeModel for NormalizingFlow {
     /// The NLL in nats per dimension of a dequantized batch.
     fn loss(&self, batch: &Tensor, rng: &mut Rng) -> Result<Tensor> {
         check_batch(batch, self.core.dim, "normalizing-flow")?;
-        let x = self.scale.dequantize(batch, rng)?;
-        Ok((self.nll(&x)?.mean_all()? / self.core.dim as f64)?)
+        Ok((self.dequantized_nll(batch, rng)?.mean_all()? / self.core.dim as f64)?)
     }
 
     /// ActNorm's data-dependent initialisation on the first (dequantized) batch.
     fn init_from_data(&mut self, batch: &Tensor, rng: &mut Rng) -> Result<()> {
         check_batch(batch, self.core.dim, "normalizing-flow")?;
-        let x = self.scale.dequantize(batch, rng)?;
+        let x = self.dequantize(batch, rng)?.0.detach();
         match &mut self.net {
             Net::Flat(f) => f.init_from_data(&x),
             Net::Image(ms, shape) => ms.init_from_data(&to_nhwc(&x, *shape)?),
@@ -546,9 +598,8 @@ impl GenerativeModel for NormalizingFlow {
     fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
         likelihood_choice(opts, "normalizing-flow", Config::LIKELIHOODS)?;
         check_batch(batch, self.core.dim, "normalizing-flow")?;
-        let x = self.scale.dequantize(batch, rng)?;
         let off = self.scale.log_jacobian(self.core.dim);
-        let v: Vec<f32> = self.nll(&x)?.detach().to_vec1()?;
+        let v: Vec<f32> = self.dequantized_nll(batch, rng)?.detach().to_vec1()?;
         Ok(Nll {
             nats: v.into_iter().map(|l| f64::from(l) - off).collect(),
             dims: self.core.dim,
@@ -577,7 +628,10 @@ impl GenerativeModel for NormalizingFlow {
             "exact change of variables through the {} flow ({arch}, log-determinants in \
              closed form){}",
             self.cfg.variant.name(),
-            self.scale.dequantization_note()
+            match self.dequantizer {
+                Some(_) => self.scale.variational_note(),
+                None => self.scale.dequantization_note(),
+            }
         )
     }
 }
