@@ -442,7 +442,9 @@ impl NormalizingFlow {
 /// Rows `[B, C H W]` (channel-major) -> channels-last images `[B, H, W, C]`.
 fn to_nhwc(x: &Tensor, (h, w, c): (usize, usize, usize)) -> Result<Tensor> {
     let b = x.dim(0)?;
-    Ok(x.reshape((b, c, h, w))?.permute((0, 2, 3, 1))?.contiguous()?)
+    Ok(x.reshape((b, c, h, w))?
+        .permute((0, 2, 3, 1))?
+        .contiguous()?)
 }
 
 /// Channels-last images `[B, H, W, C]` -> rows `[B, C H W]`.
