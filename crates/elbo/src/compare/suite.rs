@@ -106,6 +106,14 @@ const BUILTIN_CONFIGS: &[(&str, &str)] = &[
         include_str!("../../../../configs/digits-d3pm-absorb.toml"),
     ),
     (
+        "../digits-glow.toml",
+        include_str!("../../../../configs/digits-glow.toml"),
+    ),
+    (
+        "../digits-realnvp.toml",
+        include_str!("../../../../configs/digits-realnvp.toml"),
+    ),
+    (
         "../8gaussians-glow.toml",
         include_str!("../../../../configs/8gaussians-glow.toml"),
     ),

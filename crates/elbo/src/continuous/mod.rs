@@ -1,5 +1,5 @@
-//! The shared mathematics of models of x in R^D: ODE solvers, continuous-normalizing-flow
-//! likelihoods, and Gaussian-diffusion noise schedules, chains, parameterizations and samplers.
+//! The shared mathematics of models of x in R^D: dequantization of discrete data, ODE solvers,
+//! continuous-normalizing-flow likelihoods, and Gaussian-diffusion noise schedules, chains, parameterizations and samplers.
 //! The families built on them (flow matching, DDPM, score SDE, EDM) live in [`crate::models`].
 
 use candle_core::Tensor;
@@ -7,6 +7,7 @@ use candle_core::Tensor;
 use crate::Result;
 
 pub mod cnf;
+pub mod dequantization;
 pub mod diffusion;
 pub mod ode;
 pub mod parameterization;

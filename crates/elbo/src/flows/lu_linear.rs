@@ -4,18 +4,19 @@
 //!
 //!   z = x Wᵀ,   log |det J| = Σ_j log |s_j|,
 //!
-//! costs no determinant. `W` starts as a random rotation (its LU factors with partial
+//! costs no determinant. On channels-last images `[B, H, W, C]` it mixes the channels of each
+//! pixel alike, which is the 1x1 convolution, and `log |det J| = H W Σ_j log |s_j|`. `W` starts as a random rotation (its LU factors with partial
 //! pivoting); `P` and the signs stay fixed and are kept in checkpoints.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, Var};
 
-use super::Bijector;
+use super::{positions, Bijector};
 use crate::nn::ParamInit;
 use crate::{Error, Result};
 
-/// `z = x Wᵀ` on `[B, D]` rows with `W = P L U`.
+/// `z = x Wᵀ` along the last axis (`[B, D]` rows or `[B, H, W, C]` images) with `W = P L U`.
 pub struct LuLinear {
     d: usize,
     /// Strictly lower entries of `L` (the rest masked off), `[D, D]`.
@@ -90,10 +91,11 @@ impl LuLinear {
 
 impl Bijector for LuLinear {
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let z = x.matmul(&self.weight()?.t()?)?; // [B, D]
-        let ld = self
-            .log_s
-            .sum_all()?
+        let z = x
+            .reshape(((), self.d))?
+            .matmul(&self.weight()?.t()?)?
+            .reshape(x.shape())?; // shaped as x
+        let ld = (self.log_s.sum_all()? * positions(x)? as f64)?
             .broadcast_as(x.dim(0)?)?
             .contiguous()?; // [B]
         Ok((z, ld))
@@ -108,7 +110,10 @@ impl Bijector for LuLinear {
         let inv = invert(&w, self.d)?;
         let inv: Vec<f32> = inv.iter().map(|v| *v as f32).collect();
         let inv = Tensor::from_vec(inv, (self.d, self.d), z.device())?;
-        Ok(z.detach().matmul(&inv.t()?)?)
+        Ok(z.detach()
+            .reshape(((), self.d))?
+            .matmul(&inv.t()?)?
+            .reshape(z.shape())?)
     }
 
     fn state(&self, prefix: &str, out: &mut HashMap<String, Tensor>) -> Result<()> {

@@ -11,30 +11,45 @@
 //! - [`ActNorm`]: per-dimension affine with data-dependent initialisation (Glow, sec. 3.1);
 //! - [`LuLinear`]: an invertible linear map (Glow's 1x1 convolution, sec. 3.2) through its LU
 //!   decomposition, whose log-determinant is `Σ log |s|`;
-//! - [`Scaling`]: NICE's diagonal scaling layer (Dinh et al. 2015, sec. 3.3).
+//! - [`Scaling`]: NICE's diagonal scaling layer (Dinh et al. 2015, sec. 3.3);
+//! - [`Squeeze`]: space-to-depth between the scales of an image flow (Dinh et al. 2017,
+//!   sec. 3.6), and [`MultiScale`]: the multi-scale architecture that factors out half of the
+//!   channels at each scale to a Gaussian (standard or, as in Glow, conditioned on the rest).
+//!
+//! Layers act on flat rows `[B, D]` or on channels-last images `[B, H, W, C]`; ActNorm, the LU
+//! map and the scaling act along the last axis (per channel on images: Glow's invertible 1x1
+//! convolution is `LuLinear` over the channels), couplings take an MLP or a convolutional
+//! conditioner.
 //!
 //! Every layer's log-determinant is computed in closed form; `tests/flows/` checks each one
 //! against the brute-force `log |det J|` from autograd, and each inverse to 1e-5.
 
 mod actnorm;
+mod conv_net;
 mod coupling;
 mod lu_linear;
+mod multiscale;
 mod scaling;
+mod squeeze;
 
 use std::collections::HashMap;
 
 pub use actnorm::ActNorm;
+pub use conv_net::ConvNet;
 pub use coupling::{Coupling, CouplingKind, Mask};
 pub use lu_linear::LuLinear;
+pub use multiscale::{MultiScale, Split, SplitPrior};
 pub use scaling::Scaling;
+pub use squeeze::Squeeze;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::Result;
 
-/// One invertible layer `z = f(x)` on rows `x: [B, D]`.
+/// One invertible layer `z = f(x)` on a batch `x: [B, ...]` (flat rows `[B, D]` or
+/// channels-last images `[B, H, W, C]`).
 pub trait Bijector {
-    /// `(z, log |det ∂z/∂x|)`: `z: [B, D]` and the log-determinant per row, `[B]`.
+    /// `(z, log |det ∂z/∂x|)`: `z: [B, ...]` and the log-determinant per example, `[B]`.
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)>;
     /// The exact inverse `x = f⁻¹(z)` (no autograd graph needed).
     fn inverse(&self, z: &Tensor) -> Result<Tensor>;
@@ -85,10 +100,10 @@ impl Flow {
         self.layers.is_empty()
     }
 
-    /// `(z, Σ_k log |det J_k|)`: `[B, D]` and `[B]`.
+    /// `(z, Σ_k log |det J_k|)`: `[B, ...]` and `[B]`.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let mut z = x.clone();
-        let mut log_det = x.zeros_like()?.sum(1)?; // [B]
+        let mut log_det = Tensor::zeros(x.dim(0)?, DType::F32, x.device())?; // [B]
         for l in &self.layers {
             let (y, ld) = l.forward(&z)?;
             z = y;
@@ -106,10 +121,10 @@ impl Flow {
         Ok(x)
     }
 
-    /// `-log p(x)` per row in nats, `[B]`, under the standard normal base density.
+    /// `-log p(x)` per example in nats, `[B]`, under the standard normal base density.
     pub fn nll(&self, x: &Tensor) -> Result<Tensor> {
         let (z, log_det) = self.forward(x)?;
-        Ok((std_normal_nll(&z)? - log_det)?)
+        Ok((std_normal_nll(&z.flatten_from(1)?)? - log_det)?)
     }
 
     /// Initialise every layer from the batch in turn, each on the outputs of the layers before
@@ -126,16 +141,27 @@ impl Flow {
     /// The layers' fixed state, under `layer.{i}.` prefixes.
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            l.state(&format!("layer.{i}."), &mut out)?;
-        }
+        self.state_into("", &mut out)?;
         Ok(out)
+    }
+
+    /// The layers' fixed state, under `{prefix}layer.{i}.` names, into `out`.
+    pub fn state_into(&self, prefix: &str, out: &mut HashMap<String, Tensor>) -> Result<()> {
+        for (i, l) in self.layers.iter().enumerate() {
+            l.state(&format!("{prefix}layer.{i}."), out)?;
+        }
+        Ok(())
     }
 
     /// Restore [`Flow::state`].
     pub fn load_state(&mut self, t: &HashMap<String, Tensor>) -> Result<()> {
+        self.load_state_from("", t)
+    }
+
+    /// Restore [`Flow::state_into`] saved under `prefix`.
+    pub fn load_state_from(&mut self, prefix: &str, t: &HashMap<String, Tensor>) -> Result<()> {
         for (i, l) in self.layers.iter_mut().enumerate() {
-            l.load_state(&format!("layer.{i}."), t)?;
+            l.load_state(&format!("{prefix}layer.{i}."), t)?;
         }
         Ok(())
     }
@@ -146,4 +172,11 @@ pub fn std_normal_nll(z: &Tensor) -> Result<Tensor> {
     let d = z.dim(1)? as f64;
     let c = 0.5 * d * (2.0 * std::f64::consts::PI).ln();
     Ok(((z.sqr()?.sum(1)? * 0.5)? + c)?)
+}
+
+/// How many positions share each entry of the last axis: 1 for rows `[B, D]`, `H W` for images
+/// `[B, H, W, C]` (a per-channel layer's log-determinant counts each pixel).
+pub(crate) fn positions(x: &Tensor) -> Result<usize> {
+    let dims = x.dims();
+    Ok(dims[1..dims.len().saturating_sub(1)].iter().product())
 }

@@ -4,11 +4,12 @@
 
 use candle_core::{Tensor, Var};
 
-use super::Bijector;
+use super::{positions, Bijector};
 use crate::nn::ParamInit;
 use crate::Result;
 
-/// `z = x ⊙ exp(log_scale)` on `[B, D]` rows.
+/// `z = x ⊙ exp(log_scale)` along the last axis (`[B, D]` rows, or per channel of
+/// `[B, H, W, C]` images).
 pub struct Scaling {
     log_scale: Var,
 }
@@ -24,10 +25,8 @@ impl Scaling {
 
 impl Bijector for Scaling {
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let z = x.broadcast_mul(&self.log_scale.exp()?)?; // [B, D]
-        let ld = self
-            .log_scale
-            .sum_all()?
+        let z = x.broadcast_mul(&self.log_scale.exp()?)?; // shaped as x
+        let ld = (self.log_scale.sum_all()? * positions(x)? as f64)?
             .broadcast_as(x.dim(0)?)?
             .contiguous()?; // [B]
         Ok((z, ld))

@@ -100,7 +100,7 @@ fn every_family_and_backbone_counts_its_parameters_exactly() {
         let est = c.model.memory_estimate(&data, 8);
         assert_eq!(est.params, count(model.as_ref()), "{}", f.name);
         assert!(est.activations > 0, "{}", f.name);
-        for variant in ["nice", "glow"]
+        for variant in ["nice", "glow", "realnvp"]
             .into_iter()
             .filter(|_| f.name == "normalizing-flow")
         {
@@ -115,6 +115,20 @@ fn every_family_and_backbone_counts_its_parameters_exactly() {
                 count(model.as_ref()),
                 "normalizing flow, {variant}"
             );
+            // the multi-scale convolutional flow on 8x8 images, with either split prior
+            for prior in ["learned", "standard"] {
+                c.set(&format!("model.prior=\"{prior}\"")).unwrap();
+                let model = c
+                    .model
+                    .build(&image(8), &Device::Cpu, &mut Rng::new(1))
+                    .unwrap();
+                let est = c.model.memory_estimate(&image(8), 8);
+                assert_eq!(
+                    est.params,
+                    count(model.as_ref()),
+                    "normalizing flow on images, {variant}, {prior} prior"
+                );
+            }
         }
         if f.name == "vae" {
             // the Gaussian decoder's log-scale on continuous data

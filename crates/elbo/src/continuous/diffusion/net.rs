@@ -9,9 +9,8 @@
 //! The U-Net runs on what the data source calls square single-channel images of discrete
 //! levels (digits 8x8, MNIST 28x28).
 //!
-//! Discrete data (levels 0..L-1) lives at the grid values c_k = -1 + 2k/(L-1) (Ho et al. 2020,
-//! sec. 3.3 for L = 256); uniform dequantization spreads level k over its bin c_k ± 1/(L-1), so
-//! a density on x gives one on level units with log p_levels = log p_x + D log(2/(L-1)).
+//! The data <-> model-space map and its dequantization, [`DataScale`], live in
+//! [`crate::continuous::dequantization`] (re-exported here).
 
 use std::sync::{Arc, Mutex};
 
@@ -24,7 +23,9 @@ use crate::model::DataInfo;
 use crate::nn::{
     sinusoidal_embedding, sinusoidal_row, Activation, Mlp, PackedMlp, ParamInit, UNet, UNetConfig,
 };
-use crate::{Error, Result, Rng};
+use crate::{Error, Result};
+
+pub use crate::continuous::dequantization::{Bins, DataScale};
 
 /// The `[model.net]` table of the continuous families: the backbone and its size.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -333,117 +334,6 @@ fn shared_time(tau: &Tensor) -> Result<Option<f64>> {
         Some(&t0) if v.iter().all(|&t| t == t0) => Some(t0 as f64),
         _ => None,
     })
-}
-
-/// How discrete levels sit in model space [-1, 1] and spread over their bins under uniform
-/// dequantization (Theis et al. 2016; Ho et al. 2019). One convention serves every family;
-/// the other exists only so that flow-matching runs of earlier releases keep their numbers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Bins {
-    /// Level k at c_k = -1 + 2k/(L-1) (so ±1 are levels; Ho et al. 2020, sec. 3.3), its bin
-    /// c_k ± 1/(L-1); decoded by rounding. The convention of every family.
-    #[default]
-    Centred,
-    /// Level k's bin is [2k/L - 1, 2(k+1)/L - 1), the bins tiling [-1, 1); decoded by the
-    /// floor. What flow matching used before the conventions were merged (old runs only).
-    Tiled,
-}
-
-/// Maps between the data's units and model space: the one place that fixes where levels sit,
-/// how they are dequantized and the Jacobian of that map.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DataScale {
-    /// Number of levels of discrete data, `None` for continuous data.
-    pub levels: Option<usize>,
-    /// Where the levels' bins lie.
-    pub bins: Bins,
-}
-
-impl DataScale {
-    /// From the data's kind, with the centred bins; discrete data needs at least 2 levels.
-    pub fn new(kind: DataKind) -> Result<Self> {
-        Self::with_bins(kind, Bins::Centred)
-    }
-
-    /// From the data's kind with the given bins.
-    pub fn with_bins(kind: DataKind, bins: Bins) -> Result<Self> {
-        match kind {
-            DataKind::Continuous => Ok(Self { levels: None, bins }),
-            DataKind::Discrete { levels } if levels >= 2 => Ok(Self {
-                levels: Some(levels),
-                bins,
-            }),
-            DataKind::Discrete { levels } => Err(Error::Config(format!(
-                "a density on discrete data needs at least 2 levels, got {levels}"
-            ))),
-        }
-    }
-
-    /// Levels k -> the centres of their bins (continuous data unchanged).
-    pub fn to_grid(&self, batch: &Tensor) -> Result<Tensor> {
-        let batch = batch.to_dtype(DType::F32)?;
-        Ok(match (self.levels, self.bins) {
-            (None, _) => batch,
-            (Some(l), Bins::Centred) => ((batch * (2.0 / (l - 1) as f64))? - 1.0)?,
-            (Some(l), Bins::Tiled) => (((batch + 0.5)? * (2.0 / l as f64))? - 1.0)?,
-        })
-    }
-
-    /// Levels k -> a uniform point of their bins, u ~ U[0, 1) per value (continuous data
-    /// unchanged): c_k + (u - 1/2) · 2/(L-1) (centred) or (k + u) · 2/L - 1 (tiled).
-    pub fn dequantize(&self, batch: &Tensor, rng: &mut Rng) -> Result<Tensor> {
-        let batch = batch.to_dtype(DType::F32)?;
-        let Some(l) = self.levels else {
-            return Ok(batch);
-        };
-        let u = rng.uniform_tensor(batch.dims(), batch.device())?; // [B, D]
-        Ok(match self.bins {
-            Bins::Centred => ((((batch + u)? - 0.5)? * (2.0 / (l - 1) as f64))? - 1.0)?,
-            Bins::Tiled => (((batch + u)? * (2.0 / l as f64))? - 1.0)?,
-        })
-    }
-
-    /// Model space -> the level whose bin holds x (continuous data unchanged).
-    pub fn to_data(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match (self.levels, self.bins) {
-            (None, _) => x.clone(),
-            (Some(l), Bins::Centred) => {
-                let k = ((x.to_dtype(DType::F32)? + 1.0)? * ((l - 1) as f64 / 2.0))?;
-                k.round()?.clamp(0f32, (l - 1) as f32)?
-            }
-            (Some(l), Bins::Tiled) => {
-                let y = ((x.to_dtype(DType::F32)? + 1.0)? * (l as f64 / 2.0))?;
-                y.floor()?.clamp(0f32, (l - 1) as f32)?
-            }
-        })
-    }
-
-    /// log |dx/dy| per example for dequantized data y in level units: D log(bin width), the
-    /// width 2/(L-1) (centred) or 2/L (tiled).
-    pub fn log_jacobian(&self, dim: usize) -> f64 {
-        match (self.levels, self.bins) {
-            (None, _) => 0.0,
-            (Some(l), Bins::Centred) => dim as f64 * (2.0 / (l - 1) as f64).ln(),
-            (Some(l), Bins::Tiled) => dim as f64 * (2.0 / l as f64).ln(),
-        }
-    }
-
-    /// The label of a dequantized likelihood's method, or "" for continuous data.
-    pub fn dequantization_note(&self) -> String {
-        let width = match self.bins {
-            Bins::Centred => 1,
-            Bins::Tiled => 0,
-        };
-        match self.levels {
-            None => String::new(),
-            Some(l) => format!(
-                "; uniform dequantization of {l} levels, bin width 2/{} on [-1, 1] with its \
-                 Jacobian (a bound on the discrete NLL)",
-                l - width
-            ),
-        }
-    }
 }
 
 /// Check `batch` is `[B, dim]`.

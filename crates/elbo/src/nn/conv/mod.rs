@@ -82,9 +82,21 @@ impl Conv2d {
     /// Initialised as `torch.nn.Conv2d`: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
     /// `fan_in = in k^2` (Kaiming-uniform with a = sqrt(5), He et al. 2015).
     pub fn new(p: &mut ParamInit, c_in: usize, c_out: usize, win: Window) -> Result<Self> {
+        Self::with_scale(p, c_in, c_out, win, 1.0)
+    }
+
+    /// [`Conv2d::new`] with both bounds multiplied by `scale` (a read-out that starts near
+    /// zero, yet passes gradient to the layers before it from the first step).
+    pub fn with_scale(
+        p: &mut ParamInit,
+        c_in: usize,
+        c_out: usize,
+        win: Window,
+        scale: f64,
+    ) -> Result<Self> {
         Self::check(c_in, c_out, win)?;
         let fan_in = c_in * win.k * win.k;
-        let bound = 1.0 / (fan_in as f64).sqrt();
+        let bound = scale / (fan_in as f64).sqrt();
         Ok(Self {
             weight: p.uniform("weight", &[c_out, fan_in], bound)?,
             bias: p.uniform("bias", &[c_out], bound)?,
