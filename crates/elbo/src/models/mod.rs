@@ -165,6 +165,8 @@ families! {
     normalizing_flow => NormalizingFlow = "normalizing-flow" | "nf" | "normalizing_flow";
     /// Variational autoencoder with the ELBO and IWAE bounds.
     vae => Vae = "vae";
+    /// GAN, WGAN and WGAN-GP (Goodfellow et al. 2014; Arjovsky et al. 2017; Gulrajani et al. 2017).
+    gan => Gan = "gan";
     gaussian => Gaussian = "gaussian";
 }
 

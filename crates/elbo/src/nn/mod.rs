@@ -5,6 +5,7 @@
 
 pub mod attention_mask;
 pub mod conv;
+pub mod dcgan;
 pub mod embedding;
 pub mod fused;
 pub mod group_norm;
@@ -12,6 +13,7 @@ pub mod init;
 pub mod linear;
 pub mod mlp;
 pub mod packed_mlp;
+pub mod plain;
 pub mod rotary;
 pub mod transformer;
 pub mod unet;
