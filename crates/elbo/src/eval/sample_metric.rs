@@ -72,11 +72,13 @@ pub const METRIC_NAMES: &[&str] = &[
     "sliced-wasserstein",
     "modes",
     "high-quality",
+    "frechet-distance",
 ];
 
 /// Canonical names with their aliases, as error messages list them.
 const NAME_HELP: &str = "energy-distance (aliases: energy, ed), mmd, sliced-wasserstein \
-     (aliases: swd, sw), modes, high-quality (the last two on 8gaussians / 25gaussians samples)";
+     (aliases: swd, sw), modes, high-quality (on 8gaussians / 25gaussians samples), frechet-distance (alias: fd; \
+     digits and MNIST)";
 
 /// The metric called `name` (a canonical name from [`METRIC_NAMES`] or an alias: "energy", "ed",
 /// "swd", "sw"; case and surrounding spaces are ignored), with its default settings.
@@ -87,6 +89,7 @@ pub fn metric_by_name(name: &str) -> Result<Box<dyn SampleMetric>> {
         "sliced-wasserstein" | "swd" | "sw" => Ok(Box::new(SlicedWasserstein::default())),
         "modes" => Ok(Box::new(super::mode_coverage::ModesCaptured)),
         "high-quality" => Ok(Box::new(super::mode_coverage::HighQualityShare)),
+        "frechet-distance" | "fd" => Ok(Box::new(super::frechet::FrechetDistance)),
         _ => Err(Error::Config(format!(
             "unknown sample metric '{name}'; valid names: {NAME_HELP}"
         ))),
