@@ -77,7 +77,7 @@ impl Trainer {
             if !has_nll {
                 return Err(Error::Config(format!(
                     "the {} family has no likelihood: set train.select_by to a sample metric \
-                     (energy-distance, mmd, sliced-wasserstein)",
+                     (energy-distance, mmd, sliced-wasserstein, modes, frechet-distance)",
                     self.model.family()
                 )));
             }
