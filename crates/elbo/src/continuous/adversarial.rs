@@ -71,7 +71,7 @@ pub fn gradient_penalty(
     let gx = grads.get(x_hat.as_tensor()).ok_or_else(|| {
         Error::Config("gradient penalty: the critic's score does not depend on its input".into())
     })?; // [B, D]
-    // the norm with a tiny floor under the root, whose derivative is infinite at 0
+         // the norm with a tiny floor under the root, whose derivative is infinite at 0
     let norm = (gx.sqr()?.sum(1)? + 1e-12)?.sqrt()?; // [B]
     Ok((norm - 1.0)?.sqr()?.mean_all()?)
 }

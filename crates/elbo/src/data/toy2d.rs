@@ -116,7 +116,9 @@ impl Toy2d {
         match self {
             Toy2d::EightGaussians => Some(eight_gaussians_entropy()),
             Toy2d::Checkerboard => Some(32f64.ln()),
-            Toy2d::Grid25 => Some(25f64.ln() + (2.0 * PI * std::f64::consts::E * GRID25_STD * GRID25_STD).ln()),
+            Toy2d::Grid25 => {
+                Some(25f64.ln() + (2.0 * PI * std::f64::consts::E * GRID25_STD * GRID25_STD).ln())
+            }
             _ => None,
         }
     }

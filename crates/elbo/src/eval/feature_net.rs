@@ -223,7 +223,12 @@ impl FeatureNet {
                 .get(&format!("l{l}.weight"))
                 .ok_or_else(|| Error::data(source, format!("no tensor 'l{l}.weight'")))?;
             let (o, i) = w.dims2()?;
-            layers.push((get(&format!("l{l}.weight"))?, get(&format!("l{l}.bias"))?, i, o));
+            layers.push((
+                get(&format!("l{l}.weight"))?,
+                get(&format!("l{l}.bias"))?,
+                i,
+                o,
+            ));
         }
         Ok(Self {
             dim: layers[0].2,

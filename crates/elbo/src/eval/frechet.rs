@@ -143,7 +143,13 @@ impl SampleMetric for FrechetDistance {
         "frechet-distance"
     }
 
-    fn compute(&self, samples: &[f32], data: &[f32], dim: usize, _rng: &mut Rng) -> Result<MetricValue> {
+    fn compute(
+        &self,
+        samples: &[f32],
+        data: &[f32],
+        dim: usize,
+        _rng: &mut Rng,
+    ) -> Result<MetricValue> {
         let n = check_set("samples", samples, dim, 2)?;
         let m = check_set("held-out data", data, dim, 2)?;
         let net = FeatureNet::vendored(FeatureData::for_dim(dim)?)?;

@@ -124,7 +124,13 @@ impl SampleMetric for ModesCaptured {
         false
     }
 
-    fn compute(&self, samples: &[f32], data: &[f32], dim: usize, _rng: &mut Rng) -> Result<MetricValue> {
+    fn compute(
+        &self,
+        samples: &[f32],
+        data: &[f32],
+        dim: usize,
+        _rng: &mut Rng,
+    ) -> Result<MetricValue> {
         let cov = checked_coverage(samples, data, dim)?;
         Ok(MetricValue {
             value: cov.captured as f64,
@@ -149,7 +155,13 @@ impl SampleMetric for HighQualityShare {
         false
     }
 
-    fn compute(&self, samples: &[f32], data: &[f32], dim: usize, _rng: &mut Rng) -> Result<MetricValue> {
+    fn compute(
+        &self,
+        samples: &[f32],
+        data: &[f32],
+        dim: usize,
+        _rng: &mut Rng,
+    ) -> Result<MetricValue> {
         let cov = checked_coverage(samples, data, dim)?;
         let p = cov.high_quality;
         Ok(MetricValue {

@@ -191,7 +191,9 @@ impl Config {
     /// (learning rate, beta1, beta2, optimizer) of each player by default.
     fn optimizer(&self) -> (f64, f64, f64, OptimizerKind) {
         match self.objective {
-            Objective::Minimax | Objective::NonSaturating => (2e-4, 0.5, 0.999, OptimizerKind::Adamw),
+            Objective::Minimax | Objective::NonSaturating => {
+                (2e-4, 0.5, 0.999, OptimizerKind::Adamw)
+            }
             // RMSProp's decay alpha is PyTorch's default 0.99 (the WGAN reference code)
             Objective::Wgan => (5e-5, 0.0, 0.99, OptimizerKind::Rmsprop),
             Objective::WganGp => (1e-4, 0.0, 0.9, OptimizerKind::Adamw),

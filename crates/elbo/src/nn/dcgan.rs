@@ -54,9 +54,9 @@ impl Shape {
                      by 4, got {height}x{width}; use model.arch = \"mlp\" for these images"
                 )))
             }
-            Shape::Conv { base: 0, .. } => Err(Error::Config(
-                "model.channels must be at least 1".into(),
-            )),
+            Shape::Conv { base: 0, .. } => {
+                Err(Error::Config("model.channels must be at least 1".into()))
+            }
             _ => Ok(()),
         }
     }
@@ -94,7 +94,11 @@ impl Generator {
                 let mut layers = Vec::new();
                 let mut d_in = latent;
                 for i in 0..depth {
-                    layers.push(PlainLinear::new(&mut p.push(&format!("h{i}")), d_in, hidden)?);
+                    layers.push(PlainLinear::new(
+                        &mut p.push(&format!("h{i}")),
+                        d_in,
+                        hidden,
+                    )?);
                     d_in = hidden;
                 }
                 layers.push(PlainLinear::new(&mut p.push("out"), d_in, dim)?);
@@ -170,7 +174,11 @@ impl Critic {
                 let mut layers = Vec::new();
                 let mut d_in = dim;
                 for i in 0..depth {
-                    layers.push(PlainLinear::new(&mut p.push(&format!("h{i}")), d_in, hidden)?);
+                    layers.push(PlainLinear::new(
+                        &mut p.push(&format!("h{i}")),
+                        d_in,
+                        hidden,
+                    )?);
                     d_in = hidden;
                 }
                 layers.push(PlainLinear::new(&mut p.push("out"), d_in, 1)?);

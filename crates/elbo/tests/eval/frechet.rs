@@ -38,7 +38,13 @@ fn jacobi_eigenvalues_and_the_gaussian_closed_form() {
     let d = frechet_gaussians(&[1.0], &[4.0], &[-0.5], &[9.0], 1);
     assert!((d - (2.25 + 1.0)).abs() < 1e-12, "{d}");
     // diagonal covariances: the per-axis sum
-    let d = frechet_gaussians(&[0.0, 0.0], &[1.0, 0.0, 0.0, 4.0], &[0.0, 1.0], &[4.0, 0.0, 0.0, 1.0], 2);
+    let d = frechet_gaussians(
+        &[0.0, 0.0],
+        &[1.0, 0.0, 0.0, 4.0],
+        &[0.0, 1.0],
+        &[4.0, 0.0, 0.0, 1.0],
+        2,
+    );
     assert!((d - (1.0 + 1.0 + 1.0)).abs() < 1e-10, "{d}");
     // non-commuting: tr (S1 S2)^{1/2} by the 2x2 formula tr sqrt(M) = sqrt(tr M + 2 sqrt(det M))
     let s1 = [2.0, 0.5, 0.5, 1.0];
@@ -94,15 +100,19 @@ fn the_vendored_classifiers_load_with_their_hash_and_classify_held_out_images() 
         assert!(acc > min_acc, "{name}: held-out accuracy {acc}");
     }
     // a changed file is refused, naming the fix
-    let bytes =
-        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/classifiers/digits.safetensors"))
-            .unwrap();
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../data/classifiers/digits.safetensors"
+    ))
+    .unwrap();
     let good = fnv1a64(&bytes);
     assert!(FeatureNet::from_bytes(&bytes, good, "digits").is_ok());
     let mut bad = bytes.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
-    let e = FeatureNet::from_bytes(&bad, good, "digits").unwrap_err().to_string();
+    let e = FeatureNet::from_bytes(&bad, good, "digits")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("hash") && e.contains("retrain"), "{e}");
 }
 
@@ -133,8 +143,20 @@ fn blur(x: &[f32]) -> Vec<f32> {
 fn the_distance_is_small_between_held_out_halves_and_large_to_blurred_or_noisy_digits() {
     let src = data::open("digits", &DataConfig::default()).unwrap();
     let dev = candle_core::Device::Cpu;
-    let val: Vec<f32> = src.val_set(&dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let test: Vec<f32> = src.test_set(&dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let val: Vec<f32> = src
+        .val_set(&dev)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let test: Vec<f32> = src
+        .test_set(&dev)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let half = (test.len() / 64 / 2) * 64;
     let (a, b) = (&test[..half], &test[half..]);
     let fd = metric_by_name("fd").unwrap();
@@ -147,13 +169,19 @@ fn the_distance_is_small_between_held_out_halves_and_large_to_blurred_or_noisy_d
     let noise: Vec<f32> = (0..a.len()).map(|_| r.below(17) as f32).collect();
     let noisy = fd.compute(&noise, b, 64, &mut rng).unwrap().value;
     assert!(same > 0.0 && val_test > 0.0);
-    assert!(blurred > 4.0 * same.max(val_test), "same {same}, val/test {val_test}, blurred {blurred}");
+    assert!(
+        blurred > 4.0 * same.max(val_test),
+        "same {same}, val/test {val_test}, blurred {blurred}"
+    );
     assert!(
         noisy > blurred && noisy > 8.0 * same.max(val_test),
         "noise {noisy}, blurred {blurred}, same {same}"
     );
     // other shapes are refused with the alternatives named
-    let e = fd.compute(&[0.0; 8], &[0.0; 8], 2, &mut rng).unwrap_err().to_string();
+    let e = fd
+        .compute(&[0.0; 8], &[0.0; 8], 2, &mut rng)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("energy-distance"), "{e}");
     println!("digits FD: halves {same:.3}, val/test {val_test:.3}, blurred {blurred:.3}, noise {noisy:.3}");
 }

@@ -120,7 +120,10 @@ fn the_mixture_is_recognised_from_the_data_and_other_data_refused() {
         .compute(&moons, &moons, 2, &mut Rng::new(0))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("8gaussians") && e.contains("energy-distance"), "{e}");
+    assert!(
+        e.contains("8gaussians") && e.contains("energy-distance"),
+        "{e}"
+    );
     let e = metric_by_name("high-quality")
         .unwrap()
         .compute(&[0.0; 6], &[0.0; 6], 3, &mut Rng::new(0))

@@ -188,7 +188,13 @@ fn a_fused_layer_gives_the_wrong_penalty_gradient() {
         .get(first_w[0].1.as_tensor())
         .map(vals)
         .unwrap_or_else(|| vec![0.0; 12]);
-    let g_plain = vals(p_plain.backward().unwrap().get(first_w[0].1.as_tensor()).unwrap());
+    let g_plain = vals(
+        p_plain
+            .backward()
+            .unwrap()
+            .get(first_w[0].1.as_tensor())
+            .unwrap(),
+    );
     let diff: f64 = fused_w
         .iter()
         .zip(&g_plain)
@@ -318,9 +324,15 @@ fn rmsprop_matches_its_update_by_hand() {
         eps: 1e-8,
         weight_decay: 0.0,
     });
-    let loss = |p: &Var| (p.as_tensor().sqr().unwrap() * 0.5).unwrap().sum_all().unwrap();
+    let loss = |p: &Var| {
+        (p.as_tensor().sqr().unwrap() * 0.5)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
     // g = p
-    opt.step(&params, &loss(&p).backward().unwrap(), 0.1).unwrap();
+    opt.step(&params, &loss(&p).backward().unwrap(), 0.1)
+        .unwrap();
     let want: Vec<f64> = [1.0f64, -2.0]
         .iter()
         .map(|g| g - 0.1 * g / ((0.1 * g * g).sqrt() + 1e-8))
@@ -337,7 +349,8 @@ fn rmsprop_matches_its_update_by_hand() {
     });
     again.load_state(&state, 1, &params).unwrap();
     let snapshot = p.as_tensor().copy().unwrap();
-    opt.step(&params, &loss(&p).backward().unwrap(), 0.1).unwrap();
+    opt.step(&params, &loss(&p).backward().unwrap(), 0.1)
+        .unwrap();
     let first = vals(p.as_tensor());
     p.set(&snapshot).unwrap();
     again
@@ -362,7 +375,9 @@ fn samples_have_the_data_shape_and_the_decoder_density_is_a_gaussian() {
     let x = gan.sample(5, &cfg.sample, &mut Rng::new(1)).unwrap();
     assert_eq!(x.dims(), [5, 64]);
     let v = vals(&x);
-    assert!(v.iter().all(|x| (0.0..=16.0).contains(x) && x.fract() == 0.0));
+    assert!(v
+        .iter()
+        .all(|x| (0.0..=16.0).contains(x) && x.fract() == 0.0));
     // log p(x | z) at x = the level nearest g(z): the Gaussian density in model space plus
     // the Jacobian 64 log(2/16) of the map to levels
     let z = Rng::new(2).normal_tensor(&[3, 4], &CPU).unwrap();
@@ -422,7 +437,10 @@ fn bad_settings_are_refused_with_the_fix() {
             width: 6,
         },
     };
-    let e = Gan::new(&c, info, &CPU, &mut Rng::new(0)).err().unwrap().to_string();
+    let e = Gan::new(&c, info, &CPU, &mut Rng::new(0))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("divisible by 4") && e.contains("mlp"), "{e}");
     assert_eq!(c.critic_steps(), 1);
     let w = GanConfig {
@@ -454,4 +472,3 @@ fn bad_settings_are_refused_with_the_fix() {
         .to_string();
     assert!(e.contains("select_by"), "{e}");
 }
-
