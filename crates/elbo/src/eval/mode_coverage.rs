@@ -54,7 +54,7 @@ impl Mixture {
     /// The known toy mixture whose modes hold at least 95% of `data` (`[m, 2]`, row-major)
     /// within 3 standard deviations; an error naming the data sets the metric knows otherwise.
     pub fn recognise(data: &[f32], dim: usize) -> Result<Self> {
-        if dim != 2 || data.is_empty() || data.len() % 2 != 0 {
+        if dim != 2 || data.is_empty() || !data.len().is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "the mode-coverage metrics need 2-D samples of a known Gaussian mixture \
                  (8gaussians, 25gaussians), got {dim}-D data"

@@ -59,7 +59,7 @@ pub struct PlainConv {
 impl PlainConv {
     /// Initialised as `torch.nn.Conv2d`: U(-1/sqrt(in k k), 1/sqrt(in k k)).
     pub fn new(p: &mut ParamInit, c_in: usize, c_out: usize, k: usize) -> Result<Self> {
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "a size-preserving convolution needs an odd kernel, got {k}"
             )));
