@@ -263,7 +263,8 @@ pub struct EvalArgs {
     #[arg(long, short = 'k')]
     pub importance_samples: Option<usize>,
     /// Sample metrics to report beside the likelihood, comma-separated: energy-distance,
-    /// mmd, sliced-wasserstein (samples of the run against the same held-out examples).
+    /// mmd, sliced-wasserstein; modes and high-quality (8gaussians, 25gaussians);
+    /// frechet-distance (digits, MNIST) (samples of the run against the same held-out examples).
     #[arg(long)]
     pub metrics: Option<String>,
     /// Samples drawn for --metrics (default 2000, at most the held-out examples; at least 1).
@@ -338,7 +339,8 @@ pub struct ReportArgs {
     /// Likelihoods to report for every run, comma-separated (default: each family's default).
     #[arg(long)]
     pub likelihood: Option<String>,
-    /// Sample metrics, comma-separated: energy-distance, mmd, sliced-wasserstein.
+    /// Sample metrics, comma-separated: energy-distance, mmd, sliced-wasserstein; modes and
+    /// high-quality (8gaussians, 25gaussians); frechet-distance (digits, MNIST).
     #[arg(long)]
     pub metrics: Option<String>,
     /// Score only the first N held-out examples.

@@ -50,6 +50,38 @@ pub const BUILTIN: &[(&str, &str)] = &[
 /// `configs/suites/`, TOML text).
 const BUILTIN_CONFIGS: &[(&str, &str)] = &[
     (
+        "../8gaussians-gan.toml",
+        include_str!("../../../../configs/8gaussians-gan.toml"),
+    ),
+    (
+        "../8gaussians-wgan.toml",
+        include_str!("../../../../configs/8gaussians-wgan.toml"),
+    ),
+    (
+        "../8gaussians-wgan-gp.toml",
+        include_str!("../../../../configs/8gaussians-wgan-gp.toml"),
+    ),
+    (
+        "../25gaussians-gan.toml",
+        include_str!("../../../../configs/25gaussians-gan.toml"),
+    ),
+    (
+        "../25gaussians-wgan.toml",
+        include_str!("../../../../configs/25gaussians-wgan.toml"),
+    ),
+    (
+        "../25gaussians-wgan-gp.toml",
+        include_str!("../../../../configs/25gaussians-wgan-gp.toml"),
+    ),
+    (
+        "../digits-gan.toml",
+        include_str!("../../../../configs/digits-gan.toml"),
+    ),
+    (
+        "../digits-wgan-gp.toml",
+        include_str!("../../../../configs/digits-wgan-gp.toml"),
+    ),
+    (
         "../digits-ar.toml",
         include_str!("../../../../configs/digits-ar.toml"),
     ),

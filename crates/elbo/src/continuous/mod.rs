@@ -6,6 +6,7 @@ use candle_core::Tensor;
 
 use crate::Result;
 
+pub mod adversarial;
 pub mod cnf;
 pub mod dequantization;
 pub mod diffusion;

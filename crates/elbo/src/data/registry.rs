@@ -29,6 +29,7 @@ pub const KNOWN_DATASETS: &[&str] = &[
     "pinwheel",
     "2spirals",
     "checkerboard",
+    "25gaussians",
     "digits",
     "shakespeare",
     "mnist",

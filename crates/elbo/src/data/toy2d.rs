@@ -43,11 +43,16 @@ pub enum Toy2d {
     TwoSpirals,
     /// Uniform on 8 squares of side 2 forming a checkerboard on [-4, 4]^2.
     Checkerboard,
+    /// 25 Gaussians (std 0.05) on the grid {-4, -2, 0, 2, 4}^2, equally weighted: the
+    /// mode-collapse benchmark of VEEGAN (Srivastava et al. 2017, sec. 5.1) and PacGAN (Lin et
+    /// al. 2018, sec. 5). Not one of FFJORD's.
+    Grid25,
 }
 
 impl Toy2d {
-    /// All eight, in the order FFJORD lists them (this order also picks each held-out stream).
-    pub const ALL: [Toy2d; 8] = [
+    /// FFJORD's eight in the order it lists them, then the 25-Gaussian grid (this order also
+    /// picks each held-out stream).
+    pub const ALL: [Toy2d; 9] = [
         Toy2d::SwissRoll,
         Toy2d::Circles,
         Toy2d::Rings,
@@ -56,6 +61,7 @@ impl Toy2d {
         Toy2d::Pinwheel,
         Toy2d::TwoSpirals,
         Toy2d::Checkerboard,
+        Toy2d::Grid25,
     ];
 
     /// The toy set with this (FFJORD) name, e.g. `"8gaussians"`.
@@ -75,6 +81,7 @@ impl Toy2d {
             Toy2d::Pinwheel => "pinwheel",
             Toy2d::TwoSpirals => "2spirals",
             Toy2d::Checkerboard => "checkerboard",
+            Toy2d::Grid25 => "25gaussians",
         }
     }
 
@@ -94,6 +101,7 @@ impl Toy2d {
             Toy2d::Pinwheel => pinwheel(n, rng),
             Toy2d::TwoSpirals => two_spirals(n, rng),
             Toy2d::Checkerboard => checkerboard(n, rng),
+            Toy2d::Grid25 => grid25(n, rng),
         };
         pts.iter()
             .flat_map(|p| [p[0] as f32, p[1] as f32])
@@ -101,19 +109,25 @@ impl Toy2d {
     }
 
     /// The differential entropy in nats where it is known in closed form or by quadrature:
-    /// 8gaussians (about 2.8319) and checkerboard (ln 32); `None` for the others.
+    /// 8gaussians (about 2.8319), checkerboard (ln 32) and the 25-Gaussian grid (`ln 25 +
+    /// ln(2 pi e 0.05^2)`, about 0.0653: its components, 40 standard deviations apart, overlap by
+    /// less than `e^-200`); `None` for the others.
     pub fn entropy(&self) -> Option<f64> {
         match self {
             Toy2d::EightGaussians => Some(eight_gaussians_entropy()),
             Toy2d::Checkerboard => Some(32f64.ln()),
+            Toy2d::Grid25 => {
+                Some(25f64.ln() + (2.0 * PI * std::f64::consts::E * GRID25_STD * GRID25_STD).ln())
+            }
             _ => None,
         }
     }
 
     /// The exact log-density at `(x, y)` where the density has a closed form (8gaussians,
-    /// checkerboard; `-inf` off the support); `None` for the others.
+    /// checkerboard, the 25-Gaussian grid; `-inf` off the support); `None` for the others.
     pub fn log_density(&self, x: f64, y: f64) -> Option<f64> {
         match self {
+            Toy2d::Grid25 => Some(mixture_log_density(&grid25_centres(), GRID25_STD, x, y)),
             Toy2d::EightGaussians => Some(eight_gaussians_log_density(x, y)),
             Toy2d::Checkerboard => Some(if in_checkerboard(x, y) {
                 -(32f64.ln())
@@ -227,6 +241,55 @@ fn eight_gaussians(n: usize, rng: &mut Rng) -> Vec<[f64; 2]> {
             [(px + c[0]) / SQRT2_FFJORD, (py + c[1]) / SQRT2_FFJORD]
         })
         .collect()
+}
+
+/// The centres and common standard deviation of the equally weighted isotropic Gaussian mixtures
+/// among the toys (8gaussians after its scaling, the 25-Gaussian grid), for mode-coverage
+/// metrics; `None` for the others.
+pub fn mixture_modes(toy: Toy2d) -> Option<(Vec<[f64; 2]>, f64)> {
+    match toy {
+        Toy2d::EightGaussians => Some((
+            eight_centres()
+                .iter()
+                .map(|c| [c[0] / SQRT2_FFJORD, c[1] / SQRT2_FFJORD])
+                .collect(),
+            0.5 / SQRT2_FFJORD,
+        )),
+        Toy2d::Grid25 => Some((grid25_centres(), GRID25_STD)),
+        _ => None,
+    }
+}
+
+/// Standard deviation of each component of the 25-Gaussian grid.
+const GRID25_STD: f64 = 0.05;
+
+/// The grid {-4, -2, 0, 2, 4}^2, row by row.
+fn grid25_centres() -> Vec<[f64; 2]> {
+    (0..25)
+        .map(|k| [(k / 5) as f64 * 2.0 - 4.0, (k % 5) as f64 * 2.0 - 4.0])
+        .collect()
+}
+
+fn grid25(n: usize, rng: &mut Rng) -> Vec<[f64; 2]> {
+    let centres = grid25_centres();
+    (0..n)
+        .map(|_| {
+            let c = centres[rng.below(25)];
+            let (px, py) = (rng.normal(), rng.normal());
+            [c[0] + GRID25_STD * px, c[1] + GRID25_STD * py]
+        })
+        .collect()
+}
+
+/// log of the equally weighted mixture of N(c, std^2 I) over `centres`, at `(x, y)`.
+fn mixture_log_density(centres: &[[f64; 2]], std: f64, x: f64, y: f64) -> f64 {
+    let logs: Vec<f64> = centres
+        .iter()
+        .map(|c| -((x - c[0]).powi(2) + (y - c[1]).powi(2)) / (2.0 * std * std))
+        .collect();
+    let m = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = m + logs.iter().map(|l| (l - m).exp()).sum::<f64>().ln();
+    lse - (centres.len() as f64 * 2.0 * PI * std * std).ln()
 }
 
 /// Exact log-density of the 8gaussians mixture (after the `/ 1.414` scaling).

@@ -36,7 +36,8 @@ use crate::{Error, Result, Rng};
 pub trait SampleMetric: Send + Sync {
     /// Canonical name, e.g. "energy-distance".
     fn name(&self) -> &'static str;
-    /// Lower is better (true for all three here); used to select checkpoints.
+    /// Lower is better (true for the three distances here, false for the mode-coverage counts of
+    /// [`super::mode_coverage`]); checkpoint selection follows it.
     fn lower_is_better(&self) -> bool {
         true
     }
@@ -65,11 +66,19 @@ pub struct MetricValue {
 }
 
 /// Canonical names of the metrics [`metric_by_name`] knows.
-pub const METRIC_NAMES: &[&str] = &["energy-distance", "mmd", "sliced-wasserstein"];
+pub const METRIC_NAMES: &[&str] = &[
+    "energy-distance",
+    "mmd",
+    "sliced-wasserstein",
+    "modes",
+    "high-quality",
+    "frechet-distance",
+];
 
 /// Canonical names with their aliases, as error messages list them.
-const NAME_HELP: &str =
-    "energy-distance (aliases: energy, ed), mmd, sliced-wasserstein (aliases: swd, sw)";
+const NAME_HELP: &str = "energy-distance (aliases: energy, ed), mmd, sliced-wasserstein \
+     (aliases: swd, sw), modes, high-quality (on 8gaussians / 25gaussians samples), frechet-distance (alias: fd; \
+     digits and MNIST)";
 
 /// The metric called `name` (a canonical name from [`METRIC_NAMES`] or an alias: "energy", "ed",
 /// "swd", "sw"; case and surrounding spaces are ignored), with its default settings.
@@ -78,6 +87,9 @@ pub fn metric_by_name(name: &str) -> Result<Box<dyn SampleMetric>> {
         "energy-distance" | "energy" | "ed" => Ok(Box::new(EnergyDistance::default())),
         "mmd" => Ok(Box::new(Mmd::default())),
         "sliced-wasserstein" | "swd" | "sw" => Ok(Box::new(SlicedWasserstein::default())),
+        "modes" => Ok(Box::new(super::mode_coverage::ModesCaptured)),
+        "high-quality" => Ok(Box::new(super::mode_coverage::HighQualityShare)),
+        "frechet-distance" | "fd" => Ok(Box::new(super::frechet::FrechetDistance)),
         _ => Err(Error::Config(format!(
             "unknown sample metric '{name}'; valid names: {NAME_HELP}"
         ))),
@@ -618,7 +630,7 @@ fn check_cap(metric: &str, max_rows: usize) -> Result<()> {
 
 /// Validate `set` as a [rows, dim] matrix with at least `min_rows` rows of finite values;
 /// returns the row count.
-fn check_set(what: &str, set: &[f32], dim: usize, min_rows: usize) -> Result<usize> {
+pub(crate) fn check_set(what: &str, set: &[f32], dim: usize, min_rows: usize) -> Result<usize> {
     if dim == 0 {
         return Err(Error::Shape(
             "sample metric: dim must be >= 1, got 0".into(),

@@ -167,6 +167,8 @@ families! {
     vae => Vae = "vae";
     /// VQ-VAE: a codebook autoencoder, the first stage of a two-stage model.
     vq_vae => VqVae = "vq-vae" | "vqvae" | "vq_vae";
+    /// GAN, WGAN and WGAN-GP (Goodfellow et al. 2014; Arjovsky et al. 2017; Gulrajani et al. 2017).
+    gan => Gan = "gan";
     gaussian => Gaussian = "gaussian";
 }
 

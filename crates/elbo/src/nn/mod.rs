@@ -6,6 +6,7 @@
 pub mod attention_mask;
 pub mod conv;
 pub mod conv_net;
+pub mod dcgan;
 pub mod embedding;
 pub mod fused;
 pub mod group_norm;
@@ -13,6 +14,7 @@ pub mod init;
 pub mod linear;
 pub mod mlp;
 pub mod packed_mlp;
+pub mod plain;
 pub mod rotary;
 pub mod transformer;
 pub mod unet;

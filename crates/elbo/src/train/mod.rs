@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod ema;
 pub mod optim;
+pub mod rmsprop;
 pub mod run;
 pub mod run_dir;
 pub mod schedule;

@@ -2,7 +2,7 @@
 //!
 //! A family's [`crate::model::GenerativeModel::train_step`] sees a [`StepContext`]: it draws
 //! batches, and [`StepContext::minimize`] takes a loss over one named [`ParamGroup`]: backward,
-//! gradient clipping, that group's AdamW step at its scheduled learning rate, and its EMA.
+//! gradient clipping, that group's optimiser step (AdamW or RMSProp) at its scheduled learning rate, and its EMA.
 //! Each group keeps its own optimiser state, saved in every checkpoint, so a GAN's generator and
 //! critic (two optimisers with their own settings, the critic stepped several times a step)
 //! train through the same loop as a one-network family.
@@ -13,7 +13,8 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::clip::{clip_grad_norm, clip_grad_norm_tensor, grad_norm, grad_norm_tensor};
 use super::ema::Ema;
-use super::optim::{AdamW, AdamWConfig};
+use super::optim::AdamWConfig;
+use super::rmsprop::{Optimizer, OptimizerKind};
 use super::schedule::LrSchedule;
 use crate::config::TrainConfig;
 use crate::data::DataSource;
@@ -42,6 +43,8 @@ pub struct GroupSettings {
     /// Keep an EMA of this group's weights (`Some(false)` turns it off even when
     /// `train.ema_decay > 0`).
     pub ema: Option<bool>,
+    /// The update rule (default AdamW).
+    pub optimizer: Option<OptimizerKind>,
 }
 
 /// A named set of parameters: those whose names start with one of `prefixes`, or every
@@ -122,7 +125,7 @@ impl PartialEq for DeviceScalars {
 pub(crate) struct GroupState {
     pub name: String,
     pub params: Vec<(String, Var)>,
-    pub optim: AdamW,
+    pub optim: Optimizer,
     pub sched: LrSchedule,
     pub clip: f64,
     pub ema: Option<Ema>,
@@ -180,14 +183,16 @@ pub(crate) fn build_groups(
                 )));
             }
             let s = &spec.settings;
-            let optim = AdamW::new(AdamWConfig {
-                lr: s.lr.unwrap_or(train.lr),
-                beta1: s.beta1.unwrap_or(train.beta1),
-                beta2: s.beta2.unwrap_or(train.beta2),
-                eps: 1e-8,
-                weight_decay: s.weight_decay.unwrap_or(train.weight_decay),
-            });
-            optim.config().validate()?;
+            let optim = Optimizer::new(
+                s.optimizer.unwrap_or_default(),
+                AdamWConfig {
+                    lr: s.lr.unwrap_or(train.lr),
+                    beta1: s.beta1.unwrap_or(train.beta1),
+                    beta2: s.beta2.unwrap_or(train.beta2),
+                    eps: 1e-8,
+                    weight_decay: s.weight_decay.unwrap_or(train.weight_decay),
+                },
+            )?;
             let sched = LrSchedule {
                 base_lr: s.lr.unwrap_or(train.lr),
                 warmup_steps: s.warmup_steps.unwrap_or(train.warmup_steps),

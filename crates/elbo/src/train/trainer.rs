@@ -88,7 +88,7 @@ pub struct TrainOutcome {
     /// Held-out NLL (nats/example) of every evaluation in this call, `(step, nll)`.
     pub evals: Vec<(usize, f64)>,
     /// Best validation score seen in the whole run (the NLL in nats, or the metric named by
-    /// `selected_by`).
+    /// `selected_by`, negated when higher is better, such as `modes`).
     pub best_eval: Option<f64>,
     /// What chose the best checkpoint (`train.select_by`).
     pub selected_by: String,

@@ -63,7 +63,7 @@ fn eight_gaussians_logp(x: f64, y: f64) -> f64 {
 #[test]
 fn toy_names_round_trip_and_are_registered() {
     let names: HashSet<&str> = Toy2d::ALL.iter().map(|t| t.name()).collect();
-    assert_eq!(names.len(), 8);
+    assert_eq!(names.len(), 9);
     for t in Toy2d::ALL {
         assert_eq!(Toy2d::from_name(t.name()), Some(t));
         assert!(KNOWN_DATASETS.contains(&t.name()));

@@ -77,7 +77,7 @@ impl Trainer {
             if !has_nll {
                 return Err(Error::Config(format!(
                     "the {} family has no likelihood: set train.select_by to a sample metric \
-                     (energy-distance, mmd, sliced-wasserstein)",
+                     (energy-distance, mmd, sliced-wasserstein, modes, frechet-distance)",
                     self.model.family()
                 )));
             }
@@ -86,7 +86,11 @@ impl Trainer {
             let m = self.evaluate_metric(&select_by)?;
             line[format!("eval_{select_by}")] = json!(m.value);
             msg.push_str(&format!("  {select_by} {:.5}", m.value));
-            m.value
+            // the best checkpoint has the lowest score: negate a higher-is-better metric
+            match crate::eval::sample_metric::metric_by_name(&select_by)?.lower_is_better() {
+                true => m.value,
+                false => -m.value,
+            }
         };
         writeln!(metrics, "{line}").map_err(|e| Error::io(&self.dir, e))?;
         bar.println(msg);
