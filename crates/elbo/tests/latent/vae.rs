@@ -351,7 +351,7 @@ fn reverse_ais_from_exact_posterior_draws_bounds_log_p_from_above() {
     let vae = fa_vae(0.0); // its encoder is the exact posterior
     let (x, rows) = data_from(&vae, 30);
     let exact = exact_nll(&rows);
-    let (n, k) = (30, 64);
+    let (n, k) = (30, 12); // 8 estimating chains and 4 pilots
     let opts = AisOptions {
         chains: k,
         steps: 100,
@@ -378,22 +378,6 @@ fn reverse_ais_from_exact_posterior_draws_bounds_log_p_from_above() {
         lo < truth + 0.01 && truth < up + 0.01,
         "not sandwiched: {lo} <= {truth} <= {up}"
     );
-    eprintln!("BDMC {lo} <= {truth} <= {up}");
     assert!(up - lo < 0.2, "the bidirectional gap {} is wide", up - lo);
 }
 
-#[test]
-fn zz_diag() {
-    let vae = fa_vae(0.0);
-    let (x, rows) = data_from(&vae, 40);
-    let exact = exact_nll(&rows);
-    for steps in [2, 20, 100, 200] {
-        for seed in [5, 6, 7] {
-            let opts = AisOptions { chains: 16, steps, leapfrog: 5, ..AisOptions::default() };
-            let est = ais::log_marginal(&vae, &x, &opts, &mut Rng::new(seed)).unwrap();
-            let errs: Vec<f64> = est.log_z.iter().zip(&exact).map(|(a, e)| a + e).collect();
-            let mx = errs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            eprintln!("steps {steps} seed {seed}: mean err {:.4} max {:.3} abs {:.3} acc {:.3}", mean(&errs), mx, errs.iter().map(|e| e.abs()).sum::<f64>()/40.0, est.acceptance);
-        }
-    }
-}
