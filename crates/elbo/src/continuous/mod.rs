@@ -8,6 +8,7 @@ use crate::Result;
 
 pub mod cnf;
 pub mod diffusion;
+pub mod langevin;
 pub mod ode;
 pub mod parameterization;
 pub mod sampler;

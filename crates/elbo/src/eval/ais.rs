@@ -82,8 +82,9 @@ impl AisOptions {
     /// One line for reports.
     pub fn describe(&self) -> String {
         format!(
-            "AIS (Neal 2001) with {} chains, {} sigmoid-spaced intermediate distributions and              HMC of {} leapfrog steps (step size adapted toward {} acceptance)",
-            self.chains, self.steps, self.leapfrog, self.target_accept
+            "AIS (Neal 2001) with {} chains, {} sigmoid-spaced intermediate distributions and \
+             HMC of {} leapfrog steps (step size adapted toward {} acceptance by {} pilot chains)",
+            self.chains, self.steps, self.leapfrog, self.target_accept, self.adapt_chains
         )
     }
 

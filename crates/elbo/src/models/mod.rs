@@ -165,6 +165,8 @@ families! {
     normalizing_flow => NormalizingFlow = "normalizing-flow" | "nf" | "normalizing_flow";
     /// Variational autoencoder with the ELBO and IWAE bounds.
     vae => Vae = "vae";
+    /// Energy-based model: denoising score matching or PCD, Langevin sampling, AIS log Z.
+    ebm => Ebm = "ebm" | "energy";
     gaussian => Gaussian = "gaussian";
 }
 
