@@ -117,8 +117,8 @@ impl Config {
     fn param_count(&self, d: usize) -> usize {
         let h = self.hidden;
         match self.layers {
-            0 => d + 1,
-            n => d * h + h + (n - 1) * (h * h + h) + h + 1,
+            0 => d,
+            n => d * h + h + (n - 1) * (h * h + h) + h,
         }
     }
 }

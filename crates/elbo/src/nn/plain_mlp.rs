@@ -21,7 +21,8 @@ pub struct PlainMlp {
 
 impl PlainMlp {
     /// Weights `U(-1/√fan_in, 1/√fan_in)` (PyTorch's default) under `p`'s prefix as
-    /// `l{i}.weight` / `l{i}.bias`; the read-out scaled by `out_scale`.
+    /// `l{i}.weight` / `l{i}.bias`; the read-out scaled by `out_scale` and without a bias (an
+    /// energy's constant offset has no gradient under score matching).
     pub fn new(
         p: &mut ParamInit,
         d_in: usize,
@@ -44,7 +45,9 @@ impl PlainMlp {
             let scale = if i == layers { out_scale } else { 1.0 };
             let bound = scale / (w[0] as f64).sqrt();
             weights.push(p.uniform(&format!("l{i}.weight"), &[w[1], w[0]], bound)?);
-            biases.push(p.uniform(&format!("l{i}.bias"), &[w[1]], bound)?);
+            if i < layers {
+                biases.push(p.uniform(&format!("l{i}.bias"), &[w[1]], bound)?);
+            }
         }
         Ok(Self {
             weights,
@@ -57,12 +60,10 @@ impl PlainMlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let last = self.weights.len() - 1;
         let mut h = x.clone();
-        for (i, (w, b)) in self.weights.iter().zip(&self.biases).enumerate() {
-            h = h
-                .matmul(&w.as_tensor().t()?)?
-                .broadcast_add(b.as_tensor())?; // [B, out_i]
+        for (i, w) in self.weights.iter().enumerate() {
+            h = h.matmul(&w.as_tensor().t()?)?; // [B, out_i]
             if i < last {
-                h = self.act.apply(&h)?;
+                h = self.act.apply(&h.broadcast_add(self.biases[i].as_tensor())?)?;
             }
         }
         Ok(h)
