@@ -296,7 +296,13 @@ pub fn anneal(
                     .map(|c| f64::from(accept[c * groups + g]))
                     .sum::<f64>()
                     / pilots as f64;
-                *e = (*e * if rate > opts.target_accept { 1.05 } else { 0.95 }).clamp(1e-4, 2.0);
+                *e = (*e
+                    * if rate > opts.target_accept {
+                        1.05
+                    } else {
+                        0.95
+                    })
+                .clamp(1e-4, 2.0);
             }
         }
         let used = (chains - pilots) * groups;

@@ -150,8 +150,9 @@ impl FamilyConfig for Config {
             ));
         }
         if self.buffer_size == 0 || self.sample_steps == 0 || self.train_langevin_steps == 0 {
-            return bad("model.buffer_size, sample_steps and train_langevin_steps must be >= 1"
-                .into());
+            return bad(
+                "model.buffer_size, sample_steps and train_langevin_steps must be >= 1".into(),
+            );
         }
         for (k, v) in [
             ("train_step_size", self.train_step_size),
@@ -161,7 +162,8 @@ impl FamilyConfig for Config {
                 return bad(format!("model.{k} must be positive, got {v}"));
             }
         }
-        if !(0.0..=1.0).contains(&self.reinit) || !(self.energy_reg >= 0.0) {
+        let reg_ok = self.energy_reg.is_finite() && self.energy_reg >= 0.0;
+        if !(0.0..=1.0).contains(&self.reinit) || !reg_ok {
             return bad(format!(
                 "model.reinit must be in [0, 1] and model.energy_reg >= 0 (got {} and {})",
                 self.reinit, self.energy_reg
@@ -174,7 +176,12 @@ impl FamilyConfig for Config {
         MemoryEstimate {
             params: self.param_count(data.dim) as u64,
             // forward, first and second backward of each layer
-            activations: estimate::prod(&[batch, self.hidden * (self.layers + 1) + data.dim, 12, 4]),
+            activations: estimate::prod(&[
+                batch,
+                self.hidden * (self.layers + 1) + data.dim,
+                12,
+                4,
+            ]),
             fixed: estimate::prod(&[self.buffer_size, data.dim, 4]),
         }
     }
@@ -411,7 +418,11 @@ impl GenerativeModel for Ebm {
         m.insert("gaussian_std".into(), self.std.clone());
         if !self.buffer.is_empty() {
             let d = self.core.dim;
-            let t = Tensor::from_vec(self.buffer.clone(), (self.buffer.len() / d, d), &self.core.device)?;
+            let t = Tensor::from_vec(
+                self.buffer.clone(),
+                (self.buffer.len() / d, d),
+                &self.core.device,
+            )?;
             m.insert("replay_buffer".into(), t);
         }
         Ok(m)

@@ -63,7 +63,9 @@ impl PlainMlp {
         for (i, w) in self.weights.iter().enumerate() {
             h = h.matmul(&w.as_tensor().t()?)?; // [B, out_i]
             if i < last {
-                h = self.act.apply(&h.broadcast_add(self.biases[i].as_tensor())?)?;
+                h = self
+                    .act
+                    .apply(&h.broadcast_add(self.biases[i].as_tensor())?)?;
             }
         }
         Ok(h)

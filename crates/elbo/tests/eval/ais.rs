@@ -22,7 +22,12 @@ fn mixture(z: &Tensor) -> elbo::Result<Tensor> {
         .collect::<candle_core::Result<_>>()?;
     let all = Tensor::cat(&parts, 1)?; // [R, 4]
     let m = all.max_keepdim(1)?.detach(); // [R, 1]
-    let lse = all.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()?.add(&m)?; // [R, 1]
+    let lse = all
+        .broadcast_sub(&m)?
+        .exp()?
+        .sum_keepdim(1)?
+        .log()?
+        .add(&m)?; // [R, 1]
     Ok(lse.squeeze(1)?)
 }
 

@@ -279,7 +279,13 @@ fn a_short_training_on_binarized_mnist_beats_independent_pixels() {
 }
 
 /// Per-example `AIS log p(x) - exact log p(x)` with the delta-method standard errors.
-fn ais_errors(vae: &Vae, x: &Tensor, exact: &[f64], steps: usize, seed: u64) -> (Vec<f64>, Vec<f64>) {
+fn ais_errors(
+    vae: &Vae,
+    x: &Tensor,
+    exact: &[f64],
+    steps: usize,
+    seed: u64,
+) -> (Vec<f64>, Vec<f64>) {
     let opts = AisOptions {
         chains: 16,
         steps,
@@ -370,7 +376,9 @@ fn reverse_ais_from_exact_posterior_draws_bounds_log_p_from_above() {
     let z = elbo::latent::reparameterise(&rep(&mu), &rep(&logvar), &mut Rng::new(6)).unwrap();
     let path = PosteriorPath::new(&vae, &x, k).unwrap();
     let upper = ais::reverse_upper_bound(&path, z, n, &opts, &mut Rng::new(7)).unwrap();
-    let lower = ais::log_marginal(&vae, &x, &opts, &mut Rng::new(8)).unwrap().log_z;
+    let lower = ais::log_marginal(&vae, &x, &opts, &mut Rng::new(8))
+        .unwrap()
+        .log_z;
     let m = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let truth = -m(&exact);
     let (lo, up) = (m(&lower), m(&upper));
@@ -380,4 +388,3 @@ fn reverse_ais_from_exact_posterior_draws_bounds_log_p_from_above() {
     );
     assert!(up - lo < 0.2, "the bidirectional gap {} is wide", up - lo);
 }
-

@@ -32,10 +32,17 @@ fn mala_samples_of_a_gaussian_energy_match_its_moments() {
     let n = rows.len() as f64;
     for (j, (m, v)) in [(1.0, 0.25), (-2.0, 4.0)].iter().enumerate() {
         let mean = rows.iter().map(|r| f64::from(r[j])).sum::<f64>() / n;
-        let var = rows.iter().map(|r| (f64::from(r[j]) - mean).powi(2)).sum::<f64>() / n;
+        let var = rows
+            .iter()
+            .map(|r| (f64::from(r[j]) - mean).powi(2))
+            .sum::<f64>()
+            / n;
         let se_m = (v / n).sqrt();
         assert!((mean - m).abs() < 4.0 * se_m, "mean {mean} vs {m}");
-        assert!((var - v).abs() < 4.0 * v * (2.0 / n).sqrt(), "variance {var} vs {v}");
+        assert!(
+            (var - v).abs() < 4.0 * v * (2.0 / n).sqrt(),
+            "variance {var} vs {v}"
+        );
     }
 }
 
@@ -46,7 +53,13 @@ fn tiny_ebm() -> Ebm {
         sigmas: vec![0.3],
         ..Config::default()
     };
-    Ebm::new(&cfg, DataInfo::flat(2, DataKind::Continuous), &CPU, &mut Rng::new(3)).unwrap()
+    Ebm::new(
+        &cfg,
+        DataInfo::flat(2, DataKind::Continuous),
+        &CPU,
+        &mut Rng::new(3),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -54,13 +67,20 @@ fn the_dsm_loss_gradient_matches_finite_differences() {
     let ebm = tiny_ebm();
     let x = Rng::new(4).normal_tensor(&[16, 2], &CPU).unwrap();
     let loss = |e: &Ebm| -> f64 {
-        f64::from(e.dsm_loss(&x, &mut Rng::new(9)).unwrap().to_scalar::<f32>().unwrap())
+        f64::from(
+            e.dsm_loss(&x, &mut Rng::new(9))
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+        )
     };
     let l = ebm.dsm_loss(&x, &mut Rng::new(9)).unwrap();
     let grads = l.backward().unwrap();
     let mut nonzero = 0;
     for (name, v) in named_vars(ebm.varmap()).unwrap() {
-        let g = grads.get(v.as_tensor()).expect("a gradient for every parameter");
+        let g = grads
+            .get(v.as_tensor())
+            .expect("a gradient for every parameter");
         let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
         assert!(g.iter().any(|x| *x != 0.0), "{name} gets no gradient");
         let orig: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
@@ -69,7 +89,8 @@ fn the_dsm_loss_gradient_matches_finite_differences() {
             let set = |d: f32| {
                 let mut w = orig.clone();
                 w[i] += d;
-                v.set(&Tensor::from_vec(w, v.as_tensor().shape(), &CPU).unwrap()).unwrap();
+                v.set(&Tensor::from_vec(w, v.as_tensor().shape(), &CPU).unwrap())
+                    .unwrap();
             };
             set(h);
             let up = loss(&ebm);
