@@ -408,7 +408,13 @@ impl GenerativeModel for Ebm {
         let mean = x.mean(0)?;
         let var = x.broadcast_sub(&mean)?.sqr()?.mean(0)?;
         self.mean = mean;
-        self.std = (var + 1e-6)?.sqrt()?;
+        // a constant coordinate (a digit's blank corner) keeps the dequantization noise's
+        // variance (bin width² / 12), so the standardised values stay finite
+        let floor = match self.scale.levels {
+            Some(l) => (2.0 / (l - 1) as f64).powi(2) / 12.0,
+            None => 0.0,
+        };
+        self.std = (var + (floor + 1e-4))?.sqrt()?;
         Ok(())
     }
 
