@@ -373,6 +373,15 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if let Some(v) = a.importance_samples {
         opts.importance_samples = v;
     }
+    if let Some(v) = a.ais_chains {
+        opts.ais_chains = v;
+    }
+    if let Some(v) = a.ais_steps {
+        opts.ais_steps = v;
+    }
+    if let Some(v) = a.ais_leapfrog {
+        opts.ais_leapfrog = v;
+    }
     if let Some(v) = a.prompt_len {
         opts.prompt_len = v;
     }

@@ -58,6 +58,9 @@ pub fn check_eval(a: &EvalArgs) -> Result<()> {
     at_least_one("--ode-steps", a.ode_steps)?;
     at_least_one("--lm-samples", a.lm_samples)?;
     at_least_one("--importance-samples", a.importance_samples)?;
+    at_least_one("--ais-chains", a.ais_chains)?;
+    at_least_one("--ais-steps", a.ais_steps)?;
+    at_least_one("--ais-leapfrog", a.ais_leapfrog)?;
     at_least_one("--examples", a.examples)?;
     at_least_one("--metric-samples", a.metric_samples)?;
     number("--rtol", a.rtol, 0.0, f64::INFINITY, false)?;

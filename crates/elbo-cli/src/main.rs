@@ -262,6 +262,16 @@ pub struct EvalArgs {
     /// 64, Burda et al. report 5000; at least 1).
     #[arg(long, short = 'k')]
     pub importance_samples: Option<usize>,
+    /// VAE and EBM: independent chains per example of annealed importance sampling
+    /// (`--likelihood ais`; default 16; at least 1).
+    #[arg(long)]
+    pub ais_chains: Option<usize>,
+    /// AIS: intermediate distributions between the start and the target (default 500).
+    #[arg(long)]
+    pub ais_steps: Option<usize>,
+    /// AIS: leapfrog steps of each HMC transition (default 10).
+    #[arg(long)]
+    pub ais_leapfrog: Option<usize>,
     /// Sample metrics to report beside the likelihood, comma-separated: energy-distance,
     /// mmd, sliced-wasserstein; modes and high-quality (8gaussians, 25gaussians);
     /// frechet-distance (digits, MNIST) (samples of the run against the same held-out examples).

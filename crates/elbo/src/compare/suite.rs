@@ -146,6 +146,10 @@ const BUILTIN_CONFIGS: &[(&str, &str)] = &[
         include_str!("../../../../configs/digits-realnvp.toml"),
     ),
     (
+        "../8gaussians-ebm.toml",
+        include_str!("../../../../configs/8gaussians-ebm.toml"),
+    ),
+    (
         "../8gaussians-glow.toml",
         include_str!("../../../../configs/8gaussians-glow.toml"),
     ),

@@ -234,6 +234,13 @@ pub struct EvalOptions {
     /// Importance samples per example of the VAE's IWAE bound (`likelihood = "iwae"`; Burda
     /// et al. 2016 report k = 5000).
     pub importance_samples: usize,
+    /// Annealed importance sampling (`likelihood = "ais"`: VAE, EBM): independent chains per
+    /// example (per log-normaliser for an energy).
+    pub ais_chains: usize,
+    /// AIS: intermediate distributions between the start and the target.
+    pub ais_steps: usize,
+    /// AIS: leapfrog steps of each HMC transition.
+    pub ais_leapfrog: usize,
     /// Sample metrics `elbo eval` reports beside the likelihood (energy-distance, mmd,
     /// sliced-wasserstein), each comparing `metric_samples` samples with the held-out examples.
     pub metrics: Vec<String>,
@@ -256,6 +263,9 @@ impl Default for EvalOptions {
             lm_samples: 4,
             prompt_len: 0,
             importance_samples: 64,
+            ais_chains: 16,
+            ais_steps: 500,
+            ais_leapfrog: 10,
             metrics: Vec::new(),
             metric_samples: 2000,
         }

@@ -104,6 +104,9 @@ impl EvalOptions {
         at_least_one("eval.batch_size", self.batch_size)?;
         at_least_one("eval.lm_samples", self.lm_samples)?;
         at_least_one("eval.importance_samples", self.importance_samples)?;
+        at_least_one("eval.ais_chains", self.ais_chains)?;
+        at_least_one("eval.ais_steps", self.ais_steps)?;
+        at_least_one("eval.ais_leapfrog", self.ais_leapfrog)?;
         at_least_one("eval.metric_samples", self.metric_samples)?;
         for m in &self.metrics {
             metric_by_name(m).map_err(|e| Error::Config(format!("eval.metrics: {e}")))?;

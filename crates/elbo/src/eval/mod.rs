@@ -1,5 +1,7 @@
-//! Likelihood reports (JSON and Markdown) and plots (PNG).
+//! Likelihood reports (JSON and Markdown), plots (PNG), sample metrics and annealed importance
+//! sampling (the likelihood estimator of decoders and energies).
 
+pub mod ais;
 pub mod feature_net;
 pub mod frechet;
 pub mod mode_coverage;

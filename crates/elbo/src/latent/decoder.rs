@@ -4,7 +4,7 @@
 //! bound. A VAE's decoder, a GAN's generator with a stated Gaussian observation model and a
 //! two-stage model's decoder all implement it; the estimators never see the family.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use crate::Result;
 
@@ -17,6 +17,12 @@ pub trait LatentDecoder {
     /// `log p(z)` per row, `[N]`, for `z: [N, Z]` (the standard normal unless stated).
     fn log_prior(&self, z: &Tensor) -> Result<Tensor> {
         super::std_normal_log_density(z)
+    }
+
+    /// `n` draws from the prior, `[n, Z]` (the standard normal unless stated; must match
+    /// [`LatentDecoder::log_prior`]).
+    fn sample_prior(&self, n: usize, device: &Device, rng: &mut crate::Rng) -> Result<Tensor> {
+        rng.normal_tensor(&[n, self.latent_dim()], device)
     }
 
     /// `log p(x | z)` per row, `[N]`, for `z: [N, Z]` and `x: [N, D]` in the data's stored

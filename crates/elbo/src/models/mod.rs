@@ -169,6 +169,8 @@ families! {
     vq_vae => VqVae = "vq-vae" | "vqvae" | "vq_vae";
     /// GAN, WGAN and WGAN-GP (Goodfellow et al. 2014; Arjovsky et al. 2017; Gulrajani et al. 2017).
     gan => Gan = "gan";
+    /// Energy-based model: denoising score matching or PCD, Langevin sampling, AIS log Z.
+    ebm => Ebm = "ebm" | "energy";
     gaussian => Gaussian = "gaussian";
 }
 

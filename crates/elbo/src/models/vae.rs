@@ -8,7 +8,10 @@
 //! with an optional linear KL warm-up (Sønderby et al. 2016) and free bits per latent
 //! dimension (Kingma et al. 2016, eq. 15) during training only. Held out it reports the ELBO
 //! (`elbo`, a bound) or the importance-weighted bound with `k = eval.importance_samples` draws
-//! (`iwae`, Burda et al. 2016, eq. 8), both upper bounds on the NLL of the data as stored.
+//! (`iwae`, Burda et al. 2016, eq. 8), both upper bounds on the NLL of the data as stored, or an
+//! annealed-importance-sampling estimate of `log p(x)` from the prior through the decoder alone
+//! (`ais`, Wu et al. 2017, section 3; [`crate::eval::ais`]), which checks the encoder-driven
+//! bounds against an estimate that does not use the encoder.
 //!
 //! Encoder and decoder are MLPs on the flat example (`net = "mlp"`; a decoder with `depth = 0`
 //! is linear, which with the Gaussian observation model is factor analysis, probabilistic PCA
@@ -23,10 +26,11 @@ use serde::{Deserialize, Serialize};
 use crate::config::{EvalOptions, SampleOptions};
 use crate::continuous::diffusion::net::{check_batch, DataScale};
 use crate::data::Layout;
+use crate::eval::ais::{self, AisOptions};
 use crate::latent::observation::log_mean_exp_rows;
 use crate::latent::{
-    diag_normal_log_density, kl_std_normal, reparameterise, std_normal_log_density, Observation,
-    ObservationModel,
+    diag_normal_log_density, kl_std_normal, reparameterise, std_normal_log_density, LatentDecoder,
+    Observation, ObservationModel,
 };
 use crate::model::{
     likelihood_choice, DataInfo, GenerativeModel, ModelCore, StepContext, StepOutput, DEFAULT_GROUP,
@@ -149,8 +153,8 @@ impl Config {
 
 impl FamilyConfig for Config {
     const ABOUT: &'static str =
-        "variational autoencoder: Gaussian encoder, ELBO training, ELBO or IWAE-k bound";
-    const LIKELIHOODS: &'static [&'static str] = &["elbo", "iwae"];
+        "variational autoencoder: Gaussian encoder, ELBO training, ELBO or IWAE-k bound, AIS";
+    const LIKELIHOODS: &'static [&'static str] = &["elbo", "iwae", "ais"];
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
@@ -209,7 +213,14 @@ impl FamilyConfig for Config {
         let per = self
             .memory_estimate(data, eval.batch_size.min(256))
             .activations;
+        let ais_rows = if eval.likelihood.trim().eq_ignore_ascii_case("ais") {
+            self.memory_estimate(data, AisOptions::default().max_rows)
+                .activations
+        } else {
+            0
+        };
         per.max(estimate::prod(&[IWAE_CHUNK_VALUES, 4 * 4]))
+            .max(ais_rows)
     }
 
     fn build(
@@ -312,7 +323,7 @@ impl Vae {
     }
 
     /// `log p(x | z)` per row for latents `z: [N, Z]` and data `x: [N, D]`.
-    pub fn log_likelihood_given(&self, z: &Tensor, x: &Tensor, graph: bool) -> Result<Tensor> {
+    pub fn decode_log_prob(&self, z: &Tensor, x: &Tensor, graph: bool) -> Result<Tensor> {
         let out = self.nets.decode(z, self.obs.outputs_per_dim(), graph)?;
         self.obs.log_prob(&out, x, self.log_scale.as_ref())
     }
@@ -321,7 +332,7 @@ impl Vae {
     fn elbo_terms(&self, batch: &Tensor, rng: &mut Rng, graph: bool) -> Result<(Tensor, Tensor)> {
         let (mu, logvar) = self.encode(batch, graph)?;
         let z = reparameterise(&mu, &logvar, rng)?;
-        let rec = self.log_likelihood_given(&z, batch, graph)?; // [N]
+        let rec = self.decode_log_prob(&z, batch, graph)?; // [N]
         Ok((rec, kl_std_normal(&mu, &logvar)?))
     }
 
@@ -375,7 +386,7 @@ impl Vae {
                 .broadcast_as((c, n, z_dim))?
                 .reshape((c * n, z_dim))?;
             let z = reparameterise(&mu_c, &lv_c, rng)?; // [c*n, Z]
-            let lw = ((self.log_likelihood_given(&z, &x_rep(c)?, false)?
+            let lw = ((self.decode_log_prob(&z, &x_rep(c)?, false)?
                 + std_normal_log_density(&z)?)?
                 - diag_normal_log_density(&z, &mu_c, &lv_c)?)?; // [c*n]
             let lw: Vec<f32> = lw.to_vec1()?;
@@ -507,6 +518,16 @@ impl GenerativeModel for Vae {
     fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
         let which = likelihood_choice(opts, "vae", Config::LIKELIHOODS)?;
         check_batch(batch, self.core.dim, "vae")?;
+        if which == "ais" {
+            let est = ais::log_marginal(self, batch, &AisOptions::from_eval(opts), rng)?;
+            return Ok(Nll {
+                nats: est.log_z.iter().map(|l| -l).collect(),
+                dims: self.core.dim,
+                kind: NllKind::Estimate {
+                    samples: opts.ais_chains,
+                },
+            });
+        }
         let nats = match which {
             "iwae" => self.iwae_nll(batch, opts.importance_samples.max(1), rng)?,
             _ => {
@@ -530,10 +551,32 @@ impl GenerativeModel for Vae {
                  q(z|x), {obs} decoder (standard error over examples includes the sampling)",
                 opts.importance_samples.max(1)
             ),
+            Ok("ais") => format!(
+                "{} from the prior p(z) to p(z|x) through the {obs} decoder (Wu et al. 2017); \
+                 a stochastic upper bound on the NLL whose gap shrinks with chains and steps \
+                 (standard error over examples includes the sampling)",
+                AisOptions::from_eval(opts).describe()
+            ),
             _ => format!(
                 "negative ELBO, one posterior draw per example, KL in closed form, {obs} decoder \
                  (standard error over examples includes the draw)"
             ),
         }
+    }
+}
+
+/// The decoder as a [`LatentDecoder`]: the standard normal prior and `p(x | z)` of the
+/// observation model, differentiable in `z` (for AIS).
+impl LatentDecoder for Vae {
+    fn latent_dim(&self) -> usize {
+        self.cfg.latent
+    }
+
+    fn log_likelihood_given(&self, z: &Tensor, x: &Tensor) -> Result<Tensor> {
+        self.decode_log_prob(z, x, true)
+    }
+
+    fn observation_label(&self) -> String {
+        format!("{} decoder", self.obs.name())
     }
 }
