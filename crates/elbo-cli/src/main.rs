@@ -305,16 +305,19 @@ pub struct QuickstartArgs {
 /// `elbo compare`
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Built-in suites: toy2d (every continuous family on 8gaussians and \
-checkerboard, with the gap to the true entropy), digits (AR, any-order AR, MDLM, DDPM VLB and \
-PF-ODE, flow matching, the Gaussian baseline), shakespeare (the language models, bits/char).\n\
+    after_help = "Built-in suites: toy2d (every continuous family, the flows, the GANs and the \
+energy-based models on 8gaussians, checkerboard and the 25-Gaussian grid: the gap to the true \
+entropy and the sample metrics), digits (every family on the 8x8 digits: the language-model \
+families, the diffusions, flow matching, the flows, the VAE, the GANs and the Gaussian \
+baseline, with the Fréchet distance), mnist (the VAE, the VQ-VAE and its two-stage model), \
+shakespeare (the language models, bits/char).\n\
 Each entry trains into OUT/runs/NAME: a finished run with the same config is reused, an \
 unfinished one resumed, a different config refused. The report is rewritten after every \
 entry; a failing entry is recorded with its error and the suite goes on (the command then \
 exits with an error). With --jobs N, N entries run side by side."
 )]
 pub struct CompareArgs {
-    /// Suite TOML file, or the name of a built-in suite (toy2d, digits, shakespeare).
+    /// Suite TOML file, or the name of a built-in suite (toy2d, digits, mnist, shakespeare).
     #[arg(long)]
     pub suite: String,
     /// Output directory: runs/<entry>/ and report.{html,md,json}.
