@@ -213,21 +213,31 @@ impl PackedLinear {
         // the rows of `x` in one block, packed as `[group of MR rows][kc][MR]` (zero-padded) so
         // the micro-kernel reads one contiguous stream (rows `k` apart would share cache sets)
         let mut apack = vec![0f32; mc.max(MR) * KC.min(k).max(1)];
+        let wide = avx512();
         for ic in rows.clone().step_by(mc.max(MR)) {
             let ie = (ic + mc).min(rows.end);
             let mut pc = 0;
             while pc < k {
                 let kc = KC.min(k - pc);
                 pack_rows(&mut apack, x, k, ic..ie, pc, kc);
-                for j in pj.clone() {
+                let mut j = pj.start;
+                while j < pj.end {
                     let b = &self.panels[(j * k + pc) * NR..];
+                    // two full panels at once where AVX-512 can hold them (a 6 x 32 tile)
+                    let pair = wide && j + 1 < pj.end && (j + 2) * NR <= n;
                     let cols = NR.min(n - j * NR);
                     for (g, ir) in (ic..ie).step_by(MR).enumerate() {
                         let mr = MR.min(ie - ir);
                         let a = &apack[g * kc * MR..(g + 1) * kc * MR];
                         let c = y.0.add(ir * n + j * NR);
-                        tile(kc, a, b, c, n, mr, cols, pc == 0);
+                        if pair {
+                            let b1 = &self.panels[((j + 1) * k + pc) * NR..];
+                            tile_pair(kc, a, b, b1, c, n, mr, pc == 0);
+                        } else {
+                            tile(kc, a, b, c, n, mr, cols, pc == 0);
+                        }
                     }
+                    j += if pair { 2 } else { 1 };
                 }
                 pc += kc;
             }
@@ -342,6 +352,100 @@ pub(super) unsafe fn via_scratch(
 #[inline(always)]
 pub(super) fn avx2() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
+
+/// Whether the AVX-512 micro-kernel of [`tile_pair`] can run here.
+#[inline(always)]
+pub(super) fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`tile`] for two adjacent full panels `b0`, `b1` (columns `0..16` and `16..32` of `c`) in
+/// one pass over `a`: on AVX-512 a `mr x 32` tile of 12 accumulators (each element summed
+/// over `k` in the same order as by [`tile`], so the results are identical).
+///
+/// # Safety
+/// As [`tile`] with 32 columns; `b0` and `b1` hold at least `kc * 16` elements each.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tile_pair(
+    kc: usize,
+    a: &[f32],
+    b0: &[f32],
+    b1: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    first: bool,
+) {
+    debug_assert!(a.len() >= kc * MR && b0.len() >= kc * NR && b1.len() >= kc * NR);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512() {
+            let (a, b0, b1) = (a.as_ptr(), b0.as_ptr(), b1.as_ptr());
+            return match mr {
+                6 => micro_avx512::<6>(kc, a, b0, b1, c, ldc, first),
+                5 => micro_avx512::<5>(kc, a, b0, b1, c, ldc, first),
+                4 => micro_avx512::<4>(kc, a, b0, b1, c, ldc, first),
+                3 => micro_avx512::<3>(kc, a, b0, b1, c, ldc, first),
+                2 => micro_avx512::<2>(kc, a, b0, b1, c, ldc, first),
+                _ => micro_avx512::<1>(kc, a, b0, b1, c, ldc, first),
+            };
+        }
+    }
+    tile(kc, a, b0, c, ldc, mr, NR, first);
+    tile(kc, a, b1, c.add(NR), ldc, mr, NR, first);
+}
+
+/// The `M x 32` AVX-512 micro-kernel over two packed panels: per step of `k`, two loads, `M`
+/// broadcasts and `2 M` FMAs of 16 lanes.
+///
+/// # Safety
+/// As [`tile_pair`] with `mr == M`; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn micro_avx512<const M: usize>(
+    kc: usize,
+    a: *const f32,
+    b0: *const f32,
+    b1: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    first: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc0 = [_mm512_setzero_ps(); M];
+    let mut acc1 = [_mm512_setzero_ps(); M];
+    if !first {
+        for r in 0..M {
+            acc0[r] = _mm512_loadu_ps(c.add(r * ldc));
+            acc1[r] = _mm512_loadu_ps(c.add(r * ldc + NR));
+        }
+    }
+    let (mut ap, mut p0, mut p1) = (a, b0, b1);
+    for _ in 0..kc {
+        let v0 = _mm512_loadu_ps(p0);
+        let v1 = _mm512_loadu_ps(p1);
+        for r in 0..M {
+            let av = _mm512_set1_ps(*ap.add(r));
+            acc0[r] = _mm512_fmadd_ps(av, v0, acc0[r]);
+            acc1[r] = _mm512_fmadd_ps(av, v1, acc1[r]);
+        }
+        ap = ap.add(MR);
+        p0 = p0.add(NR);
+        p1 = p1.add(NR);
+    }
+    for r in 0..M {
+        _mm512_storeu_ps(c.add(r * ldc), acc0[r]);
+        _mm512_storeu_ps(c.add(r * ldc + NR), acc1[r]);
+    }
 }
 
 /// The portable tile: same summation order as the AVX2 one (FMA aside).
