@@ -14,7 +14,7 @@ use candle_core::bail;
 
 #[cfg(target_arch = "x86_64")]
 use super::packed::{avx2, via_scratch};
-use super::packed::{MR, NR};
+use super::packed::{avx512, MR, NR};
 use super::tile::{MatMut, MatRef};
 
 /// `scale · B` for a `B: [k, n]` packed as `[ceil(n / 16)][k][16]` (zero beyond `n`).
@@ -103,21 +103,32 @@ pub(crate) fn matmul_panels(
     }
     let c = dst.data.as_mut_ptr();
     let ap = a.data.as_ptr();
-    for j in n0 / NR..(n0 + n).div_ceil(NR) {
+    let wide = avx512();
+    let (j0, j1) = (n0 / NR, (n0 + n).div_ceil(NR));
+    let mut j = j0;
+    while j < j1 {
         let cols = NR.min(n0 + n - j * NR);
         let bp = &b.data[(j * b.k + k0) * NR..(j * b.k + k0 + k) * NR];
+        // two full panels at once where AVX-512 can hold them (a 6 x 32 tile)
+        let pair = wide && j + 1 < j1 && (j + 2) * NR <= n0 + n;
         for r0 in (0..m).step_by(MR) {
             let mr = MR.min(m - r0);
-            // SAFETY: rows r0..r0 + mr and columns j·16 - n0..+ cols of `dst` lie inside its
-            // slice (checked above: (m - 1) rs + n <= len) and `dst` is borrowed exclusively;
-            // `a` is in bounds, so are its rows r0..r0 + mr over all k columns; `bp` holds
-            // k·16 elements.
+            // SAFETY: rows r0..r0 + mr and columns j·16 - n0..+ cols (+ 16 for a pair) of
+            // `dst` lie inside its slice (checked above: (m - 1) rs + n <= len) and `dst` is
+            // borrowed exclusively; `a` is in bounds, so are its rows r0..r0 + mr over all k
+            // columns; `bp` (and the next panel's slice) holds k·16 elements.
             unsafe {
                 let cp = c.add(r0 * dst.rs + j * NR - n0);
                 let at = ap.add(r0 * a.rs);
-                strided_tile(k, (at, a.rs, a.cs), bp, (cp, dst.rs), mr, cols, !accumulate);
+                if pair {
+                    let bq = &b.data[((j + 1) * b.k + k0) * NR..((j + 1) * b.k + k0 + k) * NR];
+                    strided_pair(k, (at, a.rs, a.cs), bp, bq, (cp, dst.rs), mr, !accumulate);
+                } else {
+                    strided_tile(k, (at, a.rs, a.cs), bp, (cp, dst.rs), mr, cols, !accumulate);
+                }
             }
         }
+        j += if pair { 2 } else { 1 };
     }
     Ok(())
 }
@@ -176,6 +187,88 @@ unsafe fn strided_tile(
         for (q, v) in acc.iter().enumerate().take(cols) {
             *c.add(r * ldc + q) = *v;
         }
+    }
+}
+
+/// [`strided_tile`] for two adjacent full panels `b0`, `b1` (columns `0..32` of `C`): on
+/// AVX-512 one `mr x 32` tile, each element summed over `k` in the same order as by
+/// [`strided_tile`] (identical results).
+///
+/// # Safety
+/// As [`strided_tile`] with 32 columns; `b0` and `b1` hold `k * 16` elements each.
+#[allow(clippy::too_many_arguments)]
+unsafe fn strided_pair(
+    k: usize,
+    a: (*const f32, usize, usize),
+    b0: &[f32],
+    b1: &[f32],
+    (c, ldc): (*mut f32, usize),
+    mr: usize,
+    first: bool,
+) {
+    debug_assert!(b0.len() >= k * NR && b1.len() >= k * NR && mr <= MR);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512() {
+            let (b0, b1) = (b0.as_ptr(), b1.as_ptr());
+            return match mr {
+                6 => micro_strided512::<6>(k, a, b0, b1, c, ldc, first),
+                5 => micro_strided512::<5>(k, a, b0, b1, c, ldc, first),
+                4 => micro_strided512::<4>(k, a, b0, b1, c, ldc, first),
+                3 => micro_strided512::<3>(k, a, b0, b1, c, ldc, first),
+                2 => micro_strided512::<2>(k, a, b0, b1, c, ldc, first),
+                _ => micro_strided512::<1>(k, a, b0, b1, c, ldc, first),
+            };
+        }
+    }
+    strided_tile(k, a, b0, (c, ldc), mr, NR, first);
+    strided_tile(k, a, b1, (c.add(NR), ldc), mr, NR, first);
+}
+
+/// The `M x 32` AVX-512 micro-kernel of [`super::packed`] with `A` read through its strides.
+///
+/// # Safety
+/// As [`strided_pair`] with `mr == M`; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn micro_strided512<const M: usize>(
+    k: usize,
+    (a, rs, cs): (*const f32, usize, usize),
+    b0: *const f32,
+    b1: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    first: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc0 = [_mm512_setzero_ps(); M];
+    let mut acc1 = [_mm512_setzero_ps(); M];
+    if !first {
+        for r in 0..M {
+            acc0[r] = _mm512_loadu_ps(c.add(r * ldc));
+            acc1[r] = _mm512_loadu_ps(c.add(r * ldc + NR));
+        }
+    }
+    let mut rows = [a; M];
+    for (r, p) in rows.iter_mut().enumerate() {
+        *p = a.add(r * rs);
+    }
+    let (mut p0, mut p1) = (b0, b1);
+    for p in 0..k {
+        let v0 = _mm512_loadu_ps(p0);
+        let v1 = _mm512_loadu_ps(p1);
+        let off = p * cs;
+        for r in 0..M {
+            let av = _mm512_set1_ps(*rows[r].add(off));
+            acc0[r] = _mm512_fmadd_ps(av, v0, acc0[r]);
+            acc1[r] = _mm512_fmadd_ps(av, v1, acc1[r]);
+        }
+        p0 = p0.add(NR);
+        p1 = p1.add(NR);
+    }
+    for r in 0..M {
+        _mm512_storeu_ps(c.add(r * ldc), acc0[r]);
+        _mm512_storeu_ps(c.add(r * ldc + NR), acc1[r]);
     }
 }
 
