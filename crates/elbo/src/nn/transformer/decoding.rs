@@ -19,6 +19,11 @@ pub struct KvCache {
     len: usize,
     /// Rows allocated per head (the model's `max_len`).
     cap: usize,
+    /// Per block: `qkv`, `proj`, `fc1`, `fc2` packed on first use (CPU `f32`), then the head.
+    /// A cache belongs to one decoding run, during which the weights are frozen, so the
+    /// weights are packed once per run instead of at every call (with a few rows per call,
+    /// packing cost as much as the product).
+    packs: Option<Vec<Option<fused::PackedLinear>>>,
 }
 
 impl KvCache {
@@ -189,6 +194,7 @@ impl Transformer {
             layers: vec![None; self.blocks.len()],
             len: 0,
             cap: self.cfg.max_len,
+            packs: None,
         }
     }
 
@@ -258,8 +264,8 @@ impl Transformer {
             return Err(Error::Shape("KV cache made for another model".into()));
         }
         let start = cache.len;
-        let mut x = self.embed_at(ids, start, extra)?; // [B, T, D]
-        let (b, t, d) = x.dims3()?;
+        let x = self.embed_at(ids, start, extra)?; // [B, T, D]
+        let t = x.dim(1)?;
         if start + t > cache.cap {
             return Err(Error::Shape(format!(
                 "KV cache: positions up to {} exceed its {} (the model's max_len)",
@@ -268,9 +274,40 @@ impl Transformer {
             )));
         }
         let rope = self.rope(at, start)?;
+        if cache.packs.is_none() {
+            let mut packs = Vec::with_capacity(4 * self.blocks.len() + 1);
+            for blk in &self.blocks {
+                for dense in [&blk.qkv, &blk.proj, &blk.fc1, &blk.fc2] {
+                    packs.push(dense.pack()?);
+                }
+            }
+            packs.push(self.head.pack()?);
+            cache.packs = Some(packs);
+        }
+        let packs = cache.packs.take().unwrap_or_default();
+        let out = self.cached_blocks(x, &packs, rope, cache, mask);
+        cache.packs = Some(packs);
+        out
+    }
+
+    /// The blocks and the head of [`Transformer::cached_step`] for embedded new tokens `x`,
+    /// with the cache's packed weights `packs`.
+    fn cached_blocks(
+        &self,
+        mut x: Tensor,
+        packs: &[Option<fused::PackedLinear>],
+        rope: Rope<'_>,
+        cache: &mut KvCache,
+        mask: AttentionMask,
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let start = cache.len;
+        let pk = |i: usize| packs.get(i).and_then(|p| p.as_ref());
         for (i, blk) in self.blocks.iter().enumerate() {
             let (h, dh) = (blk.n_heads, d / blk.n_heads);
-            let qkv = blk.qkv.forward(&blk.ln1.forward(&x)?)?; // [B, T, 3D]
+            let qkv =
+                blk.qkv
+                    .forward_with(&blk.ln1.forward(&x)?, pk(4 * i), fused::RowAct::Identity)?; // [B, T, 3D]
             let qkv = match rope {
                 Some((r, at)) => r.apply_qkv(&qkv, at)?, // [B, T, 3D]
                 None => qkv,
@@ -285,10 +322,20 @@ impl Transformer {
             vb.slice_set(&v.contiguous()?, 2, start)?;
             let y = attention_cached(&q, &kb, &vb, start + t, mask)?; // [B, H, T, dh]
             let y = y.transpose(1, 2)?.reshape((b, t, d))?; // [B, T, D]
-            x = (x + blk.proj.forward(&y)?)?;
-            let m = blk.fc1.forward_gelu(&blk.ln2.forward(&x)?)?; // [B, T, 4D]
-            x = (x + blk.fc2.forward(&m)?)?;
+            x = (x + blk
+                .proj
+                .forward_with(&y, pk(4 * i + 1), fused::RowAct::Identity)?)?;
+            let ln2 = blk.ln2.forward(&x)?;
+            let m = blk
+                .fc1
+                .forward_with(&ln2, pk(4 * i + 2), fused::RowAct::GeluErf)?; // [B, T, 4D]
+            x = (x + blk
+                .fc2
+                .forward_with(&m, pk(4 * i + 3), fused::RowAct::Identity)?)?;
         }
-        self.head.forward(&self.lnf.forward(&x)?) // [B, T, V_out]
+        let head = pk(4 * self.blocks.len());
+        self.head
+            .forward_with(&self.lnf.forward(&x)?, head, fused::RowAct::Identity)
+        // [B, T, V_out]
     }
 }

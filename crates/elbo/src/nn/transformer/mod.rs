@@ -314,6 +314,44 @@ impl Dense {
         Ok(y.reshape((b, l, ()))?) // [B, L, out]
     }
 
+    /// The weights packed for [`fused::PackedLinear`] (CPU `f32` only, else `None`): for
+    /// decoding, where the same frozen weights multiply a few rows many times.
+    fn pack(&self) -> Result<Option<fused::PackedLinear>> {
+        let (w, bias) = (self.weight.as_tensor(), self.bias.as_tensor());
+        if !fused::cpu_f32(&[w, bias]) {
+            return Ok(None);
+        }
+        let (d_out, d_in) = w.dims2()?;
+        let (wv, bv) = (w.flatten_all()?.to_vec1::<f32>()?, bias.to_vec1::<f32>()?);
+        Ok(Some(fused::PackedLinear::new(&wv, &bv, d_out, d_in)?))
+    }
+
+    /// `act(x W^T + b)` for `x: [B, L, in]` through `packed` (this layer's [`Dense::pack`])
+    /// when given, with no autograd graph; the same kernel as the fused forward pass, so the
+    /// same values as [`Dense::forward`] / [`Dense::forward_gelu`].
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        packed: Option<&fused::PackedLinear>,
+        act: fused::RowAct,
+    ) -> Result<Tensor> {
+        let Some(p) = packed else {
+            return match act {
+                fused::RowAct::Identity => self.forward(x),
+                fused::RowAct::GeluErf => self.forward_gelu(x),
+                fused::RowAct::Silu => Err(Error::Config("dense: no SiLU layer here".into())),
+            };
+        };
+        let (b, l, d) = x.dims3()?;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?; // [B L in]
+        let (y, _) = p.forward_new(&xv, b * l, act, false);
+        let out = y.len() / (b * l).max(1);
+        if d == 0 || out * b * l != y.len() {
+            return Err(Error::Shape(format!("packed dense: input {:?}", x.dims())));
+        }
+        Ok(Tensor::from_vec(y, (b, l, out), x.device())?) // [B, L, out]
+    }
+
     /// `GELU(x W^T + b)` (exact erf GELU), fused on CPU `f32`.
     fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
