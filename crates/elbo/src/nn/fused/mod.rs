@@ -4,8 +4,8 @@
 //!   bias add and SiLU and their gradients fused around the GEMMs), used by
 //!   [`crate::nn::Linear`] and [`crate::nn::Mlp`];
 //! - [`linear_act_inference`]: the same without recording an autograd graph;
-//! - [`PackedLinear`]: `act(x W^T + b)` against weights packed once (a BLIS-style AVX2 GEMM with
-//!   the bias and activation applied in cache), the forward pass of [`linear_act`] and the
+//! - [`PackedLinear`]: `act(x W^T + b)` against weights packed once (a BLIS-style AVX2 / AVX-512 GEMM
+//!   with the bias and activation applied in cache), the forward pass of [`linear_act`] and the
 //!   sampling path of [`crate::nn::PackedMlp`];
 //! - [`layer_norm`], [`softmax`], [`log_softmax`], [`attention`] (flash attention, causal or
 //!   not) and [`cross_entropy`] (per-row, weighted, with an ignore index): the transformer's hot

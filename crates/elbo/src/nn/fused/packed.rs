@@ -7,7 +7,9 @@
 //! no call repacks them (the `gemm` crate packs its operands on every call: 12% of DDPM
 //! sampling); each cache block of rows of `x` is copied into the micro-kernel's order (rows `k`
 //! floats apart would share cache sets). On CPUs with AVX2 + FMA a 6 x 16 micro-kernel keeps
-//! its 12 accumulators in registers across a `KC`-deep slice of `k`; the bias and the
+//! its 12 accumulators in registers across a `KC`-deep slice of `k`; with AVX-512 a 6 x 32
+//! kernel covers two panels at once (12 accumulators of 16 lanes, the same summation order
+//! per element, so the same results); the bias and the
 //! activation (and its derivative, for training) are applied to each block of rows right after
 //! its last slice, while it is still in cache, instead of in a separate pass over the output.
 //! Elsewhere a portable tile with the same summation order runs.
