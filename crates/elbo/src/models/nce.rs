@@ -169,12 +169,7 @@ impl FamilyConfig for Config {
         MemoryEstimate {
             params: self.param_count(data.dim) as u64,
             // forward and backward of each layer over data and noise rows
-            activations: estimate::prod(&[
-                rows,
-                self.hidden * (self.layers + 1) + data.dim,
-                6,
-                4,
-            ]),
+            activations: estimate::prod(&[rows, self.hidden * (self.layers + 1) + data.dim, 6, 4]),
             fixed: estimate::prod(&[data.dim, data.dim, 16]),
         }
     }
