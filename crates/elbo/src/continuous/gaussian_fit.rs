@@ -84,10 +84,7 @@ impl GaussianFit {
                 chol.dims()
             )));
         }
-        let l: Vec<f64> = chol
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?;
+        let l: Vec<f64> = chol.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         if (0..d).any(|i| !(l[i * d + i] > 0.0 && l[i * d + i].is_finite())) {
             return Err(Error::Numerical(
                 "the Gaussian's Cholesky factor has a non-positive diagonal".into(),
