@@ -150,6 +150,18 @@ const BUILTIN_CONFIGS: &[(&str, &str)] = &[
         include_str!("../../../../configs/8gaussians-ebm.toml"),
     ),
     (
+        "../checkerboard-ebm.toml",
+        include_str!("../../../../configs/checkerboard-ebm.toml"),
+    ),
+    (
+        "../8gaussians-nce.toml",
+        include_str!("../../../../configs/8gaussians-nce.toml"),
+    ),
+    (
+        "../checkerboard-nce.toml",
+        include_str!("../../../../configs/checkerboard-nce.toml"),
+    ),
+    (
         "../8gaussians-glow.toml",
         include_str!("../../../../configs/8gaussians-glow.toml"),
     ),

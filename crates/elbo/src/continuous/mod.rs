@@ -10,6 +10,7 @@ pub mod adversarial;
 pub mod cnf;
 pub mod dequantization;
 pub mod diffusion;
+pub mod gaussian_fit;
 pub mod langevin;
 pub mod ode;
 pub mod parameterization;

@@ -4,6 +4,7 @@
 pub mod ais;
 pub mod feature_net;
 pub mod frechet;
+pub mod importance;
 pub mod mode_coverage;
 pub mod plot;
 pub mod report;

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalOptions, SampleOptions};
 use crate::continuous::diffusion::net::{check_batch, DataScale};
+use crate::continuous::gaussian_fit::{cholesky, invert_lower};
 use crate::model::{
     likelihood_choice, DataInfo, GenerativeModel, GroupSettings, ModelCore, ParamGroup,
     StepContext, StepOutput, DEFAULT_GROUP,
@@ -230,41 +231,6 @@ impl Gaussian {
             .set(&Tensor::from_vec(lower, (d * d - d) / 2, dev)?)?;
         Ok(())
     }
-}
-
-/// The lower Cholesky factor of the symmetric positive-definite `a` (`[d, d]`, lower half
-/// read), row-major (Golub & Van Loan 2013, Alg. 4.2.1).
-fn cholesky(a: &[f64], d: usize) -> Result<Vec<f64>> {
-    let mut l = vec![0.0; d * d];
-    for j in 0..d {
-        let s: f64 = (0..j).map(|k| l[j * d + k] * l[j * d + k]).sum();
-        let pivot = a[j * d + j] - s;
-        if !(pivot > 0.0 && pivot.is_finite()) {
-            return Err(Error::Numerical(format!(
-                "the covariance is not positive definite at dimension {j}; raise model.jitter"
-            )));
-        }
-        let ljj = pivot.sqrt();
-        l[j * d + j] = ljj;
-        for i in j + 1..d {
-            let s: f64 = (0..j).map(|k| l[i * d + k] * l[j * d + k]).sum();
-            l[i * d + j] = (a[i * d + j] - s) / ljj;
-        }
-    }
-    Ok(l)
-}
-
-/// The inverse of a lower-triangular matrix with a positive diagonal, row-major.
-fn invert_lower(l: &[f64], d: usize) -> Vec<f64> {
-    let mut inv = vec![0.0; d * d];
-    for c in 0..d {
-        inv[c * d + c] = 1.0 / l[c * d + c];
-        for i in c + 1..d {
-            let s: f64 = (c..i).map(|k| l[i * d + k] * inv[k * d + c]).sum();
-            inv[i * d + c] = -s / l[i * d + i];
-        }
-    }
-    inv
 }
 
 impl GenerativeModel for Gaussian {

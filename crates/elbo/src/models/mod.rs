@@ -171,6 +171,8 @@ families! {
     gan => Gan = "gan";
     /// Energy-based model: denoising score matching or PCD, Langevin sampling, AIS log Z.
     ebm => Ebm = "ebm" | "energy";
+    /// Noise-contrastive estimation and InfoNCE (Gutmann & Hyvärinen 2010; van den Oord et al. 2018).
+    nce => Nce = "nce" | "noise-contrastive";
     gaussian => Gaussian = "gaussian";
 }
 

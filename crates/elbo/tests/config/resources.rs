@@ -92,6 +92,7 @@ fn every_family_and_backbone_counts_its_parameters_exactly() {
             "vq-vae" => (image(8), vec!["model.channels=8", "model.codebook_size=8"]),
             "gan" => (points(), vec!["model.hidden=16", "model.latent=3"]),
             "ebm" => (points(), vec!["model.hidden=16", "model.layers=2"]),
+            "nce" => (points(), vec!["model.hidden=16", "model.layers=2"]),
             _ => (points(), vec!["model.net.hidden=16"]),
         };
         let mut c = family(f.name, &sets);
