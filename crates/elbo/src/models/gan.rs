@@ -118,6 +118,10 @@ pub struct Config {
     /// The standard deviation, in model space ([-1, 1] for images), of the Gaussian observation
     /// model that turns the generator into a density for likelihood estimation.
     pub obs_sigma: f64,
+    /// PacGAN packing (Lin et al. 2018, sec. 3): the critic scores `pack` samples at once, all
+    /// real or all generated, concatenated into one input of `pack x D` values (MLPs only; the
+    /// batch size must be a multiple of it). 1 is the unpacked critic.
+    pub pack: usize,
 }
 
 impl Default for Config {
@@ -136,6 +140,7 @@ impl Default for Config {
             gen_lr: None,
             critic_lr: None,
             obs_sigma: 0.1,
+            pack: 1,
         }
     }
 }
@@ -188,6 +193,23 @@ impl Config {
         }
     }
 
+    /// The critic's shape: `shape` with `pack` examples side by side (PacGAN, Lin et al. 2018).
+    pub fn packed(&self, shape: Shape) -> Result<Shape> {
+        match shape {
+            _ if self.pack == 1 => Ok(shape),
+            Shape::Mlp { dim, hidden, depth } => Ok(Shape::Mlp {
+                dim: dim * self.pack,
+                hidden,
+                depth,
+            }),
+            Shape::Conv { .. } => Err(Error::Config(format!(
+                "model.pack = {} packs flat examples for an MLP critic; the DCGAN critic takes \
+                 one image: set model.pack = 1 or model.arch = \"mlp\"",
+                self.pack
+            ))),
+        }
+    }
+
     /// (learning rate, beta1, beta2, optimizer) of each player by default.
     fn optimizer(&self) -> (f64, f64, f64, OptimizerKind) {
         match self.objective {
@@ -205,7 +227,7 @@ impl Config {
         match *shape {
             Shape::Mlp { dim, hidden, depth } => {
                 estimate::mlp_params(z, hidden, depth, dim)
-                    + estimate::mlp_params(dim, hidden, depth, 1)
+                    + estimate::mlp_params(dim * self.pack, hidden, depth, 1)
             }
             Shape::Conv {
                 channels,
@@ -275,6 +297,12 @@ impl FamilyConfig for Config {
                 self.n_critic
             )));
         }
+        if self.pack == 0 || self.pack > 64 {
+            return Err(Error::Config(format!(
+                "model.pack (samples per critic input, PacGAN) must be in 1..=64, got {}",
+                self.pack
+            )));
+        }
         positive("clip", self.clip)?;
         positive("gp_lambda", self.gp_lambda)?;
         positive("obs_sigma", self.obs_sigma)?;
@@ -333,7 +361,7 @@ impl Gan {
         let (gen, critic) = {
             let mut p = ParamInit::new(&core.varmap, rng, device);
             let gen = Generator::new(&mut p.push("gen"), shape, cfg.latent, discrete)?;
-            let critic = Critic::new(&mut p.push("critic"), shape, cfg.slope)?;
+            let critic = Critic::new(&mut p.push("critic"), cfg.packed(shape)?, cfg.slope)?;
             (gen, critic)
         };
         Ok(Self {
@@ -355,9 +383,26 @@ impl Gan {
         self.gen.forward(z)
     }
 
-    /// The critic's score `[N]` of `x: [N, D]` in model space.
+    /// The critic's score `[N / pack]` of `x: [N, D]` in model space, consecutive rows packed
+    /// into one critic input (PacGAN; one score per row when `pack = 1`).
     pub fn critic_score(&self, x: &Tensor) -> Result<Tensor> {
-        self.critic.forward(x)
+        self.critic.forward(&self.pack(x)?)
+    }
+
+    /// `x: [N, D]` -> `[N / pack, pack D]`, consecutive rows side by side.
+    fn pack(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, d) = x.dims2()?;
+        let m = self.cfg.pack;
+        if m == 1 {
+            return Ok(x.clone());
+        }
+        if n % m != 0 {
+            return Err(Error::Config(format!(
+                "model.pack = {m}: the critic packs {m} examples per input, but got a batch of \
+                 {n}; make train.batch_size a multiple of {m}"
+            )));
+        }
+        Ok(x.reshape((n / m, m * d))?) // [N/m, m D]
     }
 
     /// A training batch in model space: discrete levels dequantized uniformly within their bins
@@ -374,6 +419,7 @@ impl Gan {
     /// The critic's loss on `real` and `fake` (model space); the penalty's interpolation weights
     /// come from `rng` (WGAN-GP only).
     pub fn critic_loss(&self, real: &Tensor, fake: &Tensor, rng: &mut Rng) -> Result<Tensor> {
+        let (real, fake) = (&self.pack(real)?, &self.pack(fake)?); // [B/m, m D]
         let (d_real, d_fake) = (self.critic.forward(real)?, self.critic.forward(fake)?);
         match self.cfg.objective {
             Objective::Minimax | Objective::NonSaturating => discriminator_loss(&d_real, &d_fake),
@@ -389,7 +435,7 @@ impl Gan {
     /// The generator's loss for `n` fresh latents.
     pub fn generator_loss(&self, n: usize, rng: &mut Rng) -> Result<Tensor> {
         let fake = self.gen.forward(&self.latents(n, rng)?)?;
-        let d_fake = self.critic.forward(&fake)?;
+        let d_fake = self.critic_score(&fake)?;
         match self.cfg.objective {
             Objective::Minimax => minimax_generator_loss(&d_fake),
             Objective::NonSaturating => non_saturating_generator_loss(&d_fake),
