@@ -17,8 +17,9 @@
 //! A GAN has no likelihood (`likelihoods` is empty): it is compared by sample metrics. With a
 //! stated Gaussian observation model `p(x | z) = N(x; g(z), obs_sigma^2 I)` in model space the
 //! generator becomes a latent-variable density ([`crate::latent::LatentDecoder`]) whose
-//! likelihood annealed importance sampling can estimate (Wu et al. 2017); that number is the
-//! likelihood of that model, not of the GAN.
+//! likelihood annealed importance sampling estimates when asked for by name (`--likelihood
+//! ais`, an opt-in likelihood: never the default; Wu et al. 2017, sec. 3); that number is the
+//! likelihood of that model with that sigma, not of the GAN.
 
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,7 @@ use crate::continuous::adversarial::{
     wasserstein_critic_loss, wasserstein_generator_loss,
 };
 use crate::continuous::diffusion::net::{check_batch, DataScale};
+use crate::eval::ais::{self, AisOptions};
 use crate::data::{DataKind, Layout};
 use crate::latent::LatentDecoder;
 use crate::model::{
@@ -40,7 +42,7 @@ use crate::nn::ParamInit;
 use crate::resources::{estimate, MemoryEstimate};
 use crate::train::optim::named_vars;
 use crate::train::rmsprop::OptimizerKind;
-use crate::{Error, Nll, Result, Rng};
+use crate::{Error, Nll, NllKind, Result, Rng};
 
 /// The adversarial objective.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,6 +268,7 @@ impl FamilyConfig for Config {
     const ABOUT: &'static str =
         "GAN / WGAN / WGAN-GP: generator against a critic (no likelihood; sample metrics)";
     const LIKELIHOODS: &'static [&'static str] = &[];
+    const OPT_IN_LIKELIHOODS: &'static [&'static str] = &["ais"];
 
     fn validate(&self) -> Result<()> {
         if self.latent == 0 || self.latent > 4096 {
@@ -330,6 +333,16 @@ impl FamilyConfig for Config {
             activations: estimate::prod(&[batch, per_example, 3 * 4 * 2]),
             fixed: 0,
         }
+    }
+
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        // AIS runs the generator (and its z-gradient) on up to max_rows chains at once
+        let rows = if eval.likelihood.trim().eq_ignore_ascii_case("ais") {
+            AisOptions::default().max_rows
+        } else {
+            eval.batch_size
+        };
+        self.memory_estimate(data, rows).activations
     }
 
     fn build(
@@ -528,6 +541,10 @@ impl GenerativeModel for Gan {
         Config::LIKELIHOODS
     }
 
+    fn opt_in_likelihoods(&self) -> &'static [&'static str] {
+        Config::OPT_IN_LIKELIHOODS
+    }
+
     fn sampling(&self, _opts: &SampleOptions) -> String {
         format!(
             "z ~ N(0, I_{}), x = g(z) ({} generator)",
@@ -542,19 +559,44 @@ impl GenerativeModel for Gan {
         self.scale.to_data(&x)
     }
 
-    fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, _rng: &mut Rng) -> Result<Nll> {
+    fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
         check_batch(batch, self.core.dim, "gan")?;
         match opts.likelihood.trim().to_ascii_lowercase().as_str() {
             "auto" | "none" => Ok(Nll::none(self.core.dim)),
+            "ais" => {
+                let est = ais::log_marginal(self, batch, &AisOptions::from_eval(opts), rng)?;
+                Ok(Nll {
+                    nats: est.log_z.iter().map(|l| -l).collect(),
+                    dims: self.core.dim,
+                    kind: NllKind::Estimate {
+                        samples: opts.ais_chains,
+                    },
+                })
+            }
             other => Err(Error::Config(format!(
-                "the gan family reports no likelihood '{other}': it has none; compare it by \
-                 sample metrics (elbo eval --metrics)"
+                "the gan family reports no likelihood '{other}': a GAN has none (compare it \
+                 by sample metrics, elbo eval --metrics); use --likelihood ais for the AIS \
+                 estimate under the Gaussian observation model of model.obs_sigma"
             ))),
         }
     }
 
-    fn likelihood_method(&self, _opts: &EvalOptions) -> String {
-        "none: a GAN defines no density; compared by sample metrics".into()
+    fn likelihood_method(&self, opts: &EvalOptions) -> String {
+        if opts.likelihood.trim().eq_ignore_ascii_case("ais") {
+            format!(
+                "{} from the prior p(z) to p(z|x) through the generator with the observation \
+                 model {} (Wu et al. 2017): the likelihood of that model with sigma = {}, not \
+                 of the GAN, which has none; a stochastic upper bound on that model's NLL \
+                 (standard error over examples includes the sampling)",
+                AisOptions::from_eval(opts).describe(),
+                self.observation_label(),
+                self.cfg.obs_sigma
+            )
+        } else {
+            "none: a GAN defines no density; compared by sample metrics (--likelihood ais: \
+             AIS under a stated Gaussian observation model)"
+                .into()
+        }
     }
 }
 
