@@ -559,3 +559,67 @@ fn ais_through_a_linear_generator_matches_the_ppca_marginal() {
         "{method}"
     );
 }
+
+#[test]
+fn a_packed_critic_scores_pack_examples_jointly() {
+    let mut cfg = gan_config("wgan-gp", "8gaussians");
+    cfg.set("model.pack=2").unwrap();
+    let (model, batch) = build(&cfg, "8gaussians");
+    let shapes: HashMap<String, Vec<usize>> = named_vars(model.varmap())
+        .unwrap()
+        .into_iter()
+        .map(|(n, v)| (n, v.dims().to_vec()))
+        .collect();
+    // the critic's first layer reads two 2-D examples side by side
+    assert_eq!(shapes["critic.h0.weight"], [16, 4]);
+    assert_eq!(shapes["gen.out.weight"], [2, 16]);
+    let elbo::config::ModelConfig::Gan(gc) = &cfg.model else {
+        panic!()
+    };
+    let src = data::open("8gaussians", &DataConfig::default()).unwrap();
+    let gan = Gan::new(gc, DataInfo::of(src.as_ref()), &CPU, &mut Rng::new(0)).unwrap();
+    let x = rows(3, 4, 2); // [4, 2]
+    let s = vals(&gan.critic_score(&x).unwrap());
+    assert_eq!(s.len(), 2);
+    // swapping the two members of a pack changes its score; swapping whole packs permutes them
+    let swapped = Tensor::cat(
+        &[
+            x.narrow(0, 1, 1).unwrap(),
+            x.narrow(0, 0, 1).unwrap(),
+            x.narrow(0, 2, 2).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let t = vals(&gan.critic_score(&swapped).unwrap());
+    assert!((t[0] - s[0]).abs() > 1e-6 && (t[1] - s[1]).abs() < 1e-6);
+    let e = gan.critic_score(&rows(4, 3, 2)).unwrap_err().to_string();
+    assert!(
+        e.contains("batch_size") && e.contains("multiple of 2"),
+        "{e}"
+    );
+    // every parameter of both players still gets a gradient
+    let loss = model.loss(&batch, &mut Rng::new(2)).unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, v) in named_vars(model.varmap()).unwrap() {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        assert!(vals(g).iter().any(|x| *x != 0.0), "{name}: zero gradient");
+    }
+    // the DCGAN critic takes one image: packing it is refused with the fix
+    let e = GanConfig {
+        pack: 2,
+        arch: elbo::models::gan::Arch::Dcgan,
+        ..GanConfig::default()
+    }
+    .packed(Shape::Conv {
+        channels: 1,
+        height: 8,
+        width: 8,
+        base: 4,
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("pack = 1") && e.contains("mlp"), "{e}");
+}
