@@ -201,7 +201,15 @@ pub struct SampleArgs {
 fn likelihood_help() -> String {
     let rows: Vec<String> = elbo::models::FAMILIES
         .iter()
-        .map(|f| format!("  {}: {}", f.name, f.likelihoods.join(", ")))
+        .map(|f| match f.opt_in_likelihoods {
+            [] => format!("  {}: {}", f.name, f.likelihoods.join(", ")),
+            o => format!(
+                "  {}: {} (when named: {})",
+                f.name,
+                f.likelihoods.join(", "),
+                o.join(", ")
+            ),
+        })
         .collect();
     format!(
         "Likelihoods to report, comma-separated, one row each: auto (the family's default, \

@@ -146,6 +146,11 @@ pub trait GenerativeModel {
     /// The likelihood names `log_likelihood` accepts (`EvalOptions::likelihood`); the first is
     /// the default. Empty for a family without a likelihood.
     fn likelihoods(&self) -> &'static [&'static str];
+    /// Likelihood names `log_likelihood` also accepts when named but never picks for `auto`
+    /// (the family's `OPT_IN_LIKELIHOODS`). Default: none.
+    fn opt_in_likelihoods(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// One line saying how `sample` draws, with the given options (for reports and the CLI).
     fn sampling(&self, opts: &SampleOptions) -> String;
     /// `n` samples, `[n, D]`, in the data's own units (discrete data as levels).
@@ -185,6 +190,17 @@ pub fn likelihood_choice(
     family: &str,
     choices: &[&'static str],
 ) -> Result<&'static str> {
+    likelihood_choice_among(opts, family, choices, &[])
+}
+
+/// [`likelihood_choice`] for a family that also computes the likelihoods `opt_in` when they are
+/// named: "auto" still takes the first of `choices` (none when it is empty).
+pub fn likelihood_choice_among(
+    opts: &EvalOptions,
+    family: &str,
+    choices: &[&'static str],
+    opt_in: &[&'static str],
+) -> Result<&'static str> {
     let want = opts
         .likelihood
         .trim()
@@ -192,19 +208,30 @@ pub fn likelihood_choice(
         .replace('_', "-");
     if want == "auto" {
         return choices.first().copied().ok_or_else(|| {
+            let named = match opt_in {
+                [] => String::new(),
+                o => format!(" (or name {})", o.join(", ")),
+            };
             Error::Config(format!(
-                "the {family} family has no likelihood; compare it by sample metrics"
+                "the {family} family has no default likelihood; compare it by sample \
+                 metrics{named}"
             ))
         });
     }
     choices
         .iter()
+        .chain(opt_in)
         .find(|c| **c == want)
         .copied()
         .ok_or_else(|| {
+            let all: Vec<&str> = choices.iter().chain(opt_in).copied().collect();
+            let valid = if all.is_empty() {
+                "auto (it has none: compare it by sample metrics)".to_string()
+            } else {
+                format!("auto or {}", all.join(", "))
+            };
             Error::Config(format!(
-                "the {family} family reports no likelihood '{want}'; use auto or {}",
-                choices.join(", ")
+                "the {family} family reports no likelihood '{want}'; use {valid}"
             ))
         })
 }

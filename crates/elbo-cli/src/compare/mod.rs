@@ -369,10 +369,14 @@ fn score(
         };
         opts.validate()?;
         opts.validate_likelihood(run.config.model.name())?;
-        let resolved =
-            elbo::model::likelihood_choice(&opts, run.model.family(), run.model.likelihoods())
-                .map(str::to_string)
-                .unwrap_or_else(|_| l.clone());
+        let resolved = elbo::model::likelihood_choice_among(
+            &opts,
+            run.model.family(),
+            run.model.likelihoods(),
+            run.model.opt_in_likelihoods(),
+        )
+        .map(str::to_string)
+        .unwrap_or_else(|_| l.clone());
         let row = evaluate(&run, &opts, wanted.examples, 0)
             .with_context(|| format!("evaluating {resolved}"))?;
         if i == 0 {

@@ -4,7 +4,7 @@
 
 use super::{Config, EvalOptions, SampleOptions, TrainConfig};
 use crate::eval::sample_metric::metric_by_name;
-use crate::model::likelihood_choice;
+use crate::model::likelihood_choice_among;
 use crate::models::family;
 use crate::{Error, Result};
 
@@ -127,7 +127,7 @@ impl EvalOptions {
             return Ok(());
         }
         let info = family(family_name)?;
-        match likelihood_choice(self, info.name, info.likelihoods) {
+        match likelihood_choice_among(self, info.name, info.likelihoods, info.opt_in_likelihoods) {
             Ok(_) => Ok(()),
             Err(Error::Config(m)) => bad(format!("eval.likelihood: {m}")),
             Err(e) => Err(e),

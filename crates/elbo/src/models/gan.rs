@@ -17,8 +17,9 @@
 //! A GAN has no likelihood (`likelihoods` is empty): it is compared by sample metrics. With a
 //! stated Gaussian observation model `p(x | z) = N(x; g(z), obs_sigma^2 I)` in model space the
 //! generator becomes a latent-variable density ([`crate::latent::LatentDecoder`]) whose
-//! likelihood annealed importance sampling can estimate (Wu et al. 2017); that number is the
-//! likelihood of that model, not of the GAN.
+//! likelihood annealed importance sampling estimates when asked for by name (`--likelihood
+//! ais`, an opt-in likelihood: never the default; Wu et al. 2017, sec. 3); that number is the
+//! likelihood of that model with that sigma, not of the GAN.
 
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,7 @@ use crate::continuous::adversarial::{
     wasserstein_critic_loss, wasserstein_generator_loss,
 };
 use crate::continuous::diffusion::net::{check_batch, DataScale};
+use crate::eval::ais::{self, AisOptions};
 use crate::data::{DataKind, Layout};
 use crate::latent::LatentDecoder;
 use crate::model::{
@@ -40,7 +42,7 @@ use crate::nn::ParamInit;
 use crate::resources::{estimate, MemoryEstimate};
 use crate::train::optim::named_vars;
 use crate::train::rmsprop::OptimizerKind;
-use crate::{Error, Nll, Result, Rng};
+use crate::{Error, Nll, NllKind, Result, Rng};
 
 /// The adversarial objective.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +120,10 @@ pub struct Config {
     /// The standard deviation, in model space ([-1, 1] for images), of the Gaussian observation
     /// model that turns the generator into a density for likelihood estimation.
     pub obs_sigma: f64,
+    /// PacGAN packing (Lin et al. 2018, sec. 3): the critic scores `pack` samples at once, all
+    /// real or all generated, concatenated into one input of `pack x D` values (MLPs only; the
+    /// batch size must be a multiple of it). 1 is the unpacked critic.
+    pub pack: usize,
 }
 
 impl Default for Config {
@@ -136,6 +142,7 @@ impl Default for Config {
             gen_lr: None,
             critic_lr: None,
             obs_sigma: 0.1,
+            pack: 1,
         }
     }
 }
@@ -188,6 +195,23 @@ impl Config {
         }
     }
 
+    /// The critic's shape: `shape` with `pack` examples side by side (PacGAN, Lin et al. 2018).
+    pub fn packed(&self, shape: Shape) -> Result<Shape> {
+        match shape {
+            _ if self.pack == 1 => Ok(shape),
+            Shape::Mlp { dim, hidden, depth } => Ok(Shape::Mlp {
+                dim: dim * self.pack,
+                hidden,
+                depth,
+            }),
+            Shape::Conv { .. } => Err(Error::Config(format!(
+                "model.pack = {} packs flat examples for an MLP critic; the DCGAN critic takes \
+                 one image: set model.pack = 1 or model.arch = \"mlp\"",
+                self.pack
+            ))),
+        }
+    }
+
     /// (learning rate, beta1, beta2, optimizer) of each player by default.
     fn optimizer(&self) -> (f64, f64, f64, OptimizerKind) {
         match self.objective {
@@ -205,7 +229,7 @@ impl Config {
         match *shape {
             Shape::Mlp { dim, hidden, depth } => {
                 estimate::mlp_params(z, hidden, depth, dim)
-                    + estimate::mlp_params(dim, hidden, depth, 1)
+                    + estimate::mlp_params(dim * self.pack, hidden, depth, 1)
             }
             Shape::Conv {
                 channels,
@@ -244,6 +268,7 @@ impl FamilyConfig for Config {
     const ABOUT: &'static str =
         "GAN / WGAN / WGAN-GP: generator against a critic (no likelihood; sample metrics)";
     const LIKELIHOODS: &'static [&'static str] = &[];
+    const OPT_IN_LIKELIHOODS: &'static [&'static str] = &["ais"];
 
     fn validate(&self) -> Result<()> {
         if self.latent == 0 || self.latent > 4096 {
@@ -275,6 +300,12 @@ impl FamilyConfig for Config {
                 self.n_critic
             )));
         }
+        if self.pack == 0 || self.pack > 64 {
+            return Err(Error::Config(format!(
+                "model.pack (samples per critic input, PacGAN) must be in 1..=64, got {}",
+                self.pack
+            )));
+        }
         positive("clip", self.clip)?;
         positive("gp_lambda", self.gp_lambda)?;
         positive("obs_sigma", self.obs_sigma)?;
@@ -302,6 +333,16 @@ impl FamilyConfig for Config {
             activations: estimate::prod(&[batch, per_example, 3 * 4 * 2]),
             fixed: 0,
         }
+    }
+
+    fn eval_memory(&self, data: &DataInfo, eval: &EvalOptions) -> u64 {
+        // AIS runs the generator (and its z-gradient) on up to max_rows chains at once
+        let rows = if eval.likelihood.trim().eq_ignore_ascii_case("ais") {
+            AisOptions::default().max_rows
+        } else {
+            eval.batch_size
+        };
+        self.memory_estimate(data, rows).activations
     }
 
     fn build(
@@ -333,7 +374,7 @@ impl Gan {
         let (gen, critic) = {
             let mut p = ParamInit::new(&core.varmap, rng, device);
             let gen = Generator::new(&mut p.push("gen"), shape, cfg.latent, discrete)?;
-            let critic = Critic::new(&mut p.push("critic"), shape, cfg.slope)?;
+            let critic = Critic::new(&mut p.push("critic"), cfg.packed(shape)?, cfg.slope)?;
             (gen, critic)
         };
         Ok(Self {
@@ -355,9 +396,26 @@ impl Gan {
         self.gen.forward(z)
     }
 
-    /// The critic's score `[N]` of `x: [N, D]` in model space.
+    /// The critic's score `[N / pack]` of `x: [N, D]` in model space, consecutive rows packed
+    /// into one critic input (PacGAN; one score per row when `pack = 1`).
     pub fn critic_score(&self, x: &Tensor) -> Result<Tensor> {
-        self.critic.forward(x)
+        self.critic.forward(&self.pack(x)?)
+    }
+
+    /// `x: [N, D]` -> `[N / pack, pack D]`, consecutive rows side by side.
+    fn pack(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, d) = x.dims2()?;
+        let m = self.cfg.pack;
+        if m == 1 {
+            return Ok(x.clone());
+        }
+        if n % m != 0 {
+            return Err(Error::Config(format!(
+                "model.pack = {m}: the critic packs {m} examples per input, but got a batch of \
+                 {n}; make train.batch_size a multiple of {m}"
+            )));
+        }
+        Ok(x.reshape((n / m, m * d))?) // [N/m, m D]
     }
 
     /// A training batch in model space: discrete levels dequantized uniformly within their bins
@@ -374,6 +432,7 @@ impl Gan {
     /// The critic's loss on `real` and `fake` (model space); the penalty's interpolation weights
     /// come from `rng` (WGAN-GP only).
     pub fn critic_loss(&self, real: &Tensor, fake: &Tensor, rng: &mut Rng) -> Result<Tensor> {
+        let (real, fake) = (&self.pack(real)?, &self.pack(fake)?); // [B/m, m D]
         let (d_real, d_fake) = (self.critic.forward(real)?, self.critic.forward(fake)?);
         match self.cfg.objective {
             Objective::Minimax | Objective::NonSaturating => discriminator_loss(&d_real, &d_fake),
@@ -389,7 +448,7 @@ impl Gan {
     /// The generator's loss for `n` fresh latents.
     pub fn generator_loss(&self, n: usize, rng: &mut Rng) -> Result<Tensor> {
         let fake = self.gen.forward(&self.latents(n, rng)?)?;
-        let d_fake = self.critic.forward(&fake)?;
+        let d_fake = self.critic_score(&fake)?;
         match self.cfg.objective {
             Objective::Minimax => minimax_generator_loss(&d_fake),
             Objective::NonSaturating => non_saturating_generator_loss(&d_fake),
@@ -482,6 +541,10 @@ impl GenerativeModel for Gan {
         Config::LIKELIHOODS
     }
 
+    fn opt_in_likelihoods(&self) -> &'static [&'static str] {
+        Config::OPT_IN_LIKELIHOODS
+    }
+
     fn sampling(&self, _opts: &SampleOptions) -> String {
         format!(
             "z ~ N(0, I_{}), x = g(z) ({} generator)",
@@ -496,19 +559,44 @@ impl GenerativeModel for Gan {
         self.scale.to_data(&x)
     }
 
-    fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, _rng: &mut Rng) -> Result<Nll> {
+    fn log_likelihood(&self, batch: &Tensor, opts: &EvalOptions, rng: &mut Rng) -> Result<Nll> {
         check_batch(batch, self.core.dim, "gan")?;
         match opts.likelihood.trim().to_ascii_lowercase().as_str() {
             "auto" | "none" => Ok(Nll::none(self.core.dim)),
+            "ais" => {
+                let est = ais::log_marginal(self, batch, &AisOptions::from_eval(opts), rng)?;
+                Ok(Nll {
+                    nats: est.log_z.iter().map(|l| -l).collect(),
+                    dims: self.core.dim,
+                    kind: NllKind::Estimate {
+                        samples: opts.ais_chains,
+                    },
+                })
+            }
             other => Err(Error::Config(format!(
-                "the gan family reports no likelihood '{other}': it has none; compare it by \
-                 sample metrics (elbo eval --metrics)"
+                "the gan family reports no likelihood '{other}': a GAN has none (compare it \
+                 by sample metrics, elbo eval --metrics); use --likelihood ais for the AIS \
+                 estimate under the Gaussian observation model of model.obs_sigma"
             ))),
         }
     }
 
-    fn likelihood_method(&self, _opts: &EvalOptions) -> String {
-        "none: a GAN defines no density; compared by sample metrics".into()
+    fn likelihood_method(&self, opts: &EvalOptions) -> String {
+        if opts.likelihood.trim().eq_ignore_ascii_case("ais") {
+            format!(
+                "{} from the prior p(z) to p(z|x) through the generator with the observation \
+                 model {} (Wu et al. 2017): the likelihood of that model with sigma = {}, not \
+                 of the GAN, which has none; a stochastic upper bound on that model's NLL \
+                 (standard error over examples includes the sampling)",
+                AisOptions::from_eval(opts).describe(),
+                self.observation_label(),
+                self.cfg.obs_sigma
+            )
+        } else {
+            "none: a GAN defines no density; compared by sample metrics (--likelihood ais: \
+             AIS under a stated Gaussian observation model)"
+                .into()
+        }
     }
 }
 

@@ -30,6 +30,11 @@ pub trait FamilyConfig:
     /// The likelihoods `elbo eval --likelihood` accepts for this family; the first is the
     /// default (`auto`). Empty for a family without one.
     const LIKELIHOODS: &'static [&'static str];
+    /// Likelihoods the family also computes when named, never by default (`auto`, compare
+    /// suites without `likelihoods`, selection during training): estimates of a stated model
+    /// around the family's own, such as AIS through a GAN generator with a Gaussian
+    /// observation model. Empty unless a family overrides it.
+    const OPT_IN_LIKELIHOODS: &'static [&'static str] = &[];
     /// Ranges serde cannot check.
     fn validate(&self) -> Result<()> {
         Ok(())
@@ -63,6 +68,8 @@ pub struct FamilyInfo {
     pub about: &'static str,
     /// Likelihood names, default first.
     pub likelihoods: &'static [&'static str],
+    /// Likelihoods computed only when named ([`FamilyConfig::OPT_IN_LIKELIHOODS`]).
+    pub opt_in_likelihoods: &'static [&'static str],
 }
 
 /// Declares the family modules and generates [`ModelConfig`] (a serde enum tagged by `name`),
@@ -99,6 +106,7 @@ macro_rules! families {
             aliases: &[$($alias),*],
             about: <$module::Config as FamilyConfig>::ABOUT,
             likelihoods: <$module::Config as FamilyConfig>::LIKELIHOODS,
+            opt_in_likelihoods: <$module::Config as FamilyConfig>::OPT_IN_LIKELIHOODS,
         },)*];
 
         impl ModelConfig {
@@ -287,11 +295,17 @@ pub fn help_table() -> String {
     FAMILIES
         .iter()
         .map(|f| {
-            let lik = if f.likelihoods.is_empty() {
+            let mut lik = if f.likelihoods.is_empty() {
                 "none".to_string()
             } else {
                 f.likelihoods.join(", ")
             };
+            if !f.opt_in_likelihoods.is_empty() {
+                lik.push_str(&format!(
+                    "; when named: {}",
+                    f.opt_in_likelihoods.join(", ")
+                ));
+            }
             format!("  {:<14} {} [likelihoods: {lik}]", f.name, f.about)
         })
         .collect::<Vec<_>>()

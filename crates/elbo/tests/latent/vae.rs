@@ -20,12 +20,12 @@ use elbo::train::optim::named_vars;
 use elbo::train::{CheckpointChoice, LoadedRun, Trainer};
 use elbo::Rng;
 
-const CPU: Device = Device::Cpu;
-const D: usize = 4;
-const SIGMA: f64 = 0.5;
-const W: [[f64; 2]; D] = [[2.0, 0.0], [0.0, 1.5], [0.0, 0.0], [0.0, 0.0]];
-const B: [f64; D] = [0.3, -0.2, 0.1, 0.0];
+#[path = "ppca.rs"]
+mod ppca;
 
+use ppca::{ais_error, ais_errors, exact_nll, mean, B, D, SIGMA, W};
+
+const CPU: Device = Device::Cpu;
 /// A linear-Gaussian VAE with the decoder above and the encoder at the exact posterior
 /// `N(M⁻¹ Wᵀ (x - b) / σ², M⁻¹)`, `M = I + WᵀW / σ²` (diagonal here), plus `perturb`.
 fn fa_vae(perturb: f64) -> Vae {
@@ -64,40 +64,6 @@ fn fa_vae(perturb: f64) -> Vae {
     vae
 }
 
-/// `-log N(x; b, W Wᵀ + σ² I)` per row (Cholesky in f64).
-fn exact_nll(x: &[Vec<f64>]) -> Vec<f64> {
-    let mut s = [[0.0; D]; D];
-    for i in 0..D {
-        for j in 0..D {
-            s[i][j] =
-                W[i][0] * W[j][0] + W[i][1] * W[j][1] + if i == j { SIGMA * SIGMA } else { 0.0 };
-        }
-    }
-    let mut l = [[0.0; D]; D];
-    for i in 0..D {
-        for j in 0..=i {
-            let sum: f64 = (0..j).map(|k| l[i][k] * l[j][k]).sum();
-            l[i][j] = if i == j {
-                (s[i][i] - sum).sqrt()
-            } else {
-                (s[i][j] - sum) / l[j][j]
-            };
-        }
-    }
-    let logdet: f64 = (0..D).map(|i| 2.0 * l[i][i].ln()).sum();
-    x.iter()
-        .map(|row| {
-            let mut y = [0.0; D];
-            for i in 0..D {
-                let r = row[i] - B[i] - (0..i).map(|k| l[i][k] * y[k]).sum::<f64>();
-                y[i] = r / l[i][i];
-            }
-            let q: f64 = y.iter().map(|v| v * v).sum();
-            0.5 * (D as f64 * (2.0 * std::f64::consts::PI).ln() + logdet + q)
-        })
-        .collect()
-}
-
 fn data_from(vae: &Vae, n: usize) -> (Tensor, Vec<Vec<f64>>) {
     let x = vae
         .sample(n, &Default::default(), &mut Rng::new(5))
@@ -120,10 +86,6 @@ fn mean_nll(vae: &Vae, x: &Tensor, likelihood: &str, k: usize, seed: u64) -> Vec
     vae.log_likelihood(x, &opts, &mut Rng::new(seed))
         .unwrap()
         .nats
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len() as f64
 }
 
 #[test]
@@ -327,38 +289,6 @@ fn a_convolutional_vae_trains_on_digits_to_a_stated_bound() {
     eprintln!("conv VAE on digits, 300 steps: ELBO {bits:.4} bits/dim");
     // uniform over the 17 levels is 4.09 bits/dim; 300 steps reach 2.35 (seed 0)
     assert!(bits < 2.6, "conv VAE ELBO {bits} bits/dim after 300 steps");
-}
-
-/// Per-example `AIS log p(x) - exact log p(x)` with the delta-method standard errors.
-fn ais_errors(
-    vae: &Vae,
-    x: &Tensor,
-    exact: &[f64],
-    steps: usize,
-    seed: u64,
-) -> (Vec<f64>, Vec<f64>) {
-    let opts = AisOptions {
-        chains: 16,
-        steps,
-        leapfrog: 5,
-        ..AisOptions::default()
-    };
-    let est = ais::log_marginal(vae, x, &opts, &mut Rng::new(seed)).unwrap();
-    assert!(
-        steps < 50 || (est.acceptance > 0.4 && est.acceptance < 0.9),
-        "HMC acceptance {} far from the 0.65 target",
-        est.acceptance
-    );
-    let err = est.log_z.iter().zip(exact).map(|(a, e)| a + e).collect();
-    (err, est.stderr)
-}
-
-/// Mean over examples of `AIS log p(x) - exact log p(x)` with its standard error from the
-/// per-example delta-method errors.
-fn ais_error(vae: &Vae, x: &Tensor, exact: &[f64], steps: usize, seed: u64) -> (f64, f64) {
-    let (err, se) = ais_errors(vae, x, exact, steps, seed);
-    let n = exact.len() as f64;
-    (mean(&err), se.iter().map(|s| s * s).sum::<f64>().sqrt() / n)
 }
 
 #[test]

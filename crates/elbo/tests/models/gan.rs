@@ -22,6 +22,9 @@ use elbo::train::optim::named_vars;
 use elbo::train::Trainer;
 use elbo::Rng;
 
+#[path = "../latent/ppca.rs"]
+mod ppca;
+
 const CPU: Device = Device::Cpu;
 
 fn vals(t: &Tensor) -> Vec<f64> {
@@ -459,7 +462,26 @@ fn bad_settings_are_refused_with_the_fix() {
         .log_likelihood(&batch, &opts, &mut Rng::new(0))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("iwae") && e.contains("sample metrics"), "{e}");
+    assert!(
+        e.contains("iwae") && e.contains("sample metrics") && e.contains("ais"),
+        "{e}"
+    );
+    // `ais` is accepted only when named: `auto` stays none, the validator lists it
+    let named = |l: &str| elbo::config::EvalOptions {
+        likelihood: l.into(),
+        ..cfg.eval.clone()
+    };
+    assert!(named("ais").validate_likelihood("gan").is_ok());
+    let e = named("iwae")
+        .validate_likelihood("gan")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("auto or ais"), "{e}");
+    let auto = model
+        .log_likelihood(&batch, &named("auto"), &mut Rng::new(0))
+        .unwrap();
+    assert_eq!(auto.kind, elbo::NllKind::None);
+    assert!(model.likelihoods().is_empty() && model.opt_in_likelihoods() == ["ais"]);
     let mut c = gan_config("non-saturating", "8gaussians");
     c.set("train.select_by=nll").unwrap();
     c.set("train.eval_every=2").unwrap();
@@ -471,4 +493,133 @@ fn bad_settings_are_refused_with_the_fix() {
         .unwrap()
         .to_string();
     assert!(e.contains("select_by"), "{e}");
+}
+
+/// A GAN whose generator is linear, `g(z) = W z + b` (depth 0), with `obs_sigma` = sigma: the
+/// probabilistic-PCA model of [`ppca`], whose marginal is known in closed form.
+fn linear_gan() -> Gan {
+    let cfg = GanConfig {
+        objective: Objective::WganGp,
+        latent: 2,
+        depth: 0,
+        hidden: 4,
+        obs_sigma: ppca::SIGMA,
+        ..GanConfig::default()
+    };
+    let info = DataInfo::flat(ppca::D, DataKind::Continuous);
+    let gan = Gan::new(&cfg, info, &CPU, &mut Rng::new(0)).unwrap();
+    let w: Vec<f32> = ppca::W.iter().flatten().map(|v| *v as f32).collect();
+    let b: Vec<f32> = ppca::B.iter().map(|v| *v as f32).collect();
+    for (name, v) in named_vars(gan.varmap()).unwrap() {
+        match name.as_str() {
+            "gen.out.weight" => v.set(&Tensor::from_vec(w.clone(), (ppca::D, 2), &CPU).unwrap()),
+            "gen.out.bias" => v.set(&Tensor::from_vec(b.clone(), ppca::D, &CPU).unwrap()),
+            _ => Ok(()),
+        }
+        .unwrap();
+    }
+    gan
+}
+
+#[test]
+fn ais_through_a_linear_generator_matches_the_ppca_marginal() {
+    let gan = linear_gan();
+    // x = g(z) + sigma e, drawn here (the GAN's sampler returns g(z) without the noise)
+    let n = 40;
+    let mut rng = Rng::new(5);
+    let z = rng.normal_tensor(&[n, 2], &CPU).unwrap();
+    let e = (rng.normal_tensor(&[n, ppca::D], &CPU).unwrap() * ppca::SIGMA).unwrap();
+    let x = (gan.generate(&z).unwrap() + e).unwrap(); // [n, D]
+    let rows: Vec<Vec<f64>> = x
+        .to_vec2::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.into_iter().map(f64::from).collect())
+        .collect();
+    let exact = ppca::exact_nll(&rows);
+    let (err, se) = ppca::ais_error(&gan, &x, &exact, 200, 3);
+    assert!(se > 0.0 && se < 0.05, "standard error {se}");
+    assert!(err.abs() < 3.0 * se, "AIS - exact = {err} ± {se}");
+    // through `elbo eval --likelihood ais`'s path: an estimate with its chains, and the method
+    // names the observation model and its sigma
+    let opts = elbo::config::EvalOptions {
+        likelihood: "ais".into(),
+        ais_chains: 8,
+        ais_steps: 100,
+        ais_leapfrog: 5,
+        ..elbo::config::EvalOptions::default()
+    };
+    let nll = gan.log_likelihood(&x, &opts, &mut Rng::new(4)).unwrap();
+    assert_eq!(nll.kind, elbo::NllKind::Estimate { samples: 8 });
+    let gap = ppca::mean(&nll.nats) - ppca::mean(&exact);
+    assert!(gap.abs() < 0.1, "AIS NLL - exact = {gap}");
+    let method = gan.likelihood_method(&opts);
+    assert!(
+        method.contains("sigma = 0.5") && method.contains("not of the GAN"),
+        "{method}"
+    );
+}
+
+#[test]
+fn a_packed_critic_scores_pack_examples_jointly() {
+    let mut cfg = gan_config("wgan-gp", "8gaussians");
+    cfg.set("model.pack=2").unwrap();
+    let (model, batch) = build(&cfg, "8gaussians");
+    let shapes: HashMap<String, Vec<usize>> = named_vars(model.varmap())
+        .unwrap()
+        .into_iter()
+        .map(|(n, v)| (n, v.dims().to_vec()))
+        .collect();
+    // the critic's first layer reads two 2-D examples side by side
+    assert_eq!(shapes["critic.h0.weight"], [16, 4]);
+    assert_eq!(shapes["gen.out.weight"], [2, 16]);
+    let elbo::config::ModelConfig::Gan(gc) = &cfg.model else {
+        panic!()
+    };
+    let src = data::open("8gaussians", &DataConfig::default()).unwrap();
+    let gan = Gan::new(gc, DataInfo::of(src.as_ref()), &CPU, &mut Rng::new(0)).unwrap();
+    let x = rows(3, 4, 2); // [4, 2]
+    let s = vals(&gan.critic_score(&x).unwrap());
+    assert_eq!(s.len(), 2);
+    // swapping the two members of a pack changes its score; swapping whole packs permutes them
+    let swapped = Tensor::cat(
+        &[
+            x.narrow(0, 1, 1).unwrap(),
+            x.narrow(0, 0, 1).unwrap(),
+            x.narrow(0, 2, 2).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let t = vals(&gan.critic_score(&swapped).unwrap());
+    assert!((t[0] - s[0]).abs() > 1e-6 && (t[1] - s[1]).abs() < 1e-6);
+    let e = gan.critic_score(&rows(4, 3, 2)).unwrap_err().to_string();
+    assert!(
+        e.contains("batch_size") && e.contains("multiple of 2"),
+        "{e}"
+    );
+    // every parameter of both players still gets a gradient
+    let loss = model.loss(&batch, &mut Rng::new(2)).unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, v) in named_vars(model.varmap()).unwrap() {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        assert!(vals(g).iter().any(|x| *x != 0.0), "{name}: zero gradient");
+    }
+    // the DCGAN critic takes one image: packing it is refused with the fix
+    let e = GanConfig {
+        pack: 2,
+        arch: elbo::models::gan::Arch::Dcgan,
+        ..GanConfig::default()
+    }
+    .packed(Shape::Conv {
+        channels: 1,
+        height: 8,
+        width: 8,
+        base: 4,
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("pack = 1") && e.contains("mlp"), "{e}");
 }
