@@ -6,6 +6,7 @@
 pub mod attention_mask;
 pub mod conv;
 pub mod conv_net;
+pub mod batch_norm;
 pub mod dcgan;
 pub mod embedding;
 pub mod fused;
