@@ -28,7 +28,8 @@ fn vals(t: &Tensor) -> Vec<f64> {
 #[test]
 fn channel_statistics_match_a_two_pass_sum_and_normalise_to_zero_mean_unit_variance() {
     let (b, c, h, w) = (5, 3, 4, 2);
-    let x = (Rng::new(3).normal_tensor(&[b, c, h, w], &CPU).unwrap() * 2.0 + 0.7).unwrap();
+    let x =
+        ((Rng::new(3).normal_tensor(&[b, c, h, w], &CPU).unwrap() * 2.0).unwrap() + 0.7).unwrap();
     let xs = vals(&x);
     let s = batch_stats(&x).unwrap();
     assert_eq!(s.mean.dims(), &[1, c, 1, 1]);
