@@ -193,6 +193,14 @@ const BUILTIN_CONFIGS: &[(&str, &str)] = &[
         "../mnist-vqvae-ar.toml",
         include_str!("../../../../configs/mnist-vqvae-ar.toml"),
     ),
+    (
+        "../mnist-gan.toml",
+        include_str!("../../../../configs/mnist-gan.toml"),
+    ),
+    (
+        "../mnist-wgan-gp.toml",
+        include_str!("../../../../configs/mnist-wgan-gp.toml"),
+    ),
 ];
 
 /// The file as written.

@@ -37,7 +37,8 @@ use crate::model::{
     DataInfo, GenerativeModel, GroupSettings, ModelCore, ParamGroup, StepContext, StepOutput,
 };
 use crate::models::FamilyConfig;
-use crate::nn::dcgan::{Critic, Generator, Shape};
+use crate::nn::batch_norm::StatsMode;
+use crate::nn::dcgan::{Critic, GenNorm, Generator, Shape};
 use crate::nn::ParamInit;
 use crate::resources::{estimate, MemoryEstimate};
 use crate::train::optim::named_vars;
@@ -124,7 +125,18 @@ pub struct Config {
     /// real or all generated, concatenated into one input of `pack x D` values (MLPs only; the
     /// batch size must be a multiple of it). 1 is the unpacked critic.
     pub pack: usize,
+    /// Normalisation in the generator: none, or batch (the DCGAN layout).
+    pub gen_norm: GenNorm,
+    /// Base channel width of the DCGAN critic (unset: `channels`).
+    pub critic_channels: Option<usize>,
 }
+
+/// Latents of the reference batch whose per-layer statistics a batch-normalised generator
+/// samples with (standing statistics).
+const STANDING_BATCH: usize = 512;
+
+/// Seed of the reference batch of the decoder density.
+const STANDING_SEED: u64 = 0x57a4d;
 
 impl Default for Config {
     fn default() -> Self {
@@ -143,6 +155,8 @@ impl Default for Config {
             critic_lr: None,
             obs_sigma: 0.1,
             pack: 1,
+            gen_norm: GenNorm::None,
+            critic_channels: None,
         }
     }
 }
@@ -240,14 +254,20 @@ impl Config {
                 let cells = (height / 4 * (width / 4)) as u64;
                 let conv = |i: usize, o: usize| (i * o * 9 + o) as u64;
                 let b = base;
+                let c = self.critic_channels.unwrap_or(base);
+                let norm = match self.gen_norm {
+                    GenNorm::None => 0,
+                    GenNorm::Batch => 2 * 7 * b as u64,
+                };
                 (z as u64 + 1) * 4 * b as u64 * cells
                     + conv(4 * b, 2 * b)
                     + conv(2 * b, b)
                     + conv(b, channels)
-                    + conv(channels, b)
-                    + conv(b, 2 * b)
-                    + conv(2 * b, 4 * b)
-                    + 4 * b as u64 * cells
+                    + norm
+                    + conv(channels, c)
+                    + conv(c, 2 * c)
+                    + conv(2 * c, 4 * c)
+                    + 4 * c as u64 * cells
                     + 1
             }
         }
@@ -277,9 +297,9 @@ impl FamilyConfig for Config {
                 self.latent
             )));
         }
-        if self.hidden == 0 || self.channels == 0 {
+        if self.hidden == 0 || self.channels == 0 || self.critic_channels == Some(0) {
             return Err(Error::Config(
-                "model.hidden and model.channels must be at least 1".into(),
+                "model.hidden, model.channels and model.critic_channels must be at least 1".into(),
             ));
         }
         if self.depth > 16 {
@@ -373,8 +393,15 @@ impl Gan {
         let discrete = matches!(data.kind, DataKind::Discrete { .. });
         let (gen, critic) = {
             let mut p = ParamInit::new(&core.varmap, rng, device);
-            let gen = Generator::new(&mut p.push("gen"), shape, cfg.latent, discrete)?;
-            let critic = Critic::new(&mut p.push("critic"), cfg.packed(shape)?, cfg.slope)?;
+            let gen = Generator::with_norm(
+                &mut p.push("gen"),
+                shape,
+                cfg.latent,
+                discrete,
+                cfg.gen_norm,
+            )?;
+            let critic_shape = shape.with_base(cfg.critic_channels.unwrap_or(cfg.channels));
+            let critic = Critic::new(&mut p.push("critic"), cfg.packed(critic_shape)?, cfg.slope)?;
             (gen, critic)
         };
         Ok(Self {
@@ -394,6 +421,17 @@ impl Gan {
     /// The generator's output `g(z)` in model space, `[N, D]` for `z: [N, Z]`.
     pub fn generate(&self, z: &Tensor) -> Result<Tensor> {
         self.gen.forward(z)
+    }
+
+    /// The generator's output for sampling: with batch normalisation, normalised by the
+    /// standing statistics of a reference batch of latents drawn from `rng`.
+    pub fn generate_eval(&self, z: &Tensor, rng: &mut Rng) -> Result<Tensor> {
+        if !self.gen.batch_norm() {
+            return self.gen.forward(z);
+        }
+        let z_ref = self.latents(STANDING_BATCH, rng)?; // [512, Z]
+        let stats = self.gen.standing_stats(&z_ref)?;
+        self.gen.forward_with(z, &mut StatsMode::Fixed(&stats))
     }
 
     /// The critic's score `[N / pack]` of `x: [N, D]` in model space, consecutive rows packed
@@ -555,7 +593,7 @@ impl GenerativeModel for Gan {
 
     fn sample(&self, n: usize, _opts: &SampleOptions, rng: &mut Rng) -> Result<Tensor> {
         let z = self.latents(n, rng)?; // [n, Z]
-        let x = self.gen.forward(&z)?.detach(); // [n, D] model space
+        let x = self.generate_eval(&z, rng)?.detach(); // [n, D] model space
         self.scale.to_data(&x)
     }
 
@@ -608,7 +646,8 @@ impl LatentDecoder for Gan {
     /// `log N(x; g(z), obs_sigma^2 I)` in model space, plus the Jacobian of the map to the
     /// data's stored units (discrete levels: `D log(2 / (L - 1))`).
     fn log_likelihood_given(&self, z: &Tensor, x: &Tensor) -> Result<Tensor> {
-        let mean = self.gen.forward(z)?; // [N, D]
+        // a fixed reference batch, so the density does not depend on the call
+        let mean = self.generate_eval(z, &mut Rng::new(STANDING_SEED))?; // [N, D]
         let x = self.scale.to_grid(x)?; // [N, D]
         let s = self.cfg.obs_sigma;
         let d = self.core.dim as f64;

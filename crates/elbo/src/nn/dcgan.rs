@@ -6,11 +6,14 @@
 //! the generator with `tanh` at its output, LeakyReLU (slope 0.2) in the critic. The critic
 //! halves the resolution by 2x2 average pooling after each convolution (Gulrajani et al. 2017
 //! use mean pooling in their ResNet critic), so its input gradient stays a plain composition.
-//! Batch normalisation is left out: the WGAN-GP critic must not use it (Gulrajani et al. 2017,
-//! sec. 4, "no critic batch normalization"), and the generators here train without it.
+//! The critic never uses batch normalisation (the WGAN-GP critic must not: Gulrajani et al.
+//! 2017, sec. 4, "no critic batch normalization"); the generator may (`GenNorm::Batch`, the
+//! DCGAN layout: after every layer but the output), sampled with standing statistics.
 
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
+use super::batch_norm::{BatchNorm, LayerStats, StatsMode};
 use super::plain::{leaky_relu, PlainConv, PlainLinear};
 use super::ParamInit;
 use crate::{Error, Result};
@@ -73,6 +76,36 @@ impl Shape {
             } => channels * height * width,
         }
     }
+
+    /// The same geometry with base channel width `base` (convolutions only).
+    pub fn with_base(self, base: usize) -> Shape {
+        match self {
+            Shape::Conv {
+                channels,
+                height,
+                width,
+                ..
+            } => Shape::Conv {
+                channels,
+                height,
+                width,
+                base,
+            },
+            mlp => mlp,
+        }
+    }
+}
+
+/// Normalisation inside the generator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GenNorm {
+    /// None.
+    #[default]
+    None,
+    /// Batch normalisation after every hidden layer (Radford et al. 2016, sec. 3), sampled
+    /// with standing statistics.
+    Batch,
 }
 
 /// The generator `g(z)`: latent `[B, Z]` -> example `[B, D]` in model space.
@@ -81,14 +114,39 @@ pub struct Generator {
     shape: Shape,
     layers: Vec<PlainLinear>,
     convs: Vec<PlainConv>,
+    /// One batch norm per hidden layer, or none.
+    norms: Vec<BatchNorm>,
     /// Squash the output into [-1, 1] (images and other discrete data).
     tanh: bool,
 }
 
 impl Generator {
-    /// A generator for `shape` from `latent` dimensions, weights from `p`.
+    /// A generator for `shape` from `latent` dimensions, weights from `p`, without normalisation.
     pub fn new(p: &mut ParamInit, shape: Shape, latent: usize, tanh: bool) -> Result<Self> {
+        Self::with_norm(p, shape, latent, tanh, GenNorm::None)
+    }
+
+    /// A generator with normalisation `norm` after each hidden layer.
+    pub fn with_norm(
+        p: &mut ParamInit,
+        shape: Shape,
+        latent: usize,
+        tanh: bool,
+        norm: GenNorm,
+    ) -> Result<Self> {
         shape.validate()?;
+        let widths: Vec<usize> = match shape {
+            Shape::Mlp { hidden, depth, .. } => vec![hidden; depth],
+            Shape::Conv { base, .. } => vec![4 * base, 2 * base, base],
+        };
+        let norms = match norm {
+            GenNorm::None => Vec::new(),
+            GenNorm::Batch => widths
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| BatchNorm::new(&mut p.push(&format!("bn{i}")), c, i))
+                .collect::<Result<Vec<_>>>()?,
+        };
         let (layers, convs) = match shape {
             Shape::Mlp { dim, hidden, depth } => {
                 let mut layers = Vec::new();
@@ -124,30 +182,57 @@ impl Generator {
             shape,
             layers,
             convs,
+            norms,
             tanh,
         })
     }
 
-    /// `z: [B, Z]` -> `[B, D]`.
+    /// Whether the generator normalises by batch statistics (so sampling needs standing ones).
+    pub fn batch_norm(&self) -> bool {
+        !self.norms.is_empty()
+    }
+
+    /// `z: [B, Z]` -> `[B, D]`, normalising by the statistics of this batch (training).
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        self.forward_with(z, &mut StatsMode::Batch(&mut Vec::new()))
+    }
+
+    /// The standing statistics of every normalisation layer for the reference batch `z_ref`
+    /// (empty without normalisation).
+    pub fn standing_stats(&self, z_ref: &Tensor) -> Result<Vec<LayerStats>> {
+        let mut stats = Vec::new();
+        if self.batch_norm() {
+            self.forward_with(z_ref, &mut StatsMode::Batch(&mut stats))?;
+        }
+        Ok(stats)
+    }
+
+    /// `z: [B, Z]` -> `[B, D]` with the statistics `mode` gives.
+    pub fn forward_with(&self, z: &Tensor, mode: &mut StatsMode<'_>) -> Result<Tensor> {
+        let act = |i: usize, h: Tensor, mode: &mut StatsMode<'_>| -> Result<Tensor> {
+            let h = match self.norms.get(i) {
+                Some(bn) => bn.forward(&h, mode)?,
+                None => h,
+            };
+            Ok(h.relu()?)
+        };
         let out = match self.shape {
             Shape::Mlp { .. } => {
                 let n = self.layers.len();
                 let mut h = z.clone();
-                for layer in &self.layers[..n - 1] {
-                    h = layer.forward(&h)?.relu()?;
+                for (i, layer) in self.layers[..n - 1].iter().enumerate() {
+                    h = act(i, layer.forward(&h)?, mode)?;
                 }
                 self.layers[n - 1].forward(&h)?
             }
             Shape::Conv { height, width, .. } => {
                 let b = z.dim(0)?;
                 let (h4, w4) = (height / 4, width / 4);
-                let h = self.layers[0].forward(z)?.relu()?; // [B, 4C h w]
-                let h = h.reshape((b, (), h4, w4))?; // [B, 4C, H/4, W/4]
-                let h = h.upsample_nearest2d(h4 * 2, w4 * 2)?;
-                let h = self.convs[0].forward(&h)?.relu()?; // [B, 2C, H/2, W/2]
+                let h = self.layers[0].forward(z)?.reshape((b, (), h4, w4))?; // [B, 4C, H/4, W/4]
+                let h = act(0, h, mode)?.upsample_nearest2d(h4 * 2, w4 * 2)?;
+                let h = act(1, self.convs[0].forward(&h)?, mode)?; // [B, 2C, H/2, W/2]
                 let h = h.upsample_nearest2d(height, width)?;
-                let h = self.convs[1].forward(&h)?.relu()?; // [B, C, H, W]
+                let h = act(2, self.convs[1].forward(&h)?, mode)?; // [B, C, H, W]
                 self.convs[2].forward(&h)?.reshape((b, ()))? // [B, D]
             }
         };

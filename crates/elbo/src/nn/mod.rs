@@ -4,6 +4,7 @@
 //! transformer are differentiable compositions (candle's fused versions record none).
 
 pub mod attention_mask;
+pub mod batch_norm;
 pub mod conv;
 pub mod conv_net;
 pub mod dcgan;
