@@ -27,7 +27,7 @@
 //! against the brute-force `log |det J|` from autograd, and each inverse to 1e-5.
 
 mod actnorm;
-mod batch_norm;
+pub mod batch_norm;
 mod conv_net;
 mod coupling;
 mod lu_linear;

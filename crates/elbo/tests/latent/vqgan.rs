@@ -101,8 +101,18 @@ fn the_adaptive_weight_is_the_ratio_of_the_gradient_norms_at_the_last_layer() {
     let (model, batch) = tiny();
     let last = last_layer(&model);
     let (rec, gan, lambda) = losses(&model, &batch);
-    let g_rec = rec.backward().unwrap().get(last.as_tensor()).unwrap().clone();
-    let g_gan = gan.backward().unwrap().get(last.as_tensor()).unwrap().clone();
+    let g_rec = rec
+        .backward()
+        .unwrap()
+        .get(last.as_tensor())
+        .unwrap()
+        .clone();
+    let g_gan = gan
+        .backward()
+        .unwrap()
+        .get(last.as_tensor())
+        .unwrap()
+        .clone();
     let r = norm_by_difference(&model, &batch, &last, &g_rec, |l| &l.0);
     let g = norm_by_difference(&model, &batch, &last, &g_gan, |l| &l.1);
     assert!(r > 0.0 && g > 0.0, "{r} {g}");
@@ -115,13 +125,21 @@ fn the_adaptive_weight_is_the_ratio_of_the_gradient_norms_at_the_last_layer() {
     // detached: the term's gradient at the last layer is weight * lambda * grad L_GAN
     let f = model.forward(&batch).unwrap();
     let (term, lam, _, _) = model.adversarial_term(&f, &rec).unwrap().unwrap();
-    let g_term = term.backward().unwrap().get(last.as_tensor()).unwrap().clone();
+    let g_term = term
+        .backward()
+        .unwrap()
+        .get(last.as_tensor())
+        .unwrap()
+        .clone();
     let k = 0.8 * scalar(&lam);
     let a: Vec<f32> = g_term.flatten_all().unwrap().to_vec1().unwrap();
     let b: Vec<f32> = g_gan.flatten_all().unwrap().to_vec1().unwrap();
     for (x, y) in a.iter().zip(&b) {
         let y = k * f64::from(*y);
-        assert!((f64::from(*x) - y).abs() <= 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+        assert!(
+            (f64::from(*x) - y).abs() <= 1e-4 * (1.0 + y.abs()),
+            "{x} vs {y}"
+        );
     }
     // clamped to 1e4 when the adversarial gradient vanishes
     let big = (&rec * 1e6).unwrap();
@@ -161,7 +179,13 @@ fn the_adversarial_term_and_the_discriminator_start_at_disc_start() {
             .unwrap()
             .into_iter()
             .filter(|(n, _)| n.starts_with("disc."))
-            .flat_map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .flat_map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
             .collect()
     };
     let d0 = disc(&t);
@@ -169,7 +193,11 @@ fn the_adversarial_term_and_the_discriminator_start_at_disc_start() {
     t.run_until(2, false).unwrap();
     assert_eq!(disc(&t), d0, "the discriminator moved before disc_start");
     t.run(false).unwrap();
-    assert_ne!(disc(&t), d0, "the discriminator did not train after disc_start");
+    assert_ne!(
+        disc(&t),
+        d0,
+        "the discriminator did not train after disc_start"
+    );
     let log = std::fs::read_to_string(d.path().join("metrics.jsonl")).unwrap();
     let rows: Vec<serde_json::Value> = log
         .lines()
@@ -193,11 +221,17 @@ fn the_adversarial_term_and_the_discriminator_start_at_disc_start() {
 #[test]
 fn the_discriminators_settings_are_checked_when_the_config_loads() {
     let mut c = vqgan_config(0);
-    let e = c.set("model.adversarial.beta1=1.5").unwrap_err().to_string();
+    let e = c
+        .set("model.adversarial.beta1=1.5")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("model.adversarial.beta1"), "{e}");
     let e = c.set("model.adversarial.kind=1").unwrap_err().to_string();
     assert!(e.contains("kind"), "{e}");
-    let e = c.set("model.adversarial.loss=\"wgan\"").unwrap_err().to_string();
+    let e = c
+        .set("model.adversarial.loss=\"wgan\"")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("hinge"), "{e}");
     // 8x8 digits cannot be halved 4 times
     c.set("model.adversarial.layers=4").unwrap();

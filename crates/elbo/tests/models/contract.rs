@@ -512,7 +512,10 @@ fn the_vqgan_option_keeps_the_contract() {
             .map(|(n, _)| n)
             .collect();
         for prefix in ["encoder.", "decoder.", "disc."] {
-            assert!(names.iter().any(|n| n.starts_with(prefix)), "{label}: {prefix}");
+            assert!(
+                names.iter().any(|n| n.starts_with(prefix)),
+                "{label}: {prefix}"
+            );
         }
         assert_eq!(
             names.iter().any(|n| n.starts_with("codebook.")),
