@@ -1,13 +1,14 @@
 //! Normalizing flows, one family with a choice of architecture: NICE (additive couplings and a
-//! diagonal scaling; Dinh et al. 2015), RealNVP (affine couplings with alternating masks and
-//! ActNorm in place of batch normalisation; Dinh et al. 2017) and Glow (steps of ActNorm, an
+//! diagonal scaling; Dinh et al. 2015), RealNVP (affine couplings with alternating masks, each
+//! followed by ActNorm or, with `norm = "batchnorm"`, the paper's batch normalisation, sec. 3.7;
+//! Dinh et al. 2017) and Glow (steps of ActNorm, an
 //! invertible LU-decomposed linear map and an affine coupling; Kingma & Dhariwal 2018). On
 //! flat data the conditioners are MLPs on the data vector. On images they are convolutional
 //! networks inside the multi-scale architecture ([`MultiScale`]; Dinh et al. 2017, sec. 3.6):
 //! each of `levels` scales squeezes the image (2x2 pixels into 4x the channels), applies
 //! `layers` steps and factors half of the channels out to a Gaussian prior. A RealNVP step is
 //! an affine coupling (checkerboard masks in the first half of a scale's steps, channel masks
-//! in the second and on a single pixel) and ActNorm; a Glow step is ActNorm, the invertible 1x1 convolution with the
+//! in the second and on a single pixel) and ActNorm (or batch norm); a Glow step is ActNorm, the invertible 1x1 convolution with the
 //! LU-decomposed weight ([`LuLinear`] over the channels) and an affine channel coupling; a NICE
 //! step is an additive coupling, with a per-channel scaling at the end of each scale.
 //!
@@ -27,8 +28,8 @@ use crate::continuous::dequantization::{DataScale, Dequantization, VariationalDe
 use crate::continuous::diffusion::net::check_batch;
 use crate::data::Layout;
 use crate::flows::{
-    ActNorm, BatchNorm, Bijector, Coupling, CouplingKind, Flow, LuLinear, Mask, MultiScale, Scaling, Split,
-    SplitPrior, Squeeze,
+    ActNorm, BatchNorm, Bijector, Coupling, CouplingKind, Flow, LuLinear, Mask, MultiScale,
+    Scaling, Split, SplitPrior, Squeeze,
 };
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;

@@ -465,7 +465,10 @@ impl GenerativeModel for VqVae {
     fn train_step(&mut self, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
         let batch = ctx.batch()?;
         let (mut loss, f, rec) = self.objective(&batch)?;
-        let active = self.adversarial.as_ref().is_some_and(|a| a.active(ctx.step()));
+        let active = self
+            .adversarial
+            .as_ref()
+            .is_some_and(|a| a.active(ctx.step()));
         let mut adv = None;
         if active {
             if let Some((term, lambda, gan, fake)) = self.adversarial_term(&f, &rec)? {
@@ -478,7 +481,10 @@ impl GenerativeModel for VqVae {
             let d = self.discriminator_loss(&batch, &fake)?;
             let disc = ctx.minimize(DISC_GROUP, &d)?;
             out.extra.extend([
-                ("adaptive_weight".to_string(), lambda.to_scalar::<f32>()? as f64),
+                (
+                    "adaptive_weight".to_string(),
+                    lambda.to_scalar::<f32>()? as f64,
+                ),
                 ("gan_loss".to_string(), gan.to_scalar::<f32>()? as f64),
                 ("disc_loss".to_string(), disc.loss),
             ]);
