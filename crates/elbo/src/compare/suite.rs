@@ -181,6 +181,18 @@ const BUILTIN_CONFIGS: &[(&str, &str)] = &[
         "../mnist-vqvae-ar.toml",
         include_str!("../../../../configs/mnist-vqvae-ar.toml"),
     ),
+    (
+        "../digits-vqvae.toml",
+        include_str!("../../../../configs/digits-vqvae.toml"),
+    ),
+    (
+        "../digits-vqvae-ar.toml",
+        include_str!("../../../../configs/digits-vqvae-ar.toml"),
+    ),
+    (
+        "../digits-vqgan.toml",
+        include_str!("../../../../configs/digits-vqgan.toml"),
+    ),
 ];
 
 /// The file as written.
