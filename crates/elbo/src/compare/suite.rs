@@ -201,6 +201,18 @@ const BUILTIN_CONFIGS: &[(&str, &str)] = &[
         "../mnist-wgan-gp.toml",
         include_str!("../../../../configs/mnist-wgan-gp.toml"),
     ),
+    (
+        "../digits-vqvae.toml",
+        include_str!("../../../../configs/digits-vqvae.toml"),
+    ),
+    (
+        "../digits-vqvae-ar.toml",
+        include_str!("../../../../configs/digits-vqvae-ar.toml"),
+    ),
+    (
+        "../digits-vqgan.toml",
+        include_str!("../../../../configs/digits-vqgan.toml"),
+    ),
 ];
 
 /// The file as written.

@@ -9,6 +9,9 @@
 //! - The Wasserstein GAN (Arjovsky et al. 2017, algorithm 1): the critic maximises the
 //!   Kantorovich-Rubinstein dual `E f(x) - E f(G(z))` over (clipped, hence Lipschitz) `f`; the
 //!   generator minimises `-E f(G(z))`.
+//! - The hinge loss (Lim & Ye 2017, eq. 8-9; Miyato et al. 2018): the discriminator minimises
+//!   `E relu(1 - d(x)) + E relu(1 + d(G(z)))`, the generator `-E d(G(z))` (the Wasserstein
+//!   generator's loss); VQGAN's default (Esser et al. 2021).
 //! - WGAN-GP (Gulrajani et al. 2017, algorithm 1, line 7): the Lipschitz constraint as the
 //!   penalty `lambda E (|grad f(x_hat)|_2 - 1)^2` on interpolates `x_hat = eps x + (1 - eps)
 //!   G(z)`, `eps ~ U[0, 1]` per example. Its gradient with respect to the critic's weights is a
@@ -33,6 +36,15 @@ pub fn minimax_generator_loss(d_fake: &Tensor) -> Result<Tensor> {
 /// The non-saturating generator loss `-E log sigmoid(d(G(z))) = E softplus(-d(G(z)))`.
 pub fn non_saturating_generator_loss(d_fake: &Tensor) -> Result<Tensor> {
     Ok(softplus(&d_fake.neg()?)?.mean_all()?)
+}
+
+/// The hinge discriminator loss `E relu(1 - d(x)) + E relu(1 + d(G(z)))` for logits of any
+/// shape (means over every element); the generator's counterpart is
+/// [`wasserstein_generator_loss`].
+pub fn hinge_discriminator_loss(d_real: &Tensor, d_fake: &Tensor) -> Result<Tensor> {
+    let real = d_real.affine(-1.0, 1.0)?.relu()?.mean_all()?;
+    let fake = d_fake.affine(1.0, 1.0)?.relu()?.mean_all()?;
+    Ok((real + fake)?)
 }
 
 /// The Wasserstein critic's loss, the negated dual `E f(G(z)) - E f(x)`.

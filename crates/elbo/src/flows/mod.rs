@@ -9,6 +9,8 @@
 //! - [`Coupling`]: additive (NICE; Dinh et al. 2015, eq. 7) or affine (RealNVP; Dinh et al.
 //!   2017, eq. 6-9) coupling with an MLP conditioner, on flat data;
 //! - [`ActNorm`]: per-dimension affine with data-dependent initialisation (Glow, sec. 3.1);
+//! - [`BatchNorm`]: RealNVP's batch normalisation (Dinh et al. 2017, sec. 3.7), batch
+//!   statistics in training and running averages at evaluation;
 //! - [`LuLinear`]: an invertible linear map (Glow's 1x1 convolution, sec. 3.2) through its LU
 //!   decomposition, whose log-determinant is `Σ log |s|`;
 //! - [`Scaling`]: NICE's diagonal scaling layer (Dinh et al. 2015, sec. 3.3);
@@ -25,6 +27,7 @@
 //! against the brute-force `log |det J|` from autograd, and each inverse to 1e-5.
 
 mod actnorm;
+pub mod batch_norm;
 mod conv_net;
 mod coupling;
 mod lu_linear;
@@ -35,6 +38,7 @@ mod squeeze;
 use std::collections::HashMap;
 
 pub use actnorm::ActNorm;
+pub use batch_norm::BatchNorm;
 pub use conv_net::ConvNet;
 pub use coupling::{Coupling, CouplingKind, Mask};
 pub use lu_linear::LuLinear;
@@ -58,6 +62,10 @@ pub trait Bijector {
     fn init_from_data(&mut self, x: &Tensor) -> Result<()> {
         let _ = x;
         Ok(())
+    }
+    /// Switch between training (batch statistics) and evaluation; default nothing.
+    fn set_training(&self, on: bool) {
+        let _ = on;
     }
     /// Fixed, non-trainable tensors (a permutation, signs) to keep in checkpoints, under names
     /// prefixed with `prefix`.
@@ -110,6 +118,13 @@ impl Flow {
             log_det = (log_det + ld)?;
         }
         Ok((z, log_det))
+    }
+
+    /// Put every layer in training (`true`) or evaluation mode.
+    pub fn set_training(&self, on: bool) {
+        for l in &self.layers {
+            l.set_training(on);
+        }
     }
 
     /// `x = f⁻¹(z)`, the layers inverted in reverse order.

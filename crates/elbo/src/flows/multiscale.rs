@@ -206,6 +206,13 @@ impl MultiScale {
         self.decode(&eps)
     }
 
+    /// Put every level's layers in training (`true`) or evaluation mode (batch norm).
+    pub fn set_training(&self, on: bool) {
+        for level in &self.levels {
+            level.flow.set_training(on);
+        }
+    }
+
     /// Each level's data-dependent initialisation (ActNorm) on what reaches it.
     pub fn init_from_data(&mut self, x: &Tensor) -> Result<()> {
         let mut h = x.detach();

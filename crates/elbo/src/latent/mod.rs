@@ -12,6 +12,7 @@ pub mod codebook;
 pub mod decoder;
 pub mod observation;
 pub mod two_stage;
+pub mod vqgan;
 
 pub use decoder::LatentDecoder;
 pub use observation::{Observation, ObservationModel};

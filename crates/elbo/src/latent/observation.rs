@@ -157,6 +157,34 @@ impl ObservationModel {
         Ok(lp.sum(1)?)
     }
 
+    /// The decoder's expected value in model space (the levels' centred grid in [-1, 1]),
+    /// `[N, D]`, differentiable in `out`: `2 sigmoid(l) - 1` (Bernoulli), `Σ_k softmax(l)_k c_k`
+    /// over the grid points `c_k` (categorical), the location `μ` (discretized logistic, whose
+    /// mean it is up to the clipping of the outer bins), the mean itself (Gaussian).
+    pub fn mean(&self, out: &Tensor) -> Result<Tensor> {
+        let n = out.dim(0)?;
+        let d = out.dim(1)? / self.outputs_per_dim();
+        Ok(match *self {
+            ObservationModel::Bernoulli => {
+                softplus(&out.neg()?)?.neg()?.exp()?.affine(2.0, -1.0)?
+            }
+            ObservationModel::Categorical { levels } => {
+                let logits = out.reshape((n, d, levels))?; // [N, D, L]
+                let lse = logsumexp_last(&logits)?.unsqueeze(2)?; // [N, D, 1]
+                let p = logits.broadcast_sub(&lse)?.exp()?; // [N, D, L]
+                let grid: Vec<f32> = (0..levels)
+                    .map(|k| (2.0 * k as f64 / (levels - 1) as f64 - 1.0) as f32)
+                    .collect();
+                let c = Tensor::from_vec(grid, (1, 1, levels), out.device())?;
+                p.broadcast_mul(&c)?.sum(2)? // [N, D]
+            }
+            ObservationModel::Logistic { .. } => {
+                out.reshape((n, d, 2))?.narrow(2, 0, 1)?.squeeze(2)? // [N, D]
+            }
+            ObservationModel::Gaussian => out.clone(),
+        })
+    }
+
     /// Draw `x ~ p(x | z)` (or its most likely value with `mean`) from decoder outputs, in the
     /// data's units.
     pub fn sample(

@@ -1,13 +1,14 @@
 //! Normalizing flows, one family with a choice of architecture: NICE (additive couplings and a
-//! diagonal scaling; Dinh et al. 2015), RealNVP (affine couplings with alternating masks and
-//! ActNorm in place of batch normalisation; Dinh et al. 2017) and Glow (steps of ActNorm, an
+//! diagonal scaling; Dinh et al. 2015), RealNVP (affine couplings with alternating masks, each
+//! followed by ActNorm or, with `norm = "batchnorm"`, the paper's batch normalisation, sec. 3.7;
+//! Dinh et al. 2017) and Glow (steps of ActNorm, an
 //! invertible LU-decomposed linear map and an affine coupling; Kingma & Dhariwal 2018). On
 //! flat data the conditioners are MLPs on the data vector. On images they are convolutional
 //! networks inside the multi-scale architecture ([`MultiScale`]; Dinh et al. 2017, sec. 3.6):
 //! each of `levels` scales squeezes the image (2x2 pixels into 4x the channels), applies
 //! `layers` steps and factors half of the channels out to a Gaussian prior. A RealNVP step is
 //! an affine coupling (checkerboard masks in the first half of a scale's steps, channel masks
-//! in the second and on a single pixel) and ActNorm; a Glow step is ActNorm, the invertible 1x1 convolution with the
+//! in the second and on a single pixel) and ActNorm (or batch norm); a Glow step is ActNorm, the invertible 1x1 convolution with the
 //! LU-decomposed weight ([`LuLinear`] over the channels) and an affine channel coupling; a NICE
 //! step is an additive coupling, with a per-channel scaling at the end of each scale.
 //!
@@ -27,8 +28,8 @@ use crate::continuous::dequantization::{DataScale, Dequantization, VariationalDe
 use crate::continuous::diffusion::net::check_batch;
 use crate::data::Layout;
 use crate::flows::{
-    ActNorm, Bijector, Coupling, CouplingKind, Flow, LuLinear, Mask, MultiScale, Scaling, Split,
-    SplitPrior, Squeeze,
+    ActNorm, BatchNorm, Bijector, Coupling, CouplingKind, Flow, LuLinear, Mask, MultiScale,
+    Scaling, Split, SplitPrior, Squeeze,
 };
 use crate::model::{likelihood_choice, DataInfo, GenerativeModel, ModelCore};
 use crate::models::FamilyConfig;
@@ -65,6 +66,35 @@ pub struct Config {
     pub activation: Activation,
     /// Sampling temperature `T`: `z ~ N(0, T² I)` (1 draws from the model itself).
     pub temperature: f64,
+    /// RealNVP's normalisation after each coupling: `actnorm` or `batchnorm` (Dinh et al.
+    /// 2017, sec. 3.7: batch statistics in training, running averages at evaluation).
+    #[serde(skip_serializing_if = "Norm::is_actnorm")]
+    pub norm: Norm,
+}
+
+/// The normalisation layer of RealNVP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Norm {
+    /// ActNorm (data-dependent initialisation, then trainable).
+    #[default]
+    Actnorm,
+    /// Batch normalisation with running averages.
+    Batchnorm,
+}
+
+impl Norm {
+    fn is_actnorm(&self) -> bool {
+        *self == Norm::Actnorm
+    }
+
+    /// The layer on `d` dimensions (channels), parameters under `p`.
+    fn layer(self, p: &mut ParamInit, d: usize) -> Result<Box<dyn Bijector>> {
+        Ok(match self {
+            Norm::Actnorm => Box::new(ActNorm::new(&mut p.push("actnorm"), d)?),
+            Norm::Batchnorm => Box::new(BatchNorm::new(&mut p.push("batchnorm"), d)?),
+        })
+    }
 }
 
 impl Default for Config {
@@ -80,6 +110,7 @@ impl Default for Config {
             dequantization: Dequantization::Uniform,
             activation: Activation::Silu,
             temperature: 1.0,
+            norm: Norm::Actnorm,
         }
     }
 }
@@ -228,6 +259,13 @@ impl FamilyConfig for Config {
         if self.hidden == 0 {
             return bad("model.hidden must be at least 1".into());
         }
+        if self.norm == Norm::Batchnorm && self.variant != Variant::Realnvp {
+            return bad(format!(
+                "model.norm = \"batchnorm\" is RealNVP's (variant = \"realnvp\"); {} uses its \
+                 own layers, so leave model.norm at \"actnorm\"",
+                self.variant.name()
+            ));
+        }
         if self.levels == 0 || self.levels > 8 {
             return bad(format!(
                 "model.levels must be in 1..=8, got {}",
@@ -357,7 +395,7 @@ impl NormalizingFlow {
                             Coupling::new(&mut q.push("coupling"), kind, mask, d, h, depth, act)?;
                         flow.push(Box::new(c));
                         if cfg.variant == Variant::Realnvp {
-                            flow.push(Box::new(ActNorm::new(&mut q.push("actnorm"), d)?));
+                            flow.push(cfg.norm.layer(&mut q, d)?);
                         }
                     }
                     Variant::Glow => {
@@ -496,7 +534,7 @@ fn build_multiscale(
                         hidden,
                         act,
                     )?));
-                    layer.push(Box::new(ActNorm::new(&mut s.push("actnorm"), c)?));
+                    layer.push(cfg.norm.layer(&mut s, c)?);
                 }
                 Variant::Glow => {
                     layer.push(Box::new(ActNorm::new(&mut s.push("actnorm"), c)?));
@@ -537,6 +575,15 @@ fn rng_normal(p: &mut ParamInit) -> f64 {
     p.rng().normal()
 }
 
+impl NormalizingFlow {
+    fn set_training(&self, on: bool) {
+        match &self.net {
+            Net::Flat(f) => f.set_training(on),
+            Net::Image(ms, _) => ms.set_training(on),
+        }
+    }
+}
+
 impl GenerativeModel for NormalizingFlow {
     fn family(&self) -> &'static str {
         "normalizing-flow"
@@ -547,9 +594,13 @@ impl GenerativeModel for NormalizingFlow {
     }
 
     /// The NLL in nats per dimension of a dequantized batch.
+    /// In training mode: batch normalisation uses (and tracks) the batch's statistics.
     fn loss(&self, batch: &Tensor, rng: &mut Rng) -> Result<Tensor> {
         check_batch(batch, self.core.dim, "normalizing-flow")?;
-        Ok((self.dequantized_nll(batch, rng)?.mean_all()? / self.core.dim as f64)?)
+        self.set_training(true);
+        let nll = self.dequantized_nll(batch, rng);
+        self.set_training(false);
+        Ok((nll?.mean_all()? / self.core.dim as f64)?)
     }
 
     /// ActNorm's data-dependent initialisation on the first (dequantized) batch.

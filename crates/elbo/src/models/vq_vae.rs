@@ -18,6 +18,11 @@
 //! (p(x) >= p(z_q) p(x | z_q) for the deterministic encoder). A learned prior over the codes is
 //! any discrete family trained on `codes:RUN` ([`crate::data::codes`]); loading that run gives
 //! the two-stage model ([`crate::latent::two_stage`]).
+//!
+//! With a `[model.adversarial]` table the VQ-VAE trains as a VQGAN (Esser et al. 2021): a
+//! patch discriminator in its own parameter group `disc.*` with its own optimiser, and the
+//! adversarial term with its adaptive weight added to eq. 3 ([`crate::latent::vqgan`]; no
+//! perceptual loss, since no pretrained network can be fetched at run time).
 
 use std::collections::HashMap;
 
@@ -29,6 +34,7 @@ use crate::continuous::diffusion::net::{check_batch, DataScale};
 use crate::data::Layout;
 use crate::latent::codebook::{usage, Codebook, CodebookUpdate};
 use crate::latent::two_stage::CodeAutoencoder;
+use crate::latent::vqgan::{adaptive_weight, Adversarial, Vqgan, DISC_GROUP};
 use crate::latent::{Observation, ObservationModel};
 use crate::model::{
     likelihood_choice, DataInfo, GenerativeModel, GroupSettings, ModelCore, ParamGroup,
@@ -64,6 +70,9 @@ pub struct Config {
     pub observation: Observation,
     /// Samples show the decoder's most likely value instead of a draw from `p(x | z)`.
     pub sample_mean: bool,
+    /// VQGAN's patch discriminator and adaptive weight (absent: a plain VQ-VAE).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adversarial: Option<Adversarial>,
 }
 
 impl Default for Config {
@@ -79,6 +88,7 @@ impl Default for Config {
             dead_after: 100,
             observation: Observation::Auto,
             sample_mean: false,
+            adversarial: None,
         }
     }
 }
@@ -106,6 +116,11 @@ impl Config {
         };
         s.validate()?;
         Ok(s)
+    }
+
+    fn image(&self, data: &DataInfo) -> Result<(usize, usize, usize)> {
+        let s = self.shape(data)?;
+        Ok((s.image_channels, s.height, s.width))
     }
 
     fn obs(&self, data: &DataInfo) -> Result<ObservationModel> {
@@ -147,6 +162,9 @@ impl FamilyConfig for Config {
                 self.ema_decay
             ));
         }
+        if let Some(a) = &self.adversarial {
+            a.validate()?;
+        }
         Ok(())
     }
 
@@ -159,6 +177,12 @@ impl FamilyConfig for Config {
                     + match self.codebook {
                         CodebookUpdate::Loss => self.codebook_size * self.code_dim,
                         CodebookUpdate::Ema => 0,
+                    }
+                    + match &self.adversarial {
+                        Some(a) => a
+                            .shape((s.image_channels, s.height, s.width))
+                            .map_or(0, |p| p.params()),
+                        None => 0,
                     },
                 s.activation_floats(),
             ),
@@ -191,6 +215,7 @@ pub struct VqVae {
     encoder: ConvEncoder,
     decoder: ConvDecoder,
     codebook: Codebook,
+    adversarial: Option<Vqgan>,
 }
 
 /// One forward pass: the encoder outputs, their codes and the decoder's outputs.
@@ -213,7 +238,7 @@ impl VqVae {
         let shape = cfg.shape(&data)?;
         let core = ModelCore::new(data.dim, device);
         let (k, d) = (cfg.codebook_size, cfg.code_dim);
-        let (encoder, decoder, codebook) = {
+        let (encoder, decoder, codebook, adversarial) = {
             let mut p = ParamInit::new(&core.varmap, rng, device);
             let enc = ConvEncoder::new(&mut p.push("encoder"), shape, d)?;
             let out = shape.image_channels * obs.outputs_per_dim();
@@ -226,7 +251,13 @@ impl VqVae {
                 )?),
                 CodebookUpdate::Ema => None,
             };
-            (enc, dec, Codebook::new(k, d, init, param)?)
+            let codebook = Codebook::new(k, d, init, param)?;
+            // drawn after everything else, so a run without it initialises as before
+            let adversarial = match &cfg.adversarial {
+                Some(a) => Some(Vqgan::new(&mut p.push("disc"), a, cfg.image(&data)?)?),
+                None => None,
+            };
+            (enc, dec, codebook, adversarial)
         };
         Ok(Self {
             core,
@@ -237,6 +268,7 @@ impl VqVae {
             encoder,
             decoder,
             codebook,
+            adversarial,
         })
     }
 
@@ -324,6 +356,32 @@ impl VqVae {
         Ok((loss, f, rec))
     }
 
+    /// VQGAN's term `weight λ L_GAN` on the reconstructions of `f` (eq. 6-7), with `λ` and
+    /// `L_GAN` themselves, and the reconstructions `[N, D]` (model space) the discriminator
+    /// then trains on.
+    pub fn adversarial_term(
+        &self,
+        f: &Forward,
+        rec: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor, Tensor, Tensor)>> {
+        let Some(adv) = &self.adversarial else {
+            return Ok(None);
+        };
+        let fake = self.obs.mean(&f.out)?; // [N, D] model space
+        let gan = adv.generator_loss(&fake)?;
+        let lambda = adaptive_weight(rec, &gan, self.decoder.last_weight())?;
+        let term = (gan.mul(&lambda)? * adv.config().weight)?;
+        Ok(Some((term, lambda, gan, fake)))
+    }
+
+    /// The discriminator's loss on the data `batch` (levels) and reconstructions `fake`.
+    pub fn discriminator_loss(&self, batch: &Tensor, fake: &Tensor) -> Result<Tensor> {
+        let adv = self.adversarial.as_ref().ok_or_else(|| {
+            Error::Config("this VQ-VAE has no discriminator ([model.adversarial])".into())
+        })?;
+        adv.discriminator_loss(&self.scale.to_grid(batch)?, fake)
+    }
+
     /// Per-example `-log p(x | z_q(x))` in nats.
     pub fn reconstruction_nll(&self, batch: &Tensor) -> Result<Vec<f64>> {
         let z_e = self.encode(batch)?;
@@ -391,14 +449,46 @@ impl GenerativeModel for VqVae {
         &self.core
     }
 
+    /// Eq. 3; with a discriminator, as after `disc_start`, plus the adversarial term and the
+    /// discriminator's loss on the detached reconstructions (each group's parameters receive
+    /// their own loss's gradient); training uses `train_step`.
     fn loss(&self, batch: &Tensor, _rng: &mut Rng) -> Result<Tensor> {
-        Ok(self.objective(batch)?.0)
+        let (loss, f, rec) = self.objective(batch)?;
+        match self.adversarial_term(&f, &rec)? {
+            Some((term, _, _, fake)) => {
+                Ok(((loss + term)? + self.discriminator_loss(batch, &fake)?)?)
+            }
+            None => Ok(loss),
+        }
     }
 
     fn train_step(&mut self, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
         let batch = ctx.batch()?;
-        let (loss, f, rec) = self.objective(&batch)?;
+        let (mut loss, f, rec) = self.objective(&batch)?;
+        let active = self
+            .adversarial
+            .as_ref()
+            .is_some_and(|a| a.active(ctx.step()));
+        let mut adv = None;
+        if active {
+            if let Some((term, lambda, gan, fake)) = self.adversarial_term(&f, &rec)? {
+                loss = (loss + term)?;
+                adv = Some((lambda, gan, fake));
+            }
+        }
         let mut out = ctx.minimize(DEFAULT_GROUP, &loss)?;
+        if let Some((lambda, gan, fake)) = adv {
+            let d = self.discriminator_loss(&batch, &fake)?;
+            let disc = ctx.minimize(DISC_GROUP, &d)?;
+            out.extra.extend([
+                (
+                    "adaptive_weight".to_string(),
+                    lambda.to_scalar::<f32>()? as f64,
+                ),
+                ("gan_loss".to_string(), gan.to_scalar::<f32>()? as f64),
+                ("disc_loss".to_string(), disc.loss),
+            ]);
+        }
         let z: Vec<f32> = f.z_e.detach().flatten_all()?.to_vec1()?;
         let codes: Vec<u32> = f.codes.to_vec1()?;
         match self.cfg.codebook {
@@ -420,11 +510,16 @@ impl GenerativeModel for VqVae {
 
     /// One group without a weight EMA: the codebook follows the live encoder, so averaged
     /// weights would not match it.
+    /// With a discriminator, its own group `disc` (Adam with its own settings).
     fn param_groups(&self) -> Vec<ParamGroup> {
-        vec![ParamGroup::all(DEFAULT_GROUP).settings(GroupSettings {
+        let mut groups = vec![ParamGroup::all(DEFAULT_GROUP).settings(GroupSettings {
             ema: Some(false),
             ..GroupSettings::default()
-        })]
+        })];
+        if let Some(a) = &self.adversarial {
+            groups.push(a.group());
+        }
+        groups
     }
 
     fn code_autoencoder(&self) -> Option<&dyn CodeAutoencoder> {

@@ -187,6 +187,12 @@ impl ConvDecoder {
         Ok(Self { layers })
     }
 
+    /// The last convolution's kernel `[out, 9 c]` (VQGAN's adaptive weight compares the
+    /// gradients of two losses at this tensor).
+    pub fn last_weight(&self) -> &Tensor {
+        self.layers[self.layers.len() - 1].0.weight()
+    }
+
     /// `z: [B, h, w, in]` -> `[B, H, W, out]`.
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let mut h = z.clone();

@@ -15,6 +15,7 @@ pub mod init;
 pub mod linear;
 pub mod mlp;
 pub mod packed_mlp;
+pub mod patch_gan;
 pub mod plain;
 pub mod plain_mlp;
 pub mod rotary;

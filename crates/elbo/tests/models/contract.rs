@@ -489,3 +489,51 @@ fn one_dequantization_convention_with_its_jacobian() {
     };
     assert_eq!(f.bins, Bins::Centred);
 }
+
+/// The VQ-VAE as a VQGAN: every parameter of the autoencoder's group (encoder, decoder, and the
+/// codebook when it learns by loss) and of the discriminator's group `disc` receives a non-zero
+/// gradient from the objective past `disc_start`, and a run whose discriminator trains from
+/// step 1 resumes bit-identically, the discriminator's optimiser state included.
+#[test]
+fn the_vqgan_option_keeps_the_contract() {
+    for codebook in ["ema", "loss"] {
+        let label = format!("vqgan ({codebook} codebook)");
+        let mut cfg = contract_config("vq-vae", "digits");
+        cfg.set(&format!("model.codebook=\"{codebook}\"")).unwrap();
+        cfg.set("model.adversarial.disc_start=1").unwrap();
+        let mut src = data::open("digits", &DataConfig::default()).unwrap();
+        let info = DataInfo::of(src.as_ref());
+        let model = cfg.model.build(&info, &CPU, &mut Rng::new(0)).unwrap();
+        let groups: Vec<String> = model.param_groups().into_iter().map(|g| g.name).collect();
+        assert_eq!(groups, ["model", "disc"], "{label}");
+        let names: Vec<String> = named_vars(model.varmap())
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        for prefix in ["encoder.", "decoder.", "disc."] {
+            assert!(
+                names.iter().any(|n| n.starts_with(prefix)),
+                "{label}: {prefix}"
+            );
+        }
+        assert_eq!(
+            names.iter().any(|n| n.starts_with("codebook.")),
+            codebook == "loss"
+        );
+        let batch = src.train_batch(8, &mut Rng::new(3), &CPU).unwrap();
+        check_gradients(&label, model.as_ref(), &batch);
+        check_resume(&label, &cfg, None);
+        let d = tempfile::tempdir().unwrap();
+        Trainer::create(cfg.clone(), d.path(), &CPU)
+            .unwrap()
+            .run(false)
+            .unwrap();
+        let w = weights(d.path());
+        assert!(
+            w.keys().any(|k| k.starts_with("optim-disc")),
+            "{label}: no discriminator optimiser state in {:?}",
+            w.keys().collect::<Vec<_>>()
+        );
+    }
+}
