@@ -30,8 +30,8 @@ use crate::continuous::adversarial::{
     wasserstein_critic_loss, wasserstein_generator_loss,
 };
 use crate::continuous::diffusion::net::{check_batch, DataScale};
-use crate::eval::ais::{self, AisOptions};
 use crate::data::{DataKind, Layout};
+use crate::eval::ais::{self, AisOptions};
 use crate::latent::LatentDecoder;
 use crate::model::{
     DataInfo, GenerativeModel, GroupSettings, ModelCore, ParamGroup, StepContext, StepOutput,
