@@ -60,6 +60,16 @@ pub enum Sampler {
     Mala,
 }
 
+impl Sampler {
+    /// The sampler in words, for the report.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Sampler::Langevin => "unadjusted Langevin",
+            Sampler::Mala => "Metropolis-adjusted Langevin (MALA)",
+        }
+    }
+}
+
 /// The `[model]` table of `ebm`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -456,10 +466,7 @@ impl GenerativeModel for Ebm {
         format!(
             "{} {} steps of size {} from the data's Gaussian fit",
             self.cfg.sample_steps,
-            match self.cfg.sampler {
-                Sampler::Langevin => "unadjusted Langevin",
-                Sampler::Mala => "Metropolis-adjusted Langevin (MALA)",
-            },
+            self.cfg.sampler.describe(),
             self.cfg.sample_step_size
         )
     }

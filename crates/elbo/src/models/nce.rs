@@ -57,16 +57,8 @@ pub enum Objective {
     Infonce,
 }
 
-/// How samples are drawn.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Sampler {
-    /// Unadjusted Langevin dynamics.
-    Langevin,
-    /// Metropolis-adjusted Langevin (exact invariance).
-    #[default]
-    Mala,
-}
+/// How samples are drawn (shared with the energy-based model).
+pub use super::ebm::Sampler;
 
 /// The `[model]` table of `nce`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -400,10 +392,7 @@ impl GenerativeModel for Nce {
         format!(
             "{} {} steps of size {} (whitened units) from the noise Gaussian",
             self.cfg.sample_steps,
-            match self.cfg.sampler {
-                Sampler::Langevin => "unadjusted Langevin",
-                Sampler::Mala => "Metropolis-adjusted Langevin (MALA)",
-            },
+            self.cfg.sampler.describe(),
             self.cfg.sample_step_size
         )
     }
