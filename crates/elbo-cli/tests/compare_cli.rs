@@ -289,7 +289,25 @@ fn a_rerun_reuses_finished_entries_resumes_the_rest_and_refuses_a_changed_config
         r.entries[1].provenance
     );
     assert!(out.join("runs/gauss/checkpoint/state.json").is_file());
-    // the reused entry scores the same as before
+    // the reused entry scores the same as before, from the scores it kept
+    assert_eq!(r.entries[0].rows, first.entries[0].rows);
+    assert!(
+        r.entries[0].provenance.contains("scores reused"),
+        "{:?}",
+        r.entries[0].provenance
+    );
+    // an unreadable score cache is ignored: the entry is scored again, to the same figures
+    let cache = out.join("runs/fm/compare-scores.json");
+    assert!(cache.is_file());
+    std::fs::write(&cache, "{ not json").unwrap();
+    let o = elbo(&args, d.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = read_report(&out);
+    assert!(
+        !r.entries[0].provenance.contains("scores reused"),
+        "{:?}",
+        r.entries[0].provenance
+    );
     assert_eq!(r.entries[0].rows, first.entries[0].rows);
     // a different config under the same name is refused, naming the key, and nothing is lost
     let changed = format!("{HEADER}{}{GAUSSIAN}", fm_entry("fm", 24));

@@ -244,11 +244,71 @@ pub(crate) fn run_entry(
 ) -> EntryReport {
     let trained = train_entry(cfg, dir, dev, quiet);
     let result = trained.and_then(|prov| {
+        let key = score_key(cfg, dir, wanted);
+        if let Some(mut r) = key.as_ref().and_then(|k| cached_score(dir, k, name)) {
+            r.provenance = format!("{prov}; scores reused from {SCORE_CACHE}");
+            return Ok(r);
+        }
         let mut r = score(name, cfg, dir, wanted, dev)?;
+        if let Some(k) = &key {
+            save_score(dir, k, &r);
+        }
         r.provenance = prov;
         Ok(r)
     });
     result.unwrap_or_else(|e| failed_with_config(name, cfg, dir, format!("{e:#}")))
+}
+
+/// The file in an entry's run directory that keeps its last scores, so that re-running a
+/// suite (to add or retrain one entry) does not re-score the others.
+const SCORE_CACHE: &str = "compare-scores.json";
+
+/// What the scores of an entry depend on: its config, the likelihoods, metrics and example
+/// count asked for, and the checkpoint scored (its `state.json`, which names the step). `None`
+/// when the checkpoint cannot be read (then nothing is cached).
+fn score_key(cfg: &Config, dir: &Path, wanted: &Wanted<'_>) -> Option<serde_json::Value> {
+    let which = if dir.join("best").join("state.json").is_file() {
+        "best"
+    } else {
+        "checkpoint"
+    };
+    let state = std::fs::read_to_string(dir.join(which).join("state.json")).ok()?;
+    Some(serde_json::json!({
+        "config": serde_json::to_value(cfg).ok()?,
+        "likelihoods": wanted.likelihoods,
+        "metrics": wanted.metrics,
+        "examples": wanted.examples,
+        "checkpoint": which,
+        "state": state,
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+/// The cached scores of `dir` when they were computed for `key` (an unreadable or stale cache
+/// is ignored: the entry is scored again).
+fn cached_score(dir: &Path, key: &serde_json::Value, name: &str) -> Option<EntryReport> {
+    let text = std::fs::read_to_string(dir.join(SCORE_CACHE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    if v.get("key")? != key {
+        return None;
+    }
+    let mut r: EntryReport = serde_json::from_value(v.get("entry")?.clone()).ok()?;
+    r.name = name.to_string();
+    r.run_dir = dir.to_path_buf();
+    Some(r)
+}
+
+/// Keep `r` as the scores for `key` (atomically; a failure to write only loses the cache).
+fn save_score(dir: &Path, key: &serde_json::Value, r: &EntryReport) {
+    let v = serde_json::json!({ "key": key, "entry": r });
+    let tmp = dir.join(format!("{SCORE_CACHE}.tmp"));
+    let ok = serde_json::to_vec_pretty(&v)
+        .ok()
+        .map(|bytes| std::fs::write(&tmp, bytes).is_ok())
+        .unwrap_or(false);
+    if ok {
+        let _ = std::fs::rename(&tmp, dir.join(SCORE_CACHE));
+    }
 }
 
 /// Whether `dir`'s latest checkpoint ends the run: all steps done and evaluated, or stopped

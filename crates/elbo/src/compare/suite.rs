@@ -194,6 +194,14 @@ const BUILTIN_CONFIGS: &[(&str, &str)] = &[
         include_str!("../../../../configs/mnist-vqvae-ar.toml"),
     ),
     (
+        "../mnist-realnvp.toml",
+        include_str!("../../../../configs/mnist-realnvp.toml"),
+    ),
+    (
+        "../mnist-glow.toml",
+        include_str!("../../../../configs/mnist-glow.toml"),
+    ),
+    (
         "../mnist-gan.toml",
         include_str!("../../../../configs/mnist-gan.toml"),
     ),
