@@ -146,6 +146,10 @@ const BUILTIN_CONFIGS: &[(&str, &str)] = &[
         include_str!("../../../../configs/digits-realnvp.toml"),
     ),
     (
+        "../digits-realnvp-vardeq.toml",
+        include_str!("../../../../configs/digits-realnvp-vardeq.toml"),
+    ),
+    (
         "../8gaussians-ebm.toml",
         include_str!("../../../../configs/8gaussians-ebm.toml"),
     ),
